@@ -1,0 +1,146 @@
+# `cpdit-launch` / `python -m launch`: outside any launcher it validates the topology and starts torchrun;
+# inside torchrun, mpirun or srun it runs the job in this process.
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from launch.config import ConfigError, JobConfig, load_config
+from launch.env import LaunchEnvError, resolve_dist_env
+from parallel.dims import ParallelDims, TopologyError
+
+COMMANDS = ("train", "sample", "selfcheck")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpdit-launch",
+        description="Launch a cpdit job. Outside a launcher this starts torchrun; under torchrun, mpirun or "
+        "srun it runs the job in-process.",
+    )
+    g = p.add_argument_group("launcher (used when cpdit-launch starts torchrun itself)")
+    g.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
+    g.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes per node (default: dist.nproc_per_node of the config, 4)",
+    )
+    g.add_argument("--node-rank", type=int, default=None, help="this node's index (static rendezvous)")
+    g.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
+    g.add_argument("--rdzv-id", default=None, help="rendezvous/job id shared by all nodes (default cpdit)")
+    g.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a worker failure")
+    k = p.add_argument_group("parallelism knobs (override the config)")
+    k.add_argument("--cp-size", type=int, default=None, help="context-parallel degree (parallel.cp_size)")
+    k.add_argument(
+        "--model-parallel-size", type=int, default=None, help="tensor-parallel degree (parallel.model_parallel_size)"
+    )
+    k.add_argument("--ulysses-size", type=int, default=None, help="Ulysses part of cp (parallel.ulysses_size)")
+    p.add_argument("command", choices=COMMANDS, help="train, sample, or selfcheck (mesh + collectives)")
+    p.add_argument(
+        "rest",
+        nargs="*",
+        metavar="config.yaml | key=value",
+        help="YAML files merged left to right, then key=value overrides",
+    )
+    return p
+
+
+def split_rest(rest: Sequence[str]) -> tuple[list[str], list[str]]:
+    files = [r for r in rest if "=" not in r]
+    overrides = [r for r in rest if "=" in r]
+    return files, overrides
+
+
+def knob_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in (
+        ("cp_size", "parallel.cp_size"),
+        ("model_parallel_size", "parallel.model_parallel_size"),
+        ("ulysses_size", "parallel.ulysses_size"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
+    p = cfg.parallel
+    return ParallelDims(world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
+
+
+def torchrun_command(args: argparse.Namespace, nproc: int, forwarded: list[str]) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={args.nnodes}",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={args.max_restarts}",
+    ]
+    if args.rdzv_endpoint:
+        cmd += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            f"--rdzv-id={args.rdzv_id or 'cpdit'}",
+        ]
+        if args.node_rank is not None:
+            cmd.append(f"--node-rank={args.node_rank}")
+    elif args.nnodes > 1:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port (the rendezvous on node 0)")
+    else:
+        cmd.append("--standalone")
+    return cmd + ["-m", "launch", *forwarded]
+
+
+def run_job(command: str, cfg: JobConfig, environ: Mapping[str, str]) -> int:
+    """Run `command` in this process as one rank of the job described by `environ`."""
+    env = resolve_dist_env(environ)
+    dims_for(cfg, env.world_size)  # validate before any process group exists (no hang on bad degrees)
+    if command == "train":
+        from launch.jobs import train_entry
+
+        return train_entry(cfg, env)
+    if command == "sample":
+        from launch.jobs import sample_entry
+
+        return sample_entry(cfg, env)
+    from launch.selfcheck import selfcheck
+
+    return selfcheck(cfg, env)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    files, overrides = split_rest(args.rest)
+    try:
+        cfg = load_config(*files, overrides=overrides + knob_overrides(args))
+        env = resolve_dist_env(environ)
+        if env.launcher != "single":
+            return run_job(args.command, cfg, environ)
+        nproc = args.nproc_per_node or cfg.dist.nproc_per_node
+        if nproc < 1 or args.nnodes < 1:
+            raise ConfigError(f"--nproc-per-node={nproc} and --nnodes={args.nnodes} must be >= 1")
+        world = args.nnodes * nproc
+        dims = dims_for(cfg, world)
+        if world == 1:
+            return run_job(args.command, cfg, environ)
+        forwarded = [args.command, *files, *overrides, *knob_overrides(args)]
+        cmd = torchrun_command(args, nproc, forwarded)
+    except (ConfigError, TopologyError, LaunchEnvError) as err:
+        print(f"cpdit-launch: error: {err}", file=sys.stderr)
+        return 2
+    print(f"cpdit-launch: {dims.describe()} -> {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    child_env = {**environ, "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", "1")}
+    # exec, not a child: signals from SLURM/the shell reach torchrun's agent directly.
+    os.execve(cmd[0], cmd, child_env)
+    return 0  # unreachable
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+# Typed configuration of a cpdit job. The defaults ARE the embedded default job (tiny model, synthetic data,
+# 4 processes with cp_size=2 x model_parallel_size=2 on CPU/gloo). YAML files hold only differences from these
+# defaults; they are merged left to right, then `key=value` overrides. Unknown keys and wrong types fail at
+# start-up, naming the key.
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from parallel.dims import TopologyError, validate_degrees
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or combination is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Named architecture (`tiny`, `cogvideox-2b`, `cogvideox-5b`); fields below override it when set."""
+    num_layers: int | None = None
+    """Transformer blocks (None: the preset's)."""
+    num_attention_heads: int | None = None
+    """Attention heads (None: the preset's). Must be >= model_parallel_size."""
+    attention_head_dim: int | None = None
+    """Width of one head (None: the preset's)."""
+    in_channels: int | None = None
+    """Latent channels (None: the preset's)."""
+    patch_size: int | None = None
+    """Spatial patch size (None: the preset's)."""
+    text_embed_dim: int | None = None
+    """Width of the text encoder's output (None: the preset's)."""
+    pos_embedding: str | None = None
+    """`sincos` (CogVideoX-2B) or `rope` (CogVideoX-5B); None: the preset's."""
+    gradient_checkpointing: bool = False
+    """Recompute each block in the backward (activation checkpointing)."""
+
+
+@dataclass
+class ParallelConfig:
+    cp_size: int = 2
+    """Context-parallel degree: the frames of each video are split over this many ranks."""
+    model_parallel_size: int = 2
+    """Tensor-parallel degree: attention heads and MLP columns are split over this many ranks."""
+    ulysses_size: int = 1
+    """Part of cp_size done with all-to-all (Ulysses); cp_size / ulysses_size ranks form the ring."""
+    dp_replicate: int = 1
+    """Model replicas (HSDP); the remaining data-parallel ranks shard parameters with FSDP."""
+    attention: str = "auto"
+    """Context-parallel attention strategy: auto, ring, ulysses, usp or allgather."""
+    layout: str = "contiguous"
+    """How frames are split over cp ranks: contiguous, or zigzag (load balance for frame-causal)."""
+    fsdp: bool = True
+    """Shard parameters, gradients and optimizer state with FSDP2 over dp_shard x cp."""
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """Process-group backend: auto (nccl with CUDA, else gloo), nccl or gloo."""
+    timeout_s: float = 600.0
+    """Process-group timeout: a collective waiting longer fails the job instead of hanging it."""
+    nproc_per_node: int = 4
+    """Processes `cpdit-launch` starts per node when it launches torchrun itself."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    """`synthetic` (built-in moving shapes with captions) or `folder` (videos/*.mp4 + labels/*.txt)."""
+    path: str | None = None
+    """Dataset root for `folder`."""
+    num_frames: int = 9
+    """Pixel frames per clip (latent frames follow the first stage's temporal compression)."""
+    height: int = 32
+    """Frame height in pixels."""
+    width: int = 32
+    """Frame width in pixels."""
+    fps: float = 8.0
+    """Frame rate clips are sampled at."""
+    batch_size: int = 1
+    """Clips per data-parallel rank per micro-step."""
+    num_samples: int = 256
+    """Clips in the synthetic dataset."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (across all shards) to this; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    seed: int = 0
+    """Base seed; data-parallel ranks derive distinct seeds from it."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    mixed_precision: str = "no"
+    """Autocast dtype: no, bf16 or fp16."""
+    log_every: int = 1
+    """Log metrics every N steps."""
+    output_dir: str = "runs"
+    """Parent of the run directory."""
+    run_name: str = "default"
+    """Run directory name under output_dir."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save every N steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept."""
+    resume: str = "auto"
+    """`auto` (newest complete checkpoint of this run, if any), `none`, or a checkpoint path."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "cpdit"
+    """wandb project name."""
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving left"])
+    """Prompts to sample (or use prompts_file)."""
+    prompts_file: str | None = None
+    """A text file with one prompt per line."""
+    sampler: str = "ddim"
+    """ddim or dpmpp_2m."""
+    num_steps: int = 25
+    """Sampling steps."""
+    guidance_scale: float = 6.0
+    """Classifier-free guidance scale."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "parallel.attention": ("auto", "ring", "ulysses", "usp", "allgather"),
+    "parallel.layout": ("contiguous", "zigzag"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "data.dataset": ("synthetic", "folder"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "sample.sampler": ("ddim", "dpmpp_2m"),
+    "model.pos_embedding": ("sincos", "rope"),
+}
+
+
+def _all_keys(cls: type = JobConfig, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        key = prefix + f.name
+        out.append(key)
+        ftype = cls.__dataclass_fields__[f.name].default_factory if f.default_factory is not None else None
+        if ftype is not None and is_dataclass(ftype):
+            out.extend(_all_keys(ftype, key + "."))
+    return out
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if "not in" in msg:  # omegaconf: "Key 'x' not in 'ParallelConfig'"
+        close = difflib.get_close_matches(key, _all_keys(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+
+
+def load_config(*yaml_paths: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults <- each YAML (left to right) <- `key=value` overrides, validated."""
+    cfg = OmegaConf.structured(JobConfig)
+    for path in yaml_paths:
+        path = Path(path)
+        if not path.is_file():
+            named = CONFIG_DIR / path
+            if named.is_file():
+                path = named
+            else:
+                raise ConfigError(f"config file {str(path)!r} does not exist (also looked in {CONFIG_DIR})")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. parallel.cp_size=2)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(job)
+    return job
+
+
+def validate(job: JobConfig) -> None:
+    """Checks of single values and of combinations that need no world size."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(job, section), name)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    p = job.parallel
+    try:
+        validate_degrees(p.cp_size, p.model_parallel_size, p.ulysses_size)
+    except TopologyError as err:
+        raise ConfigError(f"parallel: {err}") from None
+    if p.dp_replicate < 1:
+        raise ConfigError(f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
+    positive = {
+        "dist.timeout_s": job.dist.timeout_s,
+        "dist.nproc_per_node": job.dist.nproc_per_node,
+        "data.num_frames": job.data.num_frames,
+        "data.height": job.data.height,
+        "data.width": job.data.width,
+        "data.batch_size": job.data.batch_size,
+        "data.fps": job.data.fps,
+        "train.steps": job.train.steps,
+        "train.grad_accum": job.train.grad_accum,
+        "train.log_every": job.train.log_every,
+        "optim.lr": job.optim.lr,
+        "checkpoint.keep_last": job.checkpoint.keep_last,
+        "sample.num_steps": job.sample.num_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if job.data.dataset == "folder" and not job.data.path:
+        raise ConfigError("data.dataset='folder' needs data.path (a directory with videos/ and labels/)")
+    if len(job.optim.betas) != 2 or not all(0 <= b < 1 for b in job.optim.betas):
+        raise ConfigError(f"optim.betas={job.optim.betas} must be two numbers in [0, 1)")
+
+
+def to_yaml(job: JobConfig) -> str:
+    """The resolved config, as written into the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(job))

@@ -1,0 +1,70 @@
+# Typed config: every file in configs/ validates; typos, wrong types and impossible combinations fail naming the key.
+from pathlib import Path
+
+import pytest
+
+from launch.config import CONFIG_DIR, ConfigError, JobConfig, load_config, to_yaml
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_validates(path, tmp_path):
+    cfg = load_config(path, overrides=[f"data.path={tmp_path}"])
+    assert isinstance(cfg, JobConfig)
+    assert cfg.parallel.cp_size % cfg.parallel.ulysses_size == 0
+
+
+def test_embedded_default_is_cp2_tp2_on_four_processes():
+    cfg = load_config()
+    assert (cfg.parallel.cp_size, cfg.parallel.model_parallel_size, cfg.dist.nproc_per_node) == (2, 2, 4)
+    assert cfg.model.preset == "tiny" and cfg.data.dataset == "synthetic"
+    assert load_config("default.yaml") == cfg
+
+
+def test_merge_order_and_overrides(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("parallel:\n  cp_size: 4\ntrain:\n  steps: 7\n")
+    b.write_text("parallel:\n  cp_size: 8\n")
+    cfg = load_config(a, b, overrides=["train.steps=9", "parallel.ulysses_size=2"])
+    assert (cfg.parallel.cp_size, cfg.train.steps, cfg.parallel.ulysses_size) == (8, 9, 2)
+    assert "cp_size: 8" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.cp_sise=2"], "unknown config key 'parallel.cp_sise'; did you mean 'parallel.cp_size'"),
+        (["paralel.cp_size=2"], "unknown config key 'paralel'; did you mean 'parallel'"),
+        (["parallel.cp_size=two"], "bad value for 'parallel.cp_size'"),
+        (["train.steps=1.5"], "bad value for 'train.steps'"),
+        (["parallel.cp_size=6", "parallel.ulysses_size=4"], "ulysses_size=4 does not divide cp_size=6"),
+        (["parallel.cp_size=0"], "cp_size=0 must be >= 1"),
+        (["parallel.attention=flash"], "parallel.attention='flash' is not one of"),
+        (["parallel.layout=random"], "parallel.layout='random' is not one of"),
+        (["dist.backend=mpi"], "dist.backend='mpi' is not one of"),
+        (["data.dataset=folder"], "needs data.path"),
+        (["optim.betas=[0.9]"], "optim.betas"),
+        (["train.steps=-1"], "train.steps=-1 must be > 0"),
+        (["dist.timeout_s=0"], "dist.timeout_s=0"),
+        (["parallel.cp_size"], "is not key=value"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(overrides=overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("parallel:\n  model_paralel_size: 2\n")
+    with pytest.raises(ConfigError, match=f"{bad}: unknown config key 'parallel.model_paralel_size'"):
+        load_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("parallel: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    wrong_type = Path(tmp_path / "wt.yaml")
+    wrong_type.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match="bad value for 'train.steps'"):
+        load_config(wrong_type)
