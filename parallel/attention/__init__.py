@@ -1,0 +1,132 @@
+# Context-parallel attention over the frame-token axis: one entry point, several strategies.
+#
+# q, k, v on each rank are (B, H, L + T_local * tpf, D): the text prefix (replicated on every cp rank) followed
+# by the rank's frames, as `SequencePlan.shard` lays them out. The output has the same shape and equals —
+# forward and backward — full softmax attention over the whole unsharded sequence followed by `plan.shard`.
+#
+# Rule for the replicated text tokens: their query outputs are identical (bitwise) on every cp rank. Their
+# gradients follow the partial convention of parallel/sequence.py: each rank's dq/dk/dv of the text rows is its
+# share, and the sum over the cp ranks (done by the parameter-gradient reduction over dp x cp) is the true one.
+#
+# Strategies: ring (parallel/attention/ring.py), ulysses (ulysses.py + a local ring of one), usp (Ulysses inside
+# cp_ulysses, ring across cp_ring), allgather (allgather.py), auto (by the mesh shape and the head count).
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parallel.attention.allgather import AllGatherAttention
+from parallel.attention.ring import RingAttention, RingSpec
+from parallel.attention.ulysses import HeadToSeq, SeqToHead, UlyssesSpec
+from parallel.sequence import SequencePlan
+
+STRATEGIES = ("auto", "ring", "ulysses", "usp", "allgather")
+
+
+def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
+    """The concrete strategy for this plan; raises ValueError naming the knob when it cannot run."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"parallel.attention={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if plan.cp_size == 1:
+        return "local"
+    U, R, cp = plan.ulysses_size, plan.ring_size, plan.cp_size
+    if strategy == "auto":
+        if U > 1 and R > 1 and num_heads >= U:
+            return "usp"
+        if U == cp and num_heads >= cp:
+            return "ulysses"
+        return "ring"
+    if strategy == "ulysses" and num_heads < cp:
+        raise ValueError(
+            f"parallel.attention='ulysses' splits heads over all cp_size={cp} ranks but there are only "
+            f"{num_heads} heads; use 'ring' or 'usp' with parallel.ulysses_size <= {num_heads}"
+        )
+    if strategy == "usp":
+        if U == 1 or R == 1:
+            raise ValueError(
+                f"parallel.attention='usp' needs ulysses_size > 1 and a ring > 1 (ulysses_size={U}, "
+                f"ring={R}); set parallel.ulysses_size to a proper divisor of cp_size={cp}, or use ring/ulysses"
+            )
+        if num_heads < U:
+            raise ValueError(f"parallel.ulysses_size={U} exceeds the {num_heads} heads; lower ulysses_size")
+    return strategy
+
+
+def _ring_spec(plan: SequencePlan, mode: str, causal: bool, scale: float) -> RingSpec:
+    """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp"."""
+    tpf, L = plan.tokens_per_frame, plan.text_len
+    if mode == "ring":
+        blocks = tuple(tuple(plan.local_segments(c)) for c in range(plan.cp_size))
+        return RingSpec(plan.cp_group, plan.cp_rank, plan.cp_size, blocks, L, tpf, causal, scale)
+    U = plan.ulysses_size if mode == "usp" else plan.cp_size
+    R = plan.cp_size // U
+    blocks = tuple(
+        tuple(s for c in range(j * U, (j + 1) * U) for s in plan.local_segments(c)) for j in range(R)
+    )  # ring member j holds the frames of its whole Ulysses group
+    if R == 1:
+        return RingSpec(None, 0, 1, blocks, L, tpf, causal, scale)
+    return RingSpec(plan.ring_group, plan.ring_rank, R, blocks, L, tpf, causal, scale)
+
+
+def _ulysses_spec(plan: SequencePlan, mode: str, num_heads: int) -> UlyssesSpec:
+    """mode: "ulysses" (all-to-all over all cp ranks) or "usp" (over cp_ulysses)."""
+    tpf = plan.tokens_per_frame
+    if mode == "ulysses":
+        rows = tuple(plan.num_local_frames(c) * tpf for c in range(plan.cp_size))
+        return UlyssesSpec(plan.cp_group, plan.cp_rank, plan.cp_size, num_heads, plan.text_len, rows)
+    U, r = plan.ulysses_size, plan.ring_rank
+    rows = tuple(plan.num_local_frames(r * U + j) * tpf for j in range(U))
+    return UlyssesSpec(plan.ulysses_group, plan.ulysses_rank, U, num_heads, plan.text_len, rows)
+
+
+def _local_causal(q, k, v, plan: SequencePlan, scale: float) -> torch.Tensor:
+    blocks = (tuple(plan.local_segments()),)
+    spec = RingSpec(None, 0, 1, blocks, plan.text_len, plan.tokens_per_frame, True, scale)
+    return RingAttention.apply(q, k, v, spec)
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: SequencePlan,
+    *,
+    causal: bool = False,
+    strategy: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of this rank's tokens over the whole context-parallel sequence.
+
+    Args:
+        q, k, v: (B, H, L + T_local * tpf, D), laid out as `plan.shard` does.
+        plan: the SequencePlan of this sequence.
+        causal: frame-causal (a query in frame t sees the text and frames <= t; text sees text only).
+        strategy: auto, ring, ulysses, usp or allgather.
+        scale: softmax scale (default D ** -0.5).
+    Returns:
+        (B, H, L + T_local * tpf, D) in q's dtype.
+    """
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v must all be (B, H, S, D) of one shape; got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[2] != plan.local_len():
+        raise ValueError(
+            f"q has {q.shape[2]} tokens but the plan gives this rank {plan.local_len()} (text_len={plan.text_len} + "
+            f"{plan.num_local_frames()} frames x {plan.tokens_per_frame}); shard the sequence with plan.shard"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chosen = resolve_strategy(strategy, plan, q.shape[1])
+    if chosen == "local":
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _local_causal(q, k, v, plan, scale)
+    if chosen == "ring":
+        return RingAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale))
+    if chosen == "allgather":
+        return AllGatherAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale))
+    uspec = _ulysses_spec(plan, chosen, q.shape[1])
+    qkv = SeqToHead.apply(torch.stack([q, k, v]), uspec)  # (3, B, h_me, L + N_group, D): one all-to-all
+    out = RingAttention.apply(qkv[0], qkv[1], qkv[2], _ring_spec(plan, chosen, causal, scale))
+    return HeadToSeq.apply(out, uspec)
+
+
+__all__ = ["STRATEGIES", "context_parallel_attention", "resolve_strategy"]

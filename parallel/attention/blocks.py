@@ -1,0 +1,139 @@
+# The work of local queries against one key/value block, as a list of mask-free kernel calls.
+#
+# Local rows are [text (L) | frames of the local segments]. A key block is either the text keys or the frames of
+# some rank's segments. Frame-causal attention (a query in frame t sees the text and frames <= t; text sees text
+# only) needs no mask: a (query segment, key segment) pair is fully visible, invisible (skipped), or — on the
+# diagonal — split per query frame f into "frames [b0, f]", which is again fully visible.
+#
+# Text query rows are always their own kernel calls and their partial results are merged in a fixed order
+# (text keys, then blocks by source 0..n-1), so the replicated text outputs are bitwise identical on every rank.
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from parallel.attention.kernels import acc_dtype, block_backward, block_forward, merge_into
+from parallel.sequence import Segment
+
+TEXT_SOURCE = -1  # key of the text-key block in the canonical merge order
+
+
+@dataclass(frozen=True)
+class Item:
+    q0: int  # local query rows [q0, q1)
+    q1: int
+    k0: int  # rows of the key block [k0, k1)
+    k1: int
+    text: bool  # query rows are text rows
+
+
+def _coalesce(items: list[Item]) -> list[Item]:
+    out: list[Item] = []
+    for it in items:
+        if out and (out[-1].q0, out[-1].q1, out[-1].text) == (it.q0, it.q1, it.text) and out[-1].k1 == it.k0:
+            out[-1] = Item(it.q0, it.q1, out[-1].k0, it.k1, it.text)
+        else:
+            out.append(it)
+    return out
+
+
+def frame_block_items(
+    q_segs: list[Segment], k_segs: list[Segment], text_len: int, tpf: int, causal: bool
+) -> list[Item]:
+    """Kernel calls of the local queries against a block holding the frames `k_segs` (rows in that order)."""
+    L = text_len
+    nq = sum(b - a for a, b in q_segs) * tpf
+    nk = sum(b - a for a, b in k_segs) * tpf
+    if nk == 0:
+        return []
+    if not causal:
+        items = [Item(0, L, 0, nk, True)] if L else []
+        return items + ([Item(L, L + nq, 0, nk, False)] if nq else [])
+    items: list[Item] = []
+    qrow = L
+    for a0, a1 in q_segs:
+        krow = 0
+        for b0, b1 in k_segs:
+            if b1 - 1 <= a0:  # every key frame <= every query frame
+                items.append(Item(qrow, qrow + (a1 - a0) * tpf, krow, krow + (b1 - b0) * tpf, False))
+            elif b0 <= a1 - 1:  # diagonal: query frame f sees key frames [b0, min(f, b1 - 1)]
+                for f in range(max(a0, b0), a1):
+                    r = qrow + (f - a0) * tpf
+                    items.append(Item(r, r + tpf, krow, krow + (min(f, b1 - 1) + 1 - b0) * tpf, False))
+            krow += (b1 - b0) * tpf
+        qrow += (a1 - a0) * tpf
+    return _coalesce(sorted(items, key=lambda it: (it.q0, it.k0)))
+
+
+def text_block_items(text_len: int, num_frame_rows: int) -> list[Item]:
+    """Every query (text or frame, causal or not) sees all text keys."""
+    if text_len == 0:
+        return []
+    items = [Item(0, text_len, 0, text_len, True)]
+    if num_frame_rows:
+        items.append(Item(text_len, text_len + num_frame_rows, 0, text_len, False))
+    return items
+
+
+def _rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return x[:, :, a:b]  # (B, H, b-a, D) view of (B, H, S, D)
+
+
+@dataclass
+class ForwardState:
+    """Running fp32 (out, LSE) of the frame rows; text-row partials kept per source for the canonical merge."""
+
+    frame_out: torch.Tensor  # (B, H, N, D) acc_dtype
+    frame_lse: torch.Tensor  # (B, H, N) acc_dtype
+    text_len: int
+    text_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, Item]]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, q: torch.Tensor, text_len: int) -> ForwardState:
+        B, H, S, D = q.shape
+        n = S - text_len
+        acc = acc_dtype(q.dtype)
+        out = torch.zeros(B, H, n, D, dtype=acc, device=q.device)
+        lse = torch.full((B, H, n), float("-inf"), dtype=acc, device=q.device)
+        return cls(out, lse, text_len)
+
+    def run(self, q, k, v, items: list[Item], source: int, scale: float) -> None:
+        L = self.text_len
+        for it in items:
+            out, lse = block_forward(_rows(q, it.q0, it.q1), _rows(k, it.k0, it.k1), _rows(v, it.k0, it.k1), scale)
+            if it.text:
+                self.text_parts.setdefault(source, []).append((out, lse, it))
+            else:
+                merge_into(_rows(self.frame_out, it.q0 - L, it.q1 - L), self.frame_lse[:, :, it.q0 - L : it.q1 - L],
+                           out, lse)  # fmt: skip
+
+    def finalize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (B, H, L + N, D) in `dtype`, LSE (B, H, L + N) fp32."""
+        B, H, _, D = self.frame_out.shape
+        L = self.text_len
+        t_out = self.frame_out.new_zeros(B, H, L, D)
+        t_lse = self.frame_lse.new_full((B, H, L), float("-inf"))
+        for source in sorted(self.text_parts):
+            for out, lse, it in self.text_parts[source]:
+                merge_into(_rows(t_out, it.q0, it.q1), t_lse[:, :, it.q0 : it.q1], out, lse)
+        out = torch.cat([t_out, self.frame_out], dim=2).to(dtype)
+        return out, torch.cat([t_lse, self.frame_lse], dim=2)
+
+
+def backward_items(dout, q, k, v, out, lse, items: list[Item], scale: float, dq: torch.Tensor,
+                   dk: torch.Tensor, dv: torch.Tensor) -> None:  # fmt: skip
+    """Accumulate (fp32, in place) the gradients of `items`: dq over the local rows, dk/dv over the block rows."""
+    for it in items:
+        gq, gk, gv = block_backward(
+            _rows(dout, it.q0, it.q1),
+            _rows(q, it.q0, it.q1),
+            _rows(k, it.k0, it.k1),
+            _rows(v, it.k0, it.k1),
+            _rows(out, it.q0, it.q1),
+            lse[:, :, it.q0 : it.q1],
+            scale,
+        )
+        _rows(dq, it.q0, it.q1).add_(gq)
+        _rows(dk, it.k0, it.k1).add_(gk)
+        _rows(dv, it.k0, it.k1).add_(gv)
