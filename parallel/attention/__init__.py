@@ -21,6 +21,9 @@ from parallel.attention.ulysses import HeadToSeq, SeqToHead, UlyssesSpec
 from parallel.sequence import SequencePlan
 
 STRATEGIES = ("auto", "ring", "ulysses", "usp", "allgather")
+# Ring passes per attention call (over chunks of heads). Context parallelism exists to save memory: 4 passes cut
+# the ring's in-flight buffers to a quarter for the price of 4x more (smaller) messages; see bench/README.md.
+DEFAULT_RING_HEAD_CHUNKS = 4
 
 
 def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
@@ -52,12 +55,12 @@ def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
     return strategy
 
 
-def _ring_spec(plan: SequencePlan, mode: str, causal: bool, scale: float) -> RingSpec:
+def _ring_spec(plan: SequencePlan, mode: str, causal: bool, scale: float, head_chunks: int = 1) -> RingSpec:
     """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp"."""
     tpf, L = plan.tokens_per_frame, plan.text_len
     if mode == "ring":
         blocks = tuple(tuple(plan.local_segments(c)) for c in range(plan.cp_size))
-        return RingSpec(plan.cp_group, plan.cp_rank, plan.cp_size, blocks, L, tpf, causal, scale)
+        return RingSpec(plan.cp_group, plan.cp_rank, plan.cp_size, blocks, L, tpf, causal, scale, head_chunks)
     U = plan.ulysses_size if mode == "usp" else plan.cp_size
     R = plan.cp_size // U
     blocks = tuple(
@@ -65,7 +68,7 @@ def _ring_spec(plan: SequencePlan, mode: str, causal: bool, scale: float) -> Rin
     )  # ring member j holds the frames of its whole Ulysses group
     if R == 1:
         return RingSpec(None, 0, 1, blocks, L, tpf, causal, scale)
-    return RingSpec(plan.ring_group, plan.ring_rank, R, blocks, L, tpf, causal, scale)
+    return RingSpec(plan.ring_group, plan.ring_rank, R, blocks, L, tpf, causal, scale, head_chunks)
 
 
 def _ulysses_spec(plan: SequencePlan, mode: str, num_heads: int) -> UlyssesSpec:
@@ -94,6 +97,7 @@ def context_parallel_attention(
     causal: bool = False,
     strategy: str = "auto",
     scale: float | None = None,
+    head_chunks: int | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's tokens over the whole context-parallel sequence.
 
@@ -103,6 +107,9 @@ def context_parallel_attention(
         causal: frame-causal (a query in frame t sees the text and frames <= t; text sees text only).
         strategy: auto, ring, ulysses, usp or allgather.
         scale: softmax scale (default D ** -0.5).
+        head_chunks: ring strategies run the ring once per chunk of heads, so the blocks and gradient
+            accumulators in flight are 1/head_chunks of the whole (same bytes on the wire, more messages).
+            Default: DEFAULT_RING_HEAD_CHUNKS (capped at the head count).
     Returns:
         (B, H, L + T_local * tpf, D) in q's dtype.
     """
@@ -114,18 +121,21 @@ def context_parallel_attention(
             f"{plan.num_local_frames()} frames x {plan.tokens_per_frame}); shard the sequence with plan.shard"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chunks = DEFAULT_RING_HEAD_CHUNKS if head_chunks is None else head_chunks
+    if chunks < 1:
+        raise ValueError(f"head_chunks={chunks} must be >= 1")
     chosen = resolve_strategy(strategy, plan, q.shape[1])
     if chosen == "local":
         if not causal:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         return _local_causal(q, k, v, plan, scale)
     if chosen == "ring":
-        return RingAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale))
+        return RingAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale, chunks))
     if chosen == "allgather":
         return AllGatherAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale))
     uspec = _ulysses_spec(plan, chosen, q.shape[1])
     qkv = SeqToHead.apply(torch.stack([q, k, v]), uspec)  # (3, B, h_me, L + N_group, D): one all-to-all
-    out = RingAttention.apply(qkv[0], qkv[1], qkv[2], _ring_spec(plan, chosen, causal, scale))
+    out = RingAttention.apply(qkv[0], qkv[1], qkv[2], _ring_spec(plan, chosen, causal, scale, chunks))
     return HeadToSeq.apply(out, uspec)
 
 

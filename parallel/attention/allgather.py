@@ -25,7 +25,7 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, spec: RingSpec):
         L = spec.text_len
         blocks = _gather_kv(k, v, spec)
-        state = ForwardState.empty(q, L)
+        state = ForwardState.empty(q)
         state.run(q, k, v, text_block_items(L, spec.rows(spec.rank)), TEXT_SOURCE, spec.scale)
         for source, kv in enumerate(blocks):
             state.run(q, kv[0], kv[1], spec.items(source), source, spec.scale)

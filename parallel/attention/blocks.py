@@ -82,43 +82,35 @@ def _rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 @dataclass
 class ForwardState:
-    """Running fp32 (out, LSE) of the frame rows; text-row partials kept per source for the canonical merge."""
+    """Running (out, LSE) of all local rows in `acc_dtype`. Frame rows are merged as blocks arrive; text-row
+    partials are kept per source and merged in source order at the end (bitwise-identical text on every rank)."""
 
-    frame_out: torch.Tensor  # (B, H, N, D) acc_dtype
-    frame_lse: torch.Tensor  # (B, H, N) acc_dtype
-    text_len: int
+    out: torch.Tensor  # (B, H, L + N, D)
+    lse: torch.Tensor  # (B, H, L + N)
     text_parts: dict[int, list[tuple[torch.Tensor, torch.Tensor, Item]]] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, q: torch.Tensor, text_len: int) -> ForwardState:
-        B, H, S, D = q.shape
-        n = S - text_len
+    def empty(cls, q: torch.Tensor) -> ForwardState:
         acc = acc_dtype(q.dtype)
-        out = torch.zeros(B, H, n, D, dtype=acc, device=q.device)
-        lse = torch.full((B, H, n), float("-inf"), dtype=acc, device=q.device)
-        return cls(out, lse, text_len)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+        return cls(out, lse)
 
     def run(self, q, k, v, items: list[Item], source: int, scale: float) -> None:
-        L = self.text_len
         for it in items:
             out, lse = block_forward(_rows(q, it.q0, it.q1), _rows(k, it.k0, it.k1), _rows(v, it.k0, it.k1), scale)
             if it.text:
                 self.text_parts.setdefault(source, []).append((out, lse, it))
             else:
-                merge_into(_rows(self.frame_out, it.q0 - L, it.q1 - L), self.frame_lse[:, :, it.q0 - L : it.q1 - L],
-                           out, lse)  # fmt: skip
+                merge_into(_rows(self.out, it.q0, it.q1), self.lse[:, :, it.q0 : it.q1], out, lse)
 
     def finalize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """out (B, H, L + N, D) in `dtype`, LSE (B, H, L + N) fp32."""
-        B, H, _, D = self.frame_out.shape
-        L = self.text_len
-        t_out = self.frame_out.new_zeros(B, H, L, D)
-        t_lse = self.frame_lse.new_full((B, H, L), float("-inf"))
+        """out (B, H, L + N, D) in `dtype` (no copy when it is the accumulation dtype), LSE (B, H, L + N)."""
         for source in sorted(self.text_parts):
             for out, lse, it in self.text_parts[source]:
-                merge_into(_rows(t_out, it.q0, it.q1), t_lse[:, :, it.q0 : it.q1], out, lse)
-        out = torch.cat([t_out, self.frame_out], dim=2).to(dtype)
-        return out, torch.cat([t_lse, self.frame_lse], dim=2)
+                merge_into(_rows(self.out, it.q0, it.q1), self.lse[:, :, it.q0 : it.q1], out, lse)
+        self.text_parts.clear()
+        return self.out.to(dtype), self.lse
 
 
 def backward_items(dout, q, k, v, out, lse, items: list[Item], scale: float, dq: torch.Tensor,

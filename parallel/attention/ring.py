@@ -1,7 +1,8 @@
 # Ring attention over the frame-token axis: frame K/V blocks rotate around the ring with batch_isend_irecv, the
 # next block's transfer overlapping the current block's compute. In the backward, K/V rotate again and a dK/dV
-# accumulator travels with each block, gathering every rank's contribution, and one last hop returns it to its
-# owner (R-1 K/V hops + R dK/dV hops). Blocks may have different lengths (uneven frames); fully invisible
+# accumulator follows each block one step behind, gathering every other rank's contribution, and arrives at the
+# owner after R-1 hops (forward: R-1 K/V hops; backward: R-1 K/V hops + R-1 dK/dV hops, the minimum for a ring).
+# Blocks may have different lengths (uneven frames); fully invisible
 # frame-causal blocks are skipped (their transfer still happens: the ring never stalls).
 #
 # The text keys are replicated, so they never travel: every rank attends to its own copy. Text queries' dout is
@@ -33,6 +34,7 @@ class RingSpec:
     tokens_per_frame: int
     causal: bool
     scale: float
+    head_chunks: int = 1  # run the ring once per chunk of heads: rotating buffers shrink by this factor
 
     def rows(self, member: int) -> int:
         return sum(b - a for a, b in self.blocks[member]) * self.tokens_per_frame
@@ -47,7 +49,7 @@ def ring_forward(q, k, v, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: (B, H, L + N_rank, D). Returns out (same shape, q's dtype) and LSE (B, H, L + N_rank) fp32."""
     L = spec.text_len
     B, H, _, D = k.shape
-    state = ForwardState.empty(q, L)
+    state = ForwardState.empty(q)
     state.run(q, k, v, text_block_items(L, spec.rows(spec.rank)), TEXT_SOURCE, spec.scale)
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D) contiguous: one message per hop
     for step in range(spec.size):
@@ -65,43 +67,65 @@ def ring_forward(q, k, v, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
 def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
     L = spec.text_len
     B, H, _, D = k.shape
-    f32 = dict(dtype=acc_dtype(q.dtype), device=q.device)
-    dq = torch.zeros(q.shape, **f32)
-    dk_t = torch.zeros(B, H, L, D, **f32)
-    dv_t = torch.zeros(B, H, L, D, **f32)
+    acc_kw = dict(dtype=acc_dtype(q.dtype), device=q.device)
+    dq = torch.zeros(q.shape, **acc_kw)
+    dkv = torch.zeros(2, B, H, L + spec.rows(spec.rank), D, **acc_kw)  # this rank's dK/dV: [text | own frames]
     dout = dout.contiguous()
     items = text_block_items(L, spec.rows(spec.rank))
-    backward_items(dout, q, k[:, :, :L], v[:, :, :L], out, lse, items, spec.scale, dq, dk_t, dv_t)
+    backward_items(
+        dout, q, k[:, :, :L], v[:, :, :L], out, lse, items, spec.scale, dq, dkv[0, :, :, :L], dkv[1, :, :, :L]
+    )
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D)
-    dkv_reqs: list = []
-    dkv_recv = None
+    acc_reqs: list = []
+    acc_recv = None
     for step in range(spec.size):
         source = (spec.rank - step) % spec.size
         nxt = (source - 1) % spec.size
         if step < spec.size - 1:
             kv_recv, kv_reqs = ring_exchange(kv, (2, B, H, spec.rows(nxt), D), spec.group, tag=2 * step)
-        acc = torch.zeros(2, B, H, spec.rows(source), D, **f32)  # this rank's dK/dV contribution to `source`
-        backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq, acc[0], acc[1])
-        if step > 0:
-            wait_all(dkv_reqs)
-            acc += dkv_recv  # the contributions gathered so far by the ranks before us
-        if spec.size > 1:  # pass it on; the last hop delivers each accumulator to its owner
-            dkv_recv, dkv_reqs = ring_exchange(acc, (2, B, H, spec.rows(nxt), D), spec.group, tag=2 * step + 1)
+        if step == 0:  # own block: the contribution stays here
+            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq,
+                           dkv[0, :, :, L:], dkv[1, :, :, L:])  # fmt: skip
+        else:
+            # This rank's contribution to `source`, plus what the ranks after the owner gathered so far; then on
+            # to the next rank. The accumulator of a block starts one rank after its owner and reaches the owner
+            # after R-1 hops, like the K/V block itself.
+            acc = torch.zeros(2, B, H, spec.rows(source), D, **acc_kw)
+            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq, acc[0], acc[1])
+            if step > 1:
+                wait_all(acc_reqs)
+                acc += acc_recv
+            acc_recv, acc_reqs = ring_exchange(acc, (2, B, H, spec.rows(nxt), D), spec.group, tag=2 * step + 1)
         if step < spec.size - 1:
             wait_all(kv_reqs)
             kv = kv_recv
-    if spec.size > 1:
-        wait_all(dkv_reqs)
-        acc = dkv_recv
-    dk = torch.cat([dk_t, acc[0]], dim=2).to(k.dtype)
-    dv = torch.cat([dv_t, acc[1]], dim=2).to(v.dtype)
-    return dq.to(q.dtype), dk, dv
+    if spec.size > 1:  # the last hop delivered our own block's accumulator
+        wait_all(acc_reqs)
+        dkv[:, :, :, L:] += acc_recv
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+def _head_slices(num_heads: int, chunks: int) -> list[slice]:
+    chunks = max(1, min(chunks, num_heads))
+    sizes = [num_heads // chunks + (i < num_heads % chunks) for i in range(chunks)]
+    starts = [sum(sizes[:i]) for i in range(chunks)]
+    return [slice(a, a + n) for a, n in zip(starts, sizes, strict=True)]
 
 
 class RingAttention(torch.autograd.Function):
+    """Ring attention, run once per chunk of heads (`spec.head_chunks`): the K/V blocks, dK/dV accumulators and
+    kernel scratch in flight are 1/chunks of the whole; bytes on the wire are unchanged."""
+
     @staticmethod
     def forward(ctx, q, k, v, spec: RingSpec):
-        out, lse = ring_forward(q, k, v, spec)
+        slices = _head_slices(q.shape[1], spec.head_chunks)
+        if len(slices) == 1:
+            out, lse = ring_forward(q, k, v, spec)
+        else:
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device)
+            for hs in slices:
+                out[:, hs], lse[:, hs] = ring_forward(q[:, hs], k[:, hs], v[:, hs], spec)
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -109,5 +133,14 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.spec)
+        spec: RingSpec = ctx.spec
+        slices = _head_slices(q.shape[1], spec.head_chunks)
+        if len(slices) == 1:
+            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, spec)
+            return dq, dk, dv, None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for hs in slices:
+            dq[:, hs], dk[:, hs], dv[:, hs] = ring_backward(
+                dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec
+            )
         return dq, dk, dv, None

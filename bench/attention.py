@@ -1,0 +1,255 @@
+# Benchmark of context-parallel attention: time, bytes on the wire, per-rank memory and error, per strategy and
+# cp, against two baselines measured in the same run: single-process SDPA (cp=1) and a naive "all-gather K/V,
+# then local SDPA" implementation.
+#
+#   python bench/attention.py                      # S=16384, B1 H8 D64 fp32, cp in {1, 2, 4}
+#   python bench/attention.py --seq 4096 --cps 1,2 --repeats 2
+#
+# One thread per rank; ranks are real processes with a gloo group. Time is the slowest rank's (barrier before and
+# after). Memory is the rank's peak RSS during forward+backward minus its RSS with the inputs allocated (the
+# attention working set). Error is the max |out - reference| over 64 sampled query rows against float64.
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from parallel.attention import context_parallel_attention  # noqa: E402
+from parallel.comm import BYTES  # noqa: E402
+from parallel.sequence import SequencePlan  # noqa: E402
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+
+
+class _NaiveGatherKV(torch.autograd.Function):
+    """Baseline: all_gather_into_tensor K and V (equal shards), backward = all_reduce of the full gradient, slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        world = dist.get_world_size(group)
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[2]
+        parts = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype)  # (cp * B, H, N, D)
+        dist.all_gather_into_tensor(parts, x.contiguous(), group=group)
+        parts = parts.view(world, *x.shape)
+        BYTES.sent += x.numel() * x.element_size() * (world - 1)  # ring all-gather: (p-1) shards per rank
+        return torch.cat(list(parts), dim=2)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        world = dist.get_world_size(ctx.group)
+        dist.all_reduce(g, group=ctx.group)
+        BYTES.sent += 2 * g.numel() * g.element_size() * (world - 1) // world  # ring all-reduce
+        return g[:, :, ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n].contiguous(), None
+
+
+def naive_attention(q, k, v, group):
+    return F.scaled_dot_product_attention(q, _NaiveGatherKV.apply(k, group), _NaiveGatherKV.apply(v, group))
+
+
+def analytic_bytes(strategy: str, cp: int, block: int, heads: int) -> int:
+    """Minimum bytes a rank must send for forward+backward; `block` = bytes of one local K (= V, Q, out)."""
+    if cp == 1:
+        return 0
+    if strategy == "ring":  # fwd: K/V to the next rank cp-1 times; bwd: K/V again + dK/dV accumulators
+        return 3 * 2 * block * (cp - 1)
+    if strategy == "allgather":  # fwd: own K/V to every other rank; bwd: dK/dV of every other rank's block
+        return 2 * 2 * block * (cp - 1)
+    if strategy == "ulysses":  # q,k,v in + out back; dout in + dq,dk,dv back: (cp-1)/cp of each
+        return 8 * block * (cp - 1) // cp
+    if strategy == "usp":  # ulysses over 2, ring over cp/2 on 1/2 of the heads with 2x the frames
+        u, r = 2, cp // 2
+        return 8 * block * (u - 1) // u + 3 * 2 * block * (r - 1)
+    if strategy == "naive":
+        return 2 * block * (cp - 1) + 2 * 2 * (cp * block) * (cp - 1) // cp
+    raise ValueError(strategy)
+
+
+def _make_inputs(args, plan):
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, args.heads, args.seq, args.dim)
+    full = [torch.randn(shape, generator=gen) for _ in range(4)]  # q, k, v, dout
+    local = [plan._take(t, 2).contiguous() for t in full]
+    return full, local
+
+
+def _run(fn, local, backward: bool):
+    q, k, v, dout = local
+    q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+    out = fn(q, k, v)
+    if backward:
+        out.backward(dout)
+    return out
+
+
+def _strategy_fn(name: str, plan: SequencePlan, group):
+    """`ring/1` is the ring with a single pass over all heads (head_chunks=1)."""
+    if name == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if name == "naive":
+        return lambda q, k, v: naive_attention(q, k, v, group)
+    strategy, _, chunks = name.partition("/")
+    head_chunks = int(chunks) if chunks else None
+    return lambda q, k, v: context_parallel_attention(q, k, v, plan, strategy=strategy, head_chunks=head_chunks)
+
+
+def _worker(rank, world, init_file, args, strategies, result_file):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
+    )
+    mesh = None
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ulysses = 2 if "usp" in strategies else 1
+        mesh = init_device_mesh("cpu", (world // ulysses, ulysses), mesh_dim_names=("cp_ring", "cp_ulysses"))
+    frames = args.frames
+    plan = SequencePlan(frames, args.seq // frames, 0, mesh)
+    full, local = _make_inputs(args, plan)
+    q_full, k_full, v_full, _ = full
+    del full
+    gc.collect()
+    group = plan.cp_group
+    block = local[1].numel() * local[1].element_size()
+    rows = []
+    for strategy in strategies:
+        fn = _strategy_fn(strategy, plan, group)
+        _run(fn, local, True)  # warm-up
+        times = {"fwd": [], "fwdbwd": []}
+        for _ in range(args.repeats):
+            for kind in ("fwd", "fwdbwd"):
+                dist.barrier()
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(kind == "fwdbwd"):
+                    _run(fn, local, kind == "fwdbwd")
+                dist.barrier()
+                times[kind].append(time.perf_counter() - t0)
+        gc.collect()
+        base = rss_bytes()
+        reset_peak()
+        BYTES.reset()
+        out = _run(fn, local, True)
+        peak = rss_bytes("VmHWM") - base
+        sent = BYTES.sent
+        # error on 64 sampled local query rows against float64 over the full K/V
+        idx = torch.randperm(out.shape[2], generator=torch.Generator().manual_seed(rank))[:64]
+        ids = plan.local_token_frame_ids() * plan.tokens_per_frame + torch.arange(out.shape[2]) % plan.tokens_per_frame
+        qd = q_full[:, :, ids[idx]].double()
+        ref = torch.softmax(qd @ k_full.double().transpose(-1, -2) * args.dim**-0.5, -1) @ v_full.double()
+        err = (out.detach()[:, :, idx].double() - ref).abs().max().item()
+        row = dict(
+            strategy=strategy,
+            cp=world,
+            fwd=statistics.median(times["fwd"]),
+            fwdbwd=statistics.median(times["fwdbwd"]),
+            bytes=sent,
+            analytic=analytic_bytes(strategy.partition("/")[0], world, block, args.heads) if strategy != "sdpa" else 0,
+            mem=peak,
+            err=err,
+        )
+        gathered = [None] * world
+        dist.all_gather_object(gathered, row)
+        rows.append(
+            dict(
+                row,
+                fwd=max(r["fwd"] for r in gathered),
+                fwdbwd=max(r["fwdbwd"] for r in gathered),
+                mem=max(r["mem"] for r in gathered),
+                err=max(r["err"] for r in gathered),
+                bytes=max(r["bytes"] for r in gathered),
+            )
+        )
+        del out
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(rows))
+    del mesh, plan, group
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def run_cp(args, cp: int, strategies: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "rows.json"
+        mp.start_processes(
+            _worker, args=(cp, str(Path(tmp) / "rdzv"), args, strategies, str(result)), nprocs=cp, start_method="spawn"
+        )
+        return json.loads(result.read_text())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark context-parallel attention strategies.")
+    p.add_argument("--seq", type=int, default=16384)
+    p.add_argument("--frames", type=int, default=16, help="frames the sequence is made of (S = frames x tpf)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--cps", default="1,2,4")
+    p.add_argument(
+        "--strategies",
+        default="ring,ring/1,ulysses,usp,allgather,naive",
+        help="ring/1 = ring in one pass over all heads (head_chunks=1)",
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Large allocations straight from mmap and back on free (no dynamic threshold, no heap caching), so that
+    # RSS follows live memory and the peak-RSS working set is meaningful. Read by glibc in the spawned ranks.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    rows: list[dict] = []
+    for cp in (int(c) for c in args.cps.split(",")):
+        if cp == 1:
+            strategies = ["sdpa", "ring"]  # "ring" at cp=1 is cpdit's entry point falling through to local SDPA
+        else:
+            strategies = [s for s in args.strategies.split(",") if s != "usp" or cp >= 4]
+        rows += run_cp(args, cp, strategies)
+    base = next(r for r in rows if r["strategy"] == "sdpa")
+    naive = {r["cp"]: r for r in rows if r["strategy"] == "naive"}
+    print(
+        f"\ncontext-parallel attention: S={args.seq} B=1 H={args.heads} D={args.dim} fp32, 1 thread/rank, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    head = (
+        "| strategy | cp | fwd s | fwd+bwd s | speedup vs SDPA | vs naive | MiB sent/rank | vs analytic | "
+        "working set MiB | vs cp=1 | max err |"
+    )
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        name = "cpdit (cp=1)" if r["cp"] == 1 and r["strategy"] == "ring" else r["strategy"]
+        vs_naive = f"{naive[r['cp']]['fwdbwd'] / r['fwdbwd']:.2f}x" if r["cp"] in naive else "-"
+        vs_an = f"{r['bytes'] / r['analytic']:.3f}" if r["analytic"] else "-"
+        print(
+            f"| {name} | {r['cp']} | {r['fwd']:.3f} | {r['fwdbwd']:.3f} | {base['fwdbwd'] / r['fwdbwd']:.2f}x | "
+            f"{vs_naive} | {r['bytes'] / 2**20:.1f} | {vs_an} | {r['mem'] / 2**20:.1f} | "
+            f"{r['mem'] / max(base['mem'], 1):.2f} | {r['err']:.1e} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
