@@ -64,13 +64,14 @@ def ring_forward(q, k, v, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return state.finalize(q.dtype)
 
 
-def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
+def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None):
+    """Gradients of ring_forward. `dq` (like q) and `dkv` (2, *k.shape) are zero accumulators in acc_dtype to
+    add into (views of the caller's buffers are fine); allocated when None."""
     L = spec.text_len
     B, H, _, D = k.shape
     acc_kw = dict(dtype=acc_dtype(q.dtype), device=q.device)
-    dq = torch.zeros(q.shape, **acc_kw)
-    dkv = torch.zeros(2, B, H, L + spec.rows(spec.rank), D, **acc_kw)  # this rank's dK/dV: [text | own frames]
-    dout = dout.contiguous()
+    dq = torch.zeros(q.shape, **acc_kw) if dq is None else dq
+    dkv = torch.zeros(2, *k.shape, **acc_kw) if dkv is None else dkv  # this rank's dK/dV: [text | own frames]
     items = text_block_items(L, spec.rows(spec.rank))
     backward_items(
         dout, q, k[:, :, :L], v[:, :, :L], out, lse, items, spec.scale, dq, dkv[0, :, :, :L], dkv[1, :, :, :L]
@@ -134,13 +135,10 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         spec: RingSpec = ctx.spec
-        slices = _head_slices(q.shape[1], spec.head_chunks)
-        if len(slices) == 1:
-            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, spec)
-            return dq, dk, dv, None
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for hs in slices:
-            dq[:, hs], dk[:, hs], dv[:, hs] = ring_backward(
-                dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec
-            )
-        return dq, dk, dv, None
+        acc = acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dkv = torch.zeros(2, *k.shape, dtype=acc, device=q.device)
+        for hs in _head_slices(q.shape[1], spec.head_chunks):  # each pass accumulates into its head slice
+            ring_backward(dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec,
+                          dq[:, hs], dkv[:, :, hs])  # fmt: skip
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
