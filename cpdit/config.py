@@ -1,0 +1,76 @@
+# Architecture of a CogVideoX-style DiT. Field names follow diffusers' CogVideoXTransformer3DModel config.
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class CPDiTConfig:
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 30
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    patch_size: int = 2
+    pos_embedding: str = "sincos"  # "sincos" (CogVideoX-2B) or "rope" (CogVideoX-5B)
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    attention_bias: bool = True
+    norm_eps: float = 1e-5
+    qk_norm_eps: float = 1e-6
+    ff_inner_dim: int | None = None  # None: 4 x hidden
+    # Reference video size (latent height/width; pixel frames). Sets the RoPE crop grid as CogVideoX does.
+    sample_height: int = 60
+    sample_width: int = 90
+    sample_frames: int = 49
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.pos_embedding not in ("sincos", "rope"):
+            raise ValueError(f"pos_embedding={self.pos_embedding!r} must be 'sincos' or 'rope'")
+        if self.pos_embedding == "sincos" and self.hidden_size % 4:
+            raise ValueError(f"sincos positions need hidden size % 4 == 0, got {self.hidden_size}")
+        if self.pos_embedding == "rope" and self.attention_head_dim % 8:
+            raise ValueError(f"3D RoPE needs attention_head_dim % 8 == 0, got {self.attention_head_dim}")
+        for name in ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def ff_hidden(self) -> int:
+        return self.ff_inner_dim or 4 * self.hidden_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> CPDiTConfig:
+        """A named architecture with optional field overrides (None values are ignored)."""
+        if name not in PRESETS:
+            raise ValueError(f"model preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        bad = [k for k in overrides if k not in known]
+        if bad:
+            raise ValueError(f"unknown CPDiTConfig field(s) {bad}; known: {sorted(known)}")
+        return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+PRESETS: dict[str, CPDiTConfig] = {
+    # Tests and the default job: 6 heads (3 per rank at model_parallel_size=2), 2 blocks.
+    "tiny": CPDiTConfig(
+        num_attention_heads=6, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
+        time_embed_dim=64, text_embed_dim=32, sample_height=8, sample_width=8, sample_frames=9,
+        max_text_seq_length=16, spatial_interpolation_scale=1.0,
+    ),
+    # CogVideoX-2B: hidden 1920 = 30 heads x 64, 30 layers, 3D sin-cos positions.
+    "cogvideox-2b": CPDiTConfig(),
+    # CogVideoX-5B: hidden 3072 = 48 heads x 64, 42 layers, 3D RoPE.
+    "cogvideox-5b": CPDiTConfig(num_attention_heads=48, num_layers=42, pos_embedding="rope"),
+}  # fmt: skip

@@ -1,0 +1,137 @@
+# CPDiT: the CogVideoX transformer (diffusers' CogVideoXTransformer3DModel / SAT's DiffusionTransformer) as
+# single-device code. `self.context` is the seam parallel/ replaces: which frames are computed here and how
+# attention over the joint sequence runs.
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from cpdit.blocks import Block
+from cpdit.config import CPDiTConfig
+from cpdit.context import LocalContext, SequenceContext
+from cpdit.embeddings import PatchEmbed, TimestepMLP, rope_3d, sincos_3d, timestep_embedding
+
+
+class AdaLayerNormOut(nn.Module):
+    """Final adaptive LayerNorm: (shift, scale) from the timestep embedding."""
+
+    def __init__(self, cond_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, temb):
+        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class CPDiT(nn.Module):
+    """CogVideoX-style 3D full-attention diffusion transformer.
+
+    forward(latents (B, T, C, H, W), text_embeds (B, L, text_dim), timesteps (B,)) -> (B, T, C_out, H, W).
+    """
+
+    def __init__(self, config: CPDiTConfig):
+        super().__init__()
+        c = self.config = config
+        d = c.hidden_size
+        self.patch_embed = PatchEmbed(c.in_channels, d, c.patch_size, c.text_embed_dim)
+        self.time_embed = TimestepMLP(d, c.time_embed_dim)
+        self.blocks = nn.ModuleList(
+            Block(
+                d,
+                c.num_attention_heads,
+                c.attention_head_dim,
+                c.time_embed_dim,
+                c.ff_hidden,
+                c.norm_eps,
+                c.qk_norm_eps,
+                c.attention_bias,
+            )  # fmt: skip
+            for _ in range(c.num_layers)
+        )
+        self.norm_final = nn.LayerNorm(d, eps=c.norm_eps)
+        self.norm_out = AdaLayerNormOut(c.time_embed_dim, d, c.norm_eps)
+        self.proj_out = nn.Linear(d, c.patch_size**2 * c.out_channels)
+        self.context: SequenceContext = LocalContext()
+        self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Xavier-uniform linears and patch conv, zero biases, unit norms; adaLN modulations and the output
+        projection start at zero (adaLN-zero: every block starts as the identity)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                w = m.weight
+                fan_in, fan_out = w.shape[1] * math.prod(w.shape[2:]), w.shape[0] * math.prod(w.shape[2:])
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                w.copy_(torch.empty(w.shape, dtype=w.dtype).uniform_(-bound, bound, generator=gen).to(w.device))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        for block in self.blocks:
+            for norm in (block.norm1, block.norm2):
+                norm.linear.weight.zero_()
+                norm.linear.bias.zero_()
+        self.norm_out.linear.weight.zero_()
+        self.norm_out.linear.bias.zero_()
+        self.proj_out.weight.zero_()
+        self.proj_out.bias.zero_()
+
+    @classmethod
+    def from_diffusers(cls, path, dtype: torch.dtype | None = None) -> CPDiT:
+        """Load a diffusers CogVideoXTransformer3DModel directory (config.json + safetensors, sharded too)."""
+        from cpdit.convert import config_from_diffusers, load_diffusers_state_dict, state_dict_from_diffusers
+
+        config, sd = load_diffusers_state_dict(path)
+        model = cls(config_from_diffusers(config))
+        model.load_state_dict(state_dict_from_diffusers(sd), strict=True)
+        return model.to(dtype) if dtype is not None else model
+
+    def forward(self, latents: torch.Tensor, text_embeds: torch.Tensor, timesteps: torch.Tensor, *,
+                return_local: bool = False) -> torch.Tensor:  # fmt: skip
+        """Args:
+        latents: (B, T, C, H, W) noisy latents (full video; identical on the ranks of one cp x tp group).
+        text_embeds: (B, L, text_dim).
+        timesteps: (B,).
+        return_local: return only this process's frames (B, T_local, C_out, H, W) (for the training loss).
+        """
+        c = self.config
+        B, T, C, H, W = latents.shape
+        p = c.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent height {H} and width {W} must be divisible by patch_size={p}")
+        if C != c.in_channels:
+            raise ValueError(f"latents have {C} channels, the model expects in_channels={c.in_channels}")
+        h, w = H // p, W // p
+        L = text_embeds.shape[1]
+        seq = self.context.bind(T, h * w, L)
+        dtype = self.patch_embed.proj.weight.dtype
+        temb = self.time_embed(timestep_embedding(timesteps, c.hidden_size, c.flip_sin_to_cos, c.freq_shift).to(dtype))
+        local = seq.shard_frames(latents.to(dtype), dim=1)  # (B, T_local, C, H, W)
+        frame_ids = seq.frame_ids(latents.device)
+        video = self.patch_embed.video(local)  # (B, T_local * h * w, hidden)
+        text = self.patch_embed.text_proj(text_embeds.to(dtype))  # (B, L, hidden)
+        rope = None
+        if c.pos_embedding == "sincos":
+            pos = sincos_3d(frame_ids, h, w, c.hidden_size, c.spatial_interpolation_scale,
+                            c.temporal_interpolation_scale)  # fmt: skip
+            video = video + pos.to(dtype)
+        else:
+            rope = rope_3d(frame_ids, h, w, c.attention_head_dim, c.sample_height // p, c.sample_width // p)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                video, text = checkpoint(block, video, text, temb, seq, rope, use_reentrant=False)
+            else:
+                video, text = block(video, text, temb, seq, rope)
+        video = self.proj_out(self.norm_out(self.norm_final(video), temb))  # (B, T_local*h*w, p*p*C_out)
+        out = video.reshape(B, -1, h, w, c.out_channels, p, p)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, -1, c.out_channels, H, W)  # (B, T_local, C_out, H, W)
+        return out if return_local else seq.gather_frames(out, dim=1)
