@@ -36,8 +36,11 @@ class CPDiTConfig:
             raise ValueError(f"pos_embedding={self.pos_embedding!r} must be 'sincos' or 'rope'")
         if self.pos_embedding == "sincos" and self.hidden_size % 4:
             raise ValueError(f"sincos positions need hidden size % 4 == 0, got {self.hidden_size}")
-        if self.pos_embedding == "rope" and self.attention_head_dim % 8:
-            raise ValueError(f"3D RoPE needs attention_head_dim % 8 == 0, got {self.attention_head_dim}")
+        if self.pos_embedding == "rope" and self.attention_head_dim % 16:
+            raise ValueError(
+                f"3D RoPE needs attention_head_dim % 16 == 0 (even time/row/column shares), "
+                f"got {self.attention_head_dim}"
+            )
         for name in ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -106,7 +106,8 @@ def rope_3d(frame_ids: torch.Tensor, h: int, w: int, head_dim: int, base_h: int,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, D) with (cos, sin) (S, D): interleaved-pair rotation, computed in fp32."""
-    x_real, x_imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    """x (B, S, H, D) with (cos, sin) (S, D): interleaved-pair rotation, computed in fp32 (fp64 for fp64 x)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    x_real, x_imag = xf.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
-    return (x.float() * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)

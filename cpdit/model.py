@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -58,32 +60,31 @@ class CPDiT(nn.Module):
         self.norm_out = AdaLayerNormOut(c.time_embed_dim, d, c.norm_eps)
         self.proj_out = nn.Linear(d, c.patch_size**2 * c.out_channels)
         self.context: SequenceContext = LocalContext()
-        self.gradient_checkpointing = False
+        # Activation checkpointing: False/0 none, True/1 every block, n every n-th block ("selective").
+        self.gradient_checkpointing: bool | int = False
+
+    def initial_value(self, name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+        """The initial full tensor of parameter `name`: xavier-uniform weights, zero biases, unit norm scales;
+        adaLN modulations and the output projection start at zero (adaLN-zero). Seeded per name, so the value does
+        not depend on the order of initialisation or on how the parameter is sharded."""
+        leaf = name.rsplit(".", 1)[-1]
+        zero_init = (".norm1.linear.", ".norm2.linear.", "norm_out.linear.", "proj_out.")
+        if any(z in "." + name for z in zero_init) or leaf == "bias":
+            return torch.zeros(shape, dtype=dtype)
+        if len(shape) == 1:  # LayerNorm scale
+            return torch.ones(shape, dtype=dtype)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        fan_in, fan_out = shape[1] * math.prod(shape[2:]), shape[0] * math.prod(shape[2:])
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen).to(dtype)
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Xavier-uniform linears and patch conv, zero biases, unit norms; adaLN modulations and the output
-        projection start at zero (adaLN-zero: every block starts as the identity)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        for m in self.modules():
-            if isinstance(m, nn.Linear | nn.Conv2d):
-                w = m.weight
-                fan_in, fan_out = w.shape[1] * math.prod(w.shape[2:]), w.shape[0] * math.prod(w.shape[2:])
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                w.copy_(torch.empty(w.shape, dtype=w.dtype).uniform_(-bound, bound, generator=gen).to(w.device))
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-        for block in self.blocks:
-            for norm in (block.norm1, block.norm2):
-                norm.linear.weight.zero_()
-                norm.linear.bias.zero_()
-        self.norm_out.linear.weight.zero_()
-        self.norm_out.linear.bias.zero_()
-        self.proj_out.weight.zero_()
-        self.proj_out.bias.zero_()
+    def init_weights(self, seed: int = 0, assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Initialise every parameter from `initial_value`. `assign(param, full_value)` stores a full tensor into a
+        parameter; parallel/ passes one that keeps only the local shard of a sharded parameter."""
+        assign = assign or (lambda param, value: param.copy_(value.to(param.device)))
+        for name, param in self.named_parameters():
+            assign(param, self.initial_value(name, param.shape, param.dtype, seed))
 
     @classmethod
     def from_diffusers(cls, path, dtype: torch.dtype | None = None) -> CPDiT:
@@ -126,8 +127,9 @@ class CPDiT(nn.Module):
             video = video + pos.to(dtype)
         else:
             rope = rope_3d(frame_ids, h, w, c.attention_head_dim, c.sample_height // p, c.sample_width // p)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        every = int(self.gradient_checkpointing)
+        for i, block in enumerate(self.blocks):
+            if every and i % every == 0 and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, temb, seq, rope, use_reentrant=False)
             else:
                 video, text = block(video, text, temb, seq, rope)

@@ -1,0 +1,54 @@
+# The context-parallel implementation of cpdit's sequence seam (cpdit/context.py): frames split over the cp ranks
+# with SequencePlan, attention by context_parallel_attention. One plan per input shape, cached.
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.attention import context_parallel_attention
+from parallel.sequence import SequencePlan
+
+
+class _CPBound:
+    def __init__(self, tokens: SequencePlan, frames: SequencePlan, owner: ContextParallel):
+        self.tokens, self.frames, self.owner = tokens, frames, owner
+
+    def frame_ids(self, device: torch.device) -> torch.Tensor:
+        return self.tokens.local_frame_ids(device)
+
+    def shard_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return self.frames.shard(x, dim)
+
+    def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return self.frames.gather(x, dim)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        o = self.owner
+        return context_parallel_attention(q, k, v, self.tokens, causal=o.causal, strategy=o.strategy,
+                                          head_chunks=o.head_chunks)  # fmt: skip
+
+
+class ContextParallel:
+    """Sequence context over a (cp_ring, cp_ulysses) mesh.
+
+    Args:
+        cp_mesh: `ParallelMesh.cp_mesh()`.
+        strategy: attention strategy (auto, ring, ulysses, usp, allgather).
+        layout: contiguous or zigzag frames per rank.
+        causal: frame-causal attention.
+        head_chunks: ring passes per attention call (None: the default of parallel.attention).
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh, strategy: str = "auto", layout: str = "contiguous", causal: bool = False,
+                 head_chunks: int | None = None):  # fmt: skip
+        self.cp_mesh, self.strategy, self.layout = cp_mesh, strategy, layout
+        self.causal, self.head_chunks = causal, head_chunks
+        self._plans: dict[tuple[int, int, int], _CPBound] = {}
+
+    def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> _CPBound:
+        key = (num_frames, tokens_per_frame, text_len)
+        if key not in self._plans:
+            tokens = SequencePlan(num_frames, tokens_per_frame, text_len, self.cp_mesh, self.layout)
+            frames = SequencePlan(num_frames, 1, 0, self.cp_mesh, self.layout)  # same partition, one row per frame
+            self._plans[key] = _CPBound(tokens, frames, self)
+        return self._plans[key]

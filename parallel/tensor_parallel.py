@@ -1,0 +1,73 @@
+# Tensor parallelism of the CogVideoX blocks with DTensor: q/k/v column-parallel (heads split over tp), attention
+# output row-parallel, feed-forward column -> row. The per-head q/k LayerNorm weights are shared by all heads, so
+# each tp rank sees only its heads' share of their gradient: a copy-to-tp-region (identity forward, all-reduce
+# backward; fairscale's mappings.py) makes it whole.
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Identity forward; backward sums the gradient over the tensor-parallel group."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _CopyToTP.apply(x, group)
+
+
+class TPSharedLayerNorm(nn.LayerNorm):
+    """LayerNorm applied to tp-local heads whose affine parameters are shared across all heads."""
+
+    tp_group: dist.ProcessGroup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = copy_to_tp(self.weight, self.tp_group) if self.weight is not None else None
+        b = copy_to_tp(self.bias, self.tp_group) if self.bias is not None else None
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def _share_norm(norm: nn.LayerNorm, group: dist.ProcessGroup) -> None:
+    norm.__class__ = TPSharedLayerNorm  # same parameters and state-dict keys, tp-aware forward
+    norm.tp_group = group
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard every block of a CPDiT over `tp_mesh` (in place)."""
+    tp = tp_mesh.size()
+    heads = model.config.num_attention_heads
+    if heads % tp:
+        raise ValueError(
+            f"model_parallel_size={tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
+        )
+    if model.config.ff_hidden % tp:
+        raise ValueError(f"model_parallel_size={tp} does not divide the feed-forward width {model.config.ff_hidden}")
+    group = tp_mesh.get_group()
+    plan = {
+        "attn.to_q": ColwiseParallel(),
+        "attn.to_k": ColwiseParallel(),
+        "attn.to_v": ColwiseParallel(),
+        "attn.to_out": RowwiseParallel(),
+        "ff.proj_in": ColwiseParallel(),
+        "ff.proj_out": RowwiseParallel(),
+    }
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, plan)
+        _share_norm(block.attn.norm_q, group)
+        _share_norm(block.attn.norm_k, group)

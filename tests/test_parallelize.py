@@ -1,0 +1,101 @@
+# Whole-model parity: a parallelized CPDiT (dp x cp x tp, FSDP2) vs the single-process model in float64 —
+# outputs, every parameter gradient after one backward, and parameters after one AdamW step, on every rank.
+import pytest
+import torch
+from distributed_helpers import run_ranks
+
+from cpdit import CPDiT, CPDiTConfig
+from parallel.dims import ParallelDims
+from parallel.parallelize import materialize, parallelize
+from parallel.state import full_tensor, load_full_state_dict
+
+F64 = dict(rtol=1e-9, atol=1e-11)  # float64: only the order of sums differs from the reference
+T, H, W, L = 13, 6, 10, 7  # 13 latent frames (uneven over cp), odd patch grid 3 x 5, 7 text tokens
+
+
+def _config(pos):
+    # 6 heads: 3 per rank at tp=2, 2/2/1/1 at ulysses 4
+    return CPDiTConfig.preset("tiny", num_attention_heads=6, attention_head_dim=16, text_embed_dim=16,
+                              time_embed_dim=24, pos_embedding=pos, sample_height=6, sample_width=10)  # fmt: skip
+
+
+def _weights(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3 for n, p in model.named_parameters()}
+
+
+def _inputs(batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, T, 4, H, W, generator=gen, dtype=torch.float64)
+    txt = torch.randn(batch, L, 16, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 1000, (batch,), generator=gen).double()
+    w = torch.randn(batch, T, 4, H, W, generator=gen, dtype=torch.float64)  # loss weights: nontrivial grads
+    return x, txt, t, w
+
+
+def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", layout="contiguous", ac="none",
+                 batch_per_rank=1, seed=0):  # fmt: skip
+    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses)
+    mesh = dims.build_mesh("cpu")
+    cfg = _config(pos)
+    ref = CPDiT(cfg).double()
+    sd = _weights(ref, seed)
+    ref.load_state_dict(sd)
+    B = dims.dp * batch_per_rank
+    x, txt, t, w = _inputs(B, seed + 1)
+    out_ref = ref(x, txt, t)
+    n = out_ref.numel()
+    (out_ref * w).sum().div(n).backward()
+    ref_grads = {k: p.grad for k, p in ref.named_parameters()}
+
+    with torch.device("meta"):
+        model = CPDiT(cfg).to(torch.float64)
+    parallelize(model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None)
+    materialize(model, "cpu")
+    load_full_state_dict(model, sd)
+    d = dims.dp_rank(rank)
+    mine = slice(d * batch_per_rank, (d + 1) * batch_per_rank)
+    out_local = model(x[mine], txt[mine], t[mine], return_local=True)
+    bound = model.context.bind(T, (H // 2) * (W // 2), L)
+    w_local, ref_local = bound.shard_frames(w[mine], 1), bound.shard_frames(out_ref[mine].detach(), 1)
+    what = f"rank {rank} dp={dims.dp} cp={cp} tp={tp} ulysses={ulysses} {strategy} {pos} {layout} ac={ac}"
+    torch.testing.assert_close(out_local, ref_local, **F64, msg=lambda m: f"{what} output: {m}")
+    # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
+    ((out_local * w_local).sum() * dims.dp / n).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(full_tensor(p.grad), ref_grads[name], **F64,
+                                   msg=lambda m, name=name: f"{what} grad {name}: {m}")  # fmt: skip
+    with torch.no_grad():  # the full output too (gather over cp), on every rank
+        torch.testing.assert_close(model(x[mine], txt[mine], t[mine]), out_ref[mine].detach(), **F64)
+
+    # one AdamW step on both sides
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_ref.step()
+    opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(full_tensor(p.detach()), dict(ref.named_parameters())[name].detach(), **F64,
+                                   msg=lambda m, name=name: f"{what} param after step {name}: {m}")  # fmt: skip
+    del model, mesh, opt
+
+
+def _four(rank, world):
+    check_layout(rank, world, cp=4, tp=1, strategy="ring")
+    check_layout(rank, world, cp=4, tp=1, ulysses=4, strategy="ulysses", pos="rope")
+    check_layout(rank, world, cp=2, tp=2, pos="rope", layout="zigzag", ac="full")
+    check_layout(rank, world, cp=2, tp=1)  # dp=2 x cp=2
+    check_layout(rank, world, cp=1, tp=2, ac="selective")  # dp=2 x tp=2
+
+
+def _eight(rank, world):
+    check_layout(rank, world, cp=4, tp=2, ulysses=2, strategy="usp", pos="rope")  # usp 2 x 2, tp 2
+    check_layout(rank, world, cp=2, tp=2, batch_per_rank=2)  # dp=2 x cp=2 x tp=2
+
+
+def _one(rank, world):
+    check_layout(rank, world, cp=1, tp=1, pos="rope", ac="full")
+
+
+@pytest.mark.parametrize("world, fn", [(1, _one), (4, _four), (8, _eight)], ids=["1", "4", "8"])
+def test_whole_model_parity(tmp_path, world, fn):
+    run_ranks(fn, world, tmp_path, timeout=600)
