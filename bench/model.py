@@ -1,0 +1,168 @@
+# Benchmark of the parallelized CPDiT: forward+backward time per step, tokens/s, per-rank peak and parameter
+# memory, FLOPs and MFU, for several (cp, tp) layouts (dp = 1, so every layout computes the same step).
+#
+#   python bench/model.py                        # tiny and mid configs, layouts up to 4 ranks, fp32 on CPU
+#   python bench/model.py --peak-tflops 989      # report MFU against a peak (e.g. H100 bf16 dense)
+#
+# FLOPs per sample and block (S = L + T*h*w tokens, d = hidden, f = feed-forward width):
+#   forward = 2*S*d*(3d) [q,k,v] + 2*S*d*d [out] + 2*2*S*d*f [ff] + 4*S^2*d [QK^T and PV]
+#   training step = 3 x forward (backward ~ 2 x forward); MFU = step FLOPs / step time / (ranks x peak).
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cpdit import CPDiT, CPDiTConfig  # noqa: E402
+from parallel.dims import ParallelDims  # noqa: E402
+from parallel.parallelize import materialize, parallelize  # noqa: E402
+
+CONFIGS = {
+    # name: (config overrides, frames, latent H, latent W, text tokens)
+    "tiny": (dict(), 13, 8, 8, 16),
+    "mid": (
+        dict(num_attention_heads=12, attention_head_dim=64, num_layers=4, time_embed_dim=256, text_embed_dim=256),
+        13,
+        16,
+        16,
+        226,
+    ),
+}
+
+
+def step_flops(cfg: CPDiTConfig, tokens: int, batch: int) -> float:
+    d, f = cfg.hidden_size, cfg.ff_hidden
+    per_block = 2 * tokens * d * 3 * d + 2 * tokens * d * d + 4 * tokens * d * f + 4 * tokens * tokens * d
+    return 3.0 * batch * cfg.num_layers * per_block
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _worker(rank, world, init_file, name, cp, tp, steps, result):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
+    )
+    overrides, T, H, W, L = CONFIGS[name]
+    cfg = CPDiTConfig.preset("tiny", **overrides)
+    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
+    mesh = dims.build_mesh("cpu")
+    with torch.device("meta"):
+        model = CPDiT(cfg)
+    parallelize(model, dims, mesh)
+    materialize(model, "cpu", seed=0)
+    with torch.no_grad():  # non-zero adaLN/output weights so every block really computes
+        for p in model.parameters():
+            p.add_(0.01)
+    gen = torch.Generator().manual_seed(0)
+    x, txt = (
+        torch.randn(1, T, cfg.in_channels, H, W, generator=gen),
+        torch.randn(1, L, cfg.text_embed_dim, generator=gen),
+    )
+    t = torch.tensor([500.0])
+    param_bytes = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()) * 4
+    times = []
+    gc.collect()
+    base = _rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        model(x, txt, t, return_local=True).square().mean().backward()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    peak = _rss("VmHWM") - base
+    row = dict(
+        config=name,
+        cp=cp,
+        tp=tp,
+        world=world,
+        step=statistics.median(times[1:]),
+        peak=peak,
+        params=param_bytes,
+        tokens=L + T * (H // 2) * (W // 2),
+        flops=step_flops(cfg, L + T * (H // 2) * (W // 2), 1),
+    )
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        Path(result).write_text(
+            json.dumps(
+                dict(
+                    row,
+                    step=max(r["step"] for r in rows),
+                    peak=max(r["peak"] for r in rows),
+                    params=max(r["params"] for r in rows),
+                )
+            )
+        )
+    del model, mesh
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def run(name: str, cp: int, tp: int, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        mp.start_processes(
+            _worker,
+            args=(cp * tp, str(Path(tmp) / "rdzv"), name, cp, tp, steps, str(result)),
+            nprocs=cp * tp,
+            start_method="spawn",
+        )
+        return json.loads(result.read_text())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark the parallelized CPDiT training step.")
+    p.add_argument("--configs", default="tiny,mid")
+    p.add_argument("--layouts", default="1x1,2x1,1x2,4x1,2x2", help="cp x tp layouts (dp = 1)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-rank peak for MFU (omit on CPU)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # RSS follows live memory (see bench/attention.py)
+    rows = []
+    for name in args.configs.split(","):
+        for layout in args.layouts.split(","):
+            cp, tp = (int(v) for v in layout.split("x"))
+            if CPDiTConfig.preset("tiny", **CONFIGS[name][0]).num_attention_heads % tp:
+                continue
+            rows.append(run(name, cp, tp, args.steps))
+    print(f"\nCPDiT training step (fwd+bwd), fp32, 1 thread/rank, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(
+        "| config | cp | tp | ranks | tokens | step s | speedup | tokens/s | GFLOP/step | GFLOP/s/rank | MFU | "
+        "peak MiB/rank | params MiB/rank |"
+    )
+    print("|" + "---|" * 13)
+    base = {}
+    for r in rows:
+        base.setdefault(r["config"], r["step"])
+        mfu = f"{r['flops'] / r['step'] / r['world'] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "n/a"
+        print(
+            f"| {r['config']} | {r['cp']} | {r['tp']} | {r['world']} | {r['tokens']} | {r['step']:.3f} | "
+            f"{base[r['config']] / r['step']:.2f}x | {r['tokens'] / r['step']:.0f} | {r['flops'] / 1e9:.1f} | "
+            f"{r['flops'] / r['step'] / r['world'] / 1e9:.1f} | {mfu} | {r['peak'] / 2**20:.0f} | "
+            f"{r['params'] / 2**20:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
