@@ -66,8 +66,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, head_dim: int, time_dim: int, ff_hidden: int, eps: float,
-                 qk_eps: float, bias: bool):  # fmt: skip
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, time_dim: int, ff_hidden: int, eps: float, qk_eps: float, bias: bool
+    ):
         super().__init__()
         self.norm1 = LayerNormZero(time_dim, dim, eps)
         self.attn = JointAttention(dim, heads, head_dim, bias, qk_eps)

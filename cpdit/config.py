@@ -68,12 +68,21 @@ class CPDiTConfig:
 PRESETS: dict[str, CPDiTConfig] = {
     # Tests and the default job: 6 heads (3 per rank at model_parallel_size=2), 2 blocks.
     "tiny": CPDiTConfig(
-        num_attention_heads=6, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
-        time_embed_dim=64, text_embed_dim=32, sample_height=8, sample_width=8, sample_frames=9,
-        max_text_seq_length=16, spatial_interpolation_scale=1.0,
+        num_attention_heads=6,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        time_embed_dim=64,
+        text_embed_dim=32,
+        sample_height=8,
+        sample_width=8,
+        sample_frames=9,
+        max_text_seq_length=16,
+        spatial_interpolation_scale=1.0,
     ),
     # CogVideoX-2B: hidden 1920 = 30 heads x 64, 30 layers, 3D sin-cos positions.
     "cogvideox-2b": CPDiTConfig(),
     # CogVideoX-5B: hidden 3072 = 48 heads x 64, 42 layers, 3D RoPE.
     "cogvideox-5b": CPDiTConfig(num_attention_heads=48, num_layers=42, pos_embedding="rope"),
-}  # fmt: skip
+}

@@ -53,7 +53,7 @@ class CPDiT(nn.Module):
                 c.norm_eps,
                 c.qk_norm_eps,
                 c.attention_bias,
-            )  # fmt: skip
+            )
             for _ in range(c.num_layers)
         )
         self.norm_final = nn.LayerNorm(d, eps=c.norm_eps)
@@ -96,8 +96,9 @@ class CPDiT(nn.Module):
         model.load_state_dict(state_dict_from_diffusers(sd), strict=True)
         return model.to(dtype) if dtype is not None else model
 
-    def forward(self, latents: torch.Tensor, text_embeds: torch.Tensor, timesteps: torch.Tensor, *,
-                return_local: bool = False) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, latents: torch.Tensor, text_embeds: torch.Tensor, timesteps: torch.Tensor, *, return_local: bool = False
+    ) -> torch.Tensor:
         """Args:
         latents: (B, T, C, H, W) noisy latents (full video; identical on the ranks of one cp x tp group).
         text_embeds: (B, L, text_dim).
@@ -122,8 +123,9 @@ class CPDiT(nn.Module):
         text = self.patch_embed.text_proj(text_embeds.to(dtype))  # (B, L, hidden)
         rope = None
         if c.pos_embedding == "sincos":
-            pos = sincos_3d(frame_ids, h, w, c.hidden_size, c.spatial_interpolation_scale,
-                            c.temporal_interpolation_scale)  # fmt: skip
+            pos = sincos_3d(
+                frame_ids, h, w, c.hidden_size, c.spatial_interpolation_scale, c.temporal_interpolation_scale
+            )
             video = video + pos.to(dtype)
         else:
             rope = rope_3d(frame_ids, h, w, c.attention_head_dim, c.sample_height // p, c.sample_width // p)

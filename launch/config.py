@@ -41,6 +41,8 @@ class ModelConfig:
     """`sincos` (CogVideoX-2B) or `rope` (CogVideoX-5B); None: the preset's."""
     gradient_checkpointing: bool = False
     """Recompute each block in the backward (activation checkpointing)."""
+    out_channels: int | None = None
+    """Output channels (None: in_channels)."""
 
 
 @dataclass
@@ -77,15 +79,15 @@ class DataConfig:
     """`synthetic` (built-in moving shapes with captions) or `folder` (videos/*.mp4 + labels/*.txt)."""
     path: str | None = None
     """Dataset root for `folder`."""
-    num_frames: int = 9
+    num_frames: int = 8
     """Pixel frames per clip (latent frames follow the first stage's temporal compression)."""
-    height: int = 32
+    height: int = 16
     """Frame height in pixels."""
-    width: int = 32
+    width: int = 16
     """Frame width in pixels."""
     fps: float = 8.0
     """Frame rate clips are sampled at."""
-    batch_size: int = 1
+    batch_size: int = 2
     """Clips per data-parallel rank per micro-step."""
     num_samples: int = 256
     """Clips in the synthetic dataset."""
@@ -103,15 +105,17 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     """Linear warm-up steps before the cosine decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm (across all shards) to this; 0 disables."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr x min_lr_ratio at the last step (SAT LambdaWarmUpCosineScheduler)."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 600
     """Optimizer steps."""
     seed: int = 0
     """Base seed; data-parallel ranks derive distinct seeds from it."""
@@ -125,11 +129,25 @@ class TrainConfig:
     """Parent of the run directory."""
     run_name: str = "default"
     """Run directory name under output_dir."""
+    ema_decay: float = 0.99
+    """EMA of the DiT weights (sharded like the parameters); 0 disables."""
+    text_max_length: int = 16
+    """Text tokens per caption (226 for T5 as in CogVideoX)."""
+    num_idx: int = 1000
+    """Diffusion timesteps (DDPM discretization)."""
+    shift_scale: float = 3.0
+    """SNR shift of CogVideoX's ZeroSNRDDPMDiscretization."""
+    ucg_rate: float = 0.1
+    """Probability of dropping the caption (classifier-free guidance training)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    export: bool = True
+    """Write export/model.safetensors and a diffusers-layout export/diffusers/ at the end."""
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50
+    every: int = 200
     """Save every N steps (and at the end); 0 saves only at the end."""
     keep_last: int = 2
     """Complete checkpoints kept."""
@@ -147,7 +165,14 @@ class LoggingConfig:
 
 @dataclass
 class SampleConfig:
-    prompts: list[str] = field(default_factory=lambda: ["a red circle moving left"])
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle moving left",
+            "a blue square moving down",
+            "a yellow triangle moving right",
+            "a green circle moving up",
+        ]
+    )
     """Prompts to sample (or use prompts_file)."""
     prompts_file: str | None = None
     """A text file with one prompt per line."""
@@ -157,6 +182,28 @@ class SampleConfig:
     """Sampling steps."""
     guidance_scale: float = 6.0
     """Classifier-free guidance scale."""
+    dynamic_cfg: bool = True
+    """CogVideoX's dynamic CFG (guidance ramps up along the trajectory)."""
+    at_end: bool = True
+    """`train` samples the prompts into samples/ when it finishes."""
+    seed: int = 42
+    """Seed of the initial noise."""
+    checkpoint: str | None = None
+    """`cpdit-launch sample`: checkpoint directory (None: newest of train.output_dir/train.run_name)."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault-injection aids for tests. Not for production runs."""
+
+    fail_at_step: int | None = None
+    """Raise at the start of this (0-based) step on rank `fail_rank` (a worker dying mid-run)."""
+    fail_rank: int = 0
+    """The rank that fails at `fail_at_step`."""
+    nan_at_step: int | None = None
+    """Pretend the loss of this (0-based) step is NaN."""
+    fail_save_at_step: int | None = None
+    """Raise after writing the shards of the checkpoint of this step, before it is renamed complete."""
 
 
 @dataclass
@@ -170,6 +217,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -24,8 +24,9 @@ class _CPBound:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         o = self.owner
-        return context_parallel_attention(q, k, v, self.tokens, causal=o.causal, strategy=o.strategy,
-                                          head_chunks=o.head_chunks)  # fmt: skip
+        return context_parallel_attention(
+            q, k, v, self.tokens, causal=o.causal, strategy=o.strategy, head_chunks=o.head_chunks
+        )
 
 
 class ContextParallel:
@@ -39,8 +40,14 @@ class ContextParallel:
         head_chunks: ring passes per attention call (None: the default of parallel.attention).
     """
 
-    def __init__(self, cp_mesh: DeviceMesh, strategy: str = "auto", layout: str = "contiguous", causal: bool = False,
-                 head_chunks: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cp_mesh: DeviceMesh,
+        strategy: str = "auto",
+        layout: str = "contiguous",
+        causal: bool = False,
+        head_chunks: int | None = None,
+    ):
         self.cp_mesh, self.strategy, self.layout = cp_mesh, strategy, layout
         self.causal, self.head_chunks = causal, head_chunks
         self._plans: dict[tuple[int, int, int], _CPBound] = {}

@@ -47,6 +47,11 @@ def apply_fsdp(
         scale_output_grad(model, float(cp))
 
 
+def shard_module(module: nn.Module, mesh: DeviceMesh, reduce_dtype: torch.dtype | None = torch.float32) -> None:
+    """fully_shard an auxiliary trainable module (e.g. a text encoder) as one unit over `mesh`."""
+    fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
+
+
 def apply_grad_allreduce(model: nn.Module, group: dist.ProcessGroup, dp: int) -> None:
     """Without FSDP: sum each gradient over dp x cp once it is accumulated, then divide by dp."""
 

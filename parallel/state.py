@@ -11,8 +11,9 @@ def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Store the full tensor `full` into `param`, keeping only this rank's shard of a DTensor parameter. Every rank
     holds the same `full` (deterministic init or the same file), so no communication is needed."""
     if isinstance(param, DTensor):
-        shard = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                  src_data_rank=None)  # fmt: skip
+        shard = distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
         param.to_local().copy_(shard.to_local())
     else:
         param.copy_(full.to(param.device, param.dtype))

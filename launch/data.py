@@ -1,0 +1,202 @@
+# Video datasets for the training job: built-in synthetic moving shapes (the default; nothing downloaded) and the
+# CogVideoX fine-tuning layout (videos/*.mp4 + labels/*.txt). Both yield (video (F, 3, H, W) in [-1, 1], caption).
+# Sampling is by data-parallel rank; the ranks of one cp x tp group read the same clips.
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("cpdit.data")
+
+COLORS = {
+    "red": (1.0, 0.15, 0.1),
+    "green": (0.1, 0.85, 0.2),
+    "blue": (0.15, 0.3, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+    "purple": (0.7, 0.2, 0.9),
+    "white": (1.0, 1.0, 1.0),
+}
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def _shape_mask(shape: str, h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    return (yy - cy <= r) & (yy - cy >= -r) & (np.abs(xx - cx) <= (yy - cy + r) / 2)  # triangle, apex up
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Deterministic clips of one colored shape moving across a dark background, captioned
+    "a red circle moving left". Clip i depends only on (seed, i)."""
+
+    def __init__(self, num_samples: int, num_frames: int, height: int, width: int, seed: int = 0):
+        self.n, self.f, self.h, self.w, self.seed = num_samples, num_frames, height, width, seed
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def describe(self, i: int) -> tuple[str, str, str, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, i])
+        color = list(COLORS)[rng.integers(len(COLORS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        motion = list(MOTIONS)[rng.integers(len(MOTIONS))]
+        return color, shape, motion, rng
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        color, shape, motion, rng = self.describe(i)
+        h, w, f = self.h, self.w, self.f
+        r = min(h, w) * rng.uniform(0.12, 0.2)
+        dx, dy = MOTIONS[motion]
+        speed = min(h, w) * rng.uniform(0.35, 0.6) / max(f - 1, 1)
+        cy = rng.uniform(r, h - r) if dy == 0 else (h - r if dy < 0 else r)
+        cx = rng.uniform(r, w - r) if dx == 0 else (w - r if dx < 0 else r)
+        bg = np.full((3,), rng.uniform(0.0, 0.15), dtype=np.float32)
+        video = np.empty((f, 3, h, w), dtype=np.float32)
+        for t in range(f):
+            m = _shape_mask(shape, h, w, cy + dy * speed * t, cx + dx * speed * t, r)
+            frame = np.broadcast_to(bg[:, None, None], (3, h, w)).copy()
+            frame[:, m] = np.asarray(COLORS[color], dtype=np.float32)[:, None]
+            video[t] = frame
+        return torch.from_numpy(video * 2 - 1), f"a {color} {shape} moving {motion}"
+
+
+class VideoFolder(torch.utils.data.Dataset):
+    """CogVideoX fine-tuning layout: `videos/NAME.mp4` with its caption in `labels/NAME.txt`.
+
+    Frames are sampled at `fps` (stride from the file's rate), `num_frames` of them from the start (or a
+    random offset with `random_crop`), resized so the short side covers the target, center/random cropped,
+    and scaled to [-1, 1]. An unreadable or too short video is skipped with a warning and counted."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_frames: int,
+        height: int,
+        width: int,
+        fps: float,
+        random_crop: bool = False,
+        seed: int = 0,
+    ):
+        self.root = Path(root)
+        videos = self.root / "videos"
+        if not videos.is_dir():
+            raise FileNotFoundError(
+                f"data.path={str(self.root)!r} has no videos/ directory (expected videos/*.mp4 and labels/*.txt)"
+            )
+        self.items = []
+        for v in sorted(videos.glob("*.mp4")):
+            label = self.root / "labels" / (v.stem + ".txt")
+            if label.is_file():
+                self.items.append((v, label))
+            else:
+                log.warning("no caption for %s (expected %s); skipped", v, label)
+        if not self.items:
+            raise FileNotFoundError(f"data.path={str(self.root)!r}: no videos/*.mp4 with a labels/*.txt caption")
+        self.f, self.h, self.w, self.fps, self.random_crop, self.seed = (
+            num_frames,
+            height,
+            width,
+            fps,
+            random_crop,
+            seed,
+        )
+        self.skipped = 0
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, i: int) -> tuple[torch.Tensor, str]:
+        import imageio.v2 as imageio
+
+        path, label = self.items[i]
+        reader = imageio.get_reader(str(path), "ffmpeg")
+        try:
+            src_fps = float(reader.get_meta_data().get("fps") or self.fps)
+            stride = max(1, round(src_fps / self.fps))
+            frames = [fr for j, fr in enumerate(reader) if j % stride == 0]
+        finally:
+            reader.close()
+        if len(frames) < self.f:
+            raise ValueError(f"{path}: {len(frames)} frames at {self.fps} fps, need {self.f}")
+        rng = np.random.default_rng([self.seed, i])
+        start = int(rng.integers(0, len(frames) - self.f + 1)) if self.random_crop else 0
+        video = torch.from_numpy(np.stack(frames[start : start + self.f])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return self._resize_crop(video[:, :3], rng), label.read_text().strip()
+
+    def _resize_crop(self, video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        _, _, h, w = video.shape
+        scale = max(self.h / h, self.w / w)
+        nh, nw = max(self.h, math.ceil(h * scale)), max(self.w, math.ceil(w * scale))
+        video = torch.nn.functional.interpolate(video, size=(nh, nw), mode="bilinear", align_corners=False)
+        top = int(rng.integers(0, nh - self.h + 1)) if self.random_crop else (nh - self.h) // 2
+        left = int(rng.integers(0, nw - self.w + 1)) if self.random_crop else (nw - self.w) // 2
+        return video[:, :, top : top + self.h, left : left + self.w].clamp(-1, 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        for k in range(len(self.items)):
+            j = (i + k) % len(self.items)
+            if j in self.bad:
+                continue
+            try:
+                return self._load(j)
+            except Exception as err:  # corrupt, truncated or unreadable: skip, count, never crash
+                self.bad.add(j)
+                self.skipped += 1
+                log.warning("skipping unreadable video %s: %s", self.items[j][0], err)
+        raise RuntimeError(f"data.path={str(self.root)!r}: every video failed to decode")
+
+
+@dataclass
+class DataPosition:
+    """Where the sampler stands: resumable exactly (saved in checkpoints)."""
+
+    epoch: int = 0
+    index: int = 0  # batches already taken in this epoch by each data-parallel rank
+
+
+class DistributedBatches:
+    """Batches of one data-parallel rank: a per-epoch permutation of the dataset (seeded by epoch), strided by
+    dp rank; every rank of a cp x tp group (same dp rank) reads the same clips in the same order."""
+
+    def __init__(
+        self, dataset, batch_size: int, dp_rank: int, dp_size: int, seed: int = 0, position: DataPosition | None = None
+    ):
+        if len(dataset) < batch_size * dp_size:
+            raise ValueError(
+                f"dataset has {len(dataset)} clips; data.batch_size={batch_size} x {dp_size} "
+                "data-parallel ranks needs at least that many"
+            )
+        self.ds, self.bs, self.dp_rank, self.dp, self.seed = dataset, batch_size, dp_rank, dp_size, seed
+        self.pos = position or DataPosition()
+
+    def per_epoch(self) -> int:
+        return len(self.ds) // (self.bs * self.dp)
+
+    def next(self) -> tuple[torch.Tensor, list[str]]:
+        if self.pos.index >= self.per_epoch():
+            self.pos = DataPosition(self.pos.epoch + 1, 0)
+        perm = torch.randperm(
+            len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.pos.epoch)
+        )
+        start = (self.pos.index * self.dp + self.dp_rank) * self.bs
+        items = [self.ds[int(i)] for i in perm[start : start + self.bs]]
+        self.pos = DataPosition(self.pos.epoch, self.pos.index + 1)
+        return torch.stack([v for v, _ in items]), [c for _, c in items]
+
+
+def build_dataset(cfg, seed: int):
+    d = cfg.data
+    if d.dataset == "synthetic":
+        return SyntheticShapes(d.num_samples, d.num_frames, d.height, d.width, seed)
+    return VideoFolder(d.path, d.num_frames, d.height, d.width, d.fps, seed=seed)

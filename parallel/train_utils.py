@@ -1,0 +1,55 @@
+# Training helpers that must know how parameters are sharded: the global gradient norm (for clipping and the
+# NaN guard) and the EMA update. Parameters may be plain tensors, FSDP2 DTensors (1-D) or FSDP2 x TP (2-D).
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+
+@torch.no_grad()
+def global_grad_norm(params: list[torch.Tensor]) -> float:
+    """L2 norm of the full gradient, identical on every rank: local squared sums are added per (mesh, sharded
+    dims) signature, then reduced once per signature over the dims where the gradient is sharded."""
+    plain = torch.zeros((), dtype=torch.float64)
+    groups: dict[tuple, list] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            sharded = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial())
+            entry = groups.setdefault((id(g.device_mesh), sharded), [g.device_mesh, sharded, 0.0])
+            entry[2] = entry[2] + g.to_local().double().pow(2).sum().cpu()
+        else:
+            plain += g.double().pow(2).sum().cpu()
+    total = plain
+    for key in sorted(groups, key=lambda k: (k[1], k[0])):  # same order on every rank
+        mesh, sharded, s = groups[key]
+        s = torch.as_tensor(s, dtype=torch.float64).to(mesh.device_type)
+        for d in sharded:
+            dist.all_reduce(s, group=mesh.get_group(d))
+        total = total + s.cpu()
+    return math.sqrt(total.item()) if torch.isfinite(total) else float("nan")
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale gradients so that their global norm is at most `max_norm` (0 disables); returns the norm before."""
+    norm = global_grad_norm(params)
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, shard by shard (EMA tensors share the parameters' sharding)."""
+    for name, p in model.named_parameters():
+        ema[name].lerp_(p.detach(), 1.0 - decay)
