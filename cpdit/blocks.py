@@ -44,14 +44,19 @@ class JointAttention(nn.Module):
         L = text.shape[1]
         x = torch.cat([text, video], dim=1)  # (B, L + N, dim)
         B, S, _ = x.shape
-        q = self.norm_q(self.to_q(x).view(B, S, -1, self.head_dim))  # (B, S, H_local, Dh)
-        k = self.norm_k(self.to_k(x).view(B, S, -1, self.head_dim))
-        v = self.to_v(x).view(B, S, -1, self.head_dim)
+        lora = getattr(self, "lora", None)  # optional adapters (cpdit/lora.py)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        if lora is not None:
+            q, k, v = q + lora["to_q"](x), k + lora["to_k"](x), v + lora["to_v"](x)
+        q = self.norm_q(q.view(B, S, -1, self.head_dim))  # (B, S, H_local, Dh)
+        k = self.norm_k(k.view(B, S, -1, self.head_dim))
+        v = v.view(B, S, -1, self.head_dim)
         if rope is not None:  # video tokens only
             q = torch.cat([q[:, :L], apply_rope(q[:, L:], *rope)], dim=1)
             k = torch.cat([k[:, :L], apply_rope(k[:, L:], *rope)], dim=1)
         out = seq.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H_local, S, Dh)
-        out = self.to_out(out.transpose(1, 2).reshape(B, S, -1))  # (B, S, dim)
+        out = out.transpose(1, 2).reshape(B, S, -1)  # (B, S, H_local * Dh)
+        out = self.to_out(out) + (lora["to_out"](out) if lora is not None else 0)  # (B, S, dim)
         return out[:, L:], out[:, :L]
 
 

@@ -67,6 +67,11 @@ class CPDiT(nn.Module):
         """The initial full tensor of parameter `name`: xavier-uniform weights, zero biases, unit norm scales;
         adaLN modulations and the output projection start at zero (adaLN-zero). Seeded per name, so the value does
         not depend on the order of initialisation or on how the parameter is sharded."""
+        from cpdit.lora import lora_initial_value
+
+        lora = lora_initial_value(name, shape, dtype, seed)
+        if lora is not None:
+            return lora
         leaf = name.rsplit(".", 1)[-1]
         zero_init = (".norm1.linear.", ".norm2.linear.", "norm_out.linear.", "proj_out.")
         if any(z in "." + name for z in zero_init) or leaf == "bias":

@@ -46,3 +46,59 @@ class HashedTextEncoder(nn.Module):
             self.positions.weight,
             (torch.randn(self.positions.weight.shape, generator=gen) * 0.1).to(self.positions.weight.dtype),
         )
+
+
+class T5TextEncoder(nn.Module):
+    """Frozen T5 encoder (transformers' T5EncoderModel + its tokenizer) from a local directory, as CogVideoX
+    conditions on T5-XXL: captions padded/truncated to `max_length` (226) tokens. Embeddings are cached on disk
+    (one safetensors file per caption, keyed by a hash of the caption, the model path and max_length)."""
+
+    def __init__(self, path: str, max_length: int = 226, cache_dir: str | None = None):
+        super().__init__()
+        from pathlib import Path
+
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if not Path(path, "config.json").is_file():
+            raise FileNotFoundError(f"text encoder path {path!r} has no config.json (a local T5 directory is needed; "
+                                    "nothing is downloaded)")  # fmt: skip
+        self.path, self.max_length = str(path), max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        self.model.requires_grad_(False).eval()
+        self.cache = Path(cache_dir) if cache_dir else None
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    def _key(self, caption: str) -> str:
+        import hashlib
+
+        return hashlib.sha1(f"{self.path}|{self.max_length}|{caption}".encode()).hexdigest()
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        device = next(self.model.parameters()).device
+        out: list[torch.Tensor | None] = [None] * len(captions)
+        if self.cache is not None:
+            for i, c in enumerate(captions):
+                f = self.cache / f"{self._key(c)}.safetensors"
+                if f.is_file():
+                    out[i] = load_file(str(f))["embedding"].to(device)
+        todo = [i for i, e in enumerate(out) if e is None]
+        if todo:
+            tok = self.tokenizer([captions[i] for i in todo], padding="max_length", max_length=self.max_length,
+                                 truncation=True, add_special_tokens=True, return_tensors="pt")  # fmt: skip
+            emb = self.model(tok.input_ids.to(device)).last_hidden_state  # (n, max_length, d_model)
+            for j, i in enumerate(todo):
+                out[i] = emb[j]
+                if self.cache is not None:
+                    self.cache.mkdir(parents=True, exist_ok=True)
+                    save_file(
+                        {"embedding": emb[j].cpu().contiguous()},
+                        str(self.cache / f"{self._key(captions[i])}.safetensors"),
+                    )
+        return torch.stack(out)  # (B, max_length, d_model)

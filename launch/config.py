@@ -43,6 +43,12 @@ class ModelConfig:
     """Recompute each block in the backward (activation checkpointing)."""
     out_channels: int | None = None
     """Output channels (None: in_channels)."""
+    pretrained: str | None = None
+    """A diffusers CogVideoXTransformer3DModel directory (config.json + safetensors) to start from."""
+    lora_rank: int = 0
+    """LoRA rank on q/k/v/out of every block (0: full fine-tuning). With LoRA only the adapters train."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator (None: = lora_rank)."""
 
 
 @dataclass
@@ -71,6 +77,16 @@ class DistConfig:
     """Process-group timeout: a collective waiting longer fails the job instead of hanging it."""
     nproc_per_node: int = 4
     """Processes `cpdit-launch` starts per node when it launches torchrun itself."""
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "hashed"
+    """`hashed` (trainable hashed-word embedder, no weights needed) or `t5` (frozen, from text.path)."""
+    path: str | None = None
+    """Local T5 directory (config.json, safetensors weights, tokenizer) for encoder=t5; nothing is downloaded."""
+    cache_dir: str | None = None
+    """On-disk cache of T5 embeddings (one safetensors file per caption)."""
 
 
 @dataclass
@@ -217,6 +233,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -228,6 +245,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": ("ddim", "dpmpp_2m"),
     "model.pos_embedding": ("sincos", "rope"),
+    "text.encoder": ("hashed", "t5"),
 }
 
 
@@ -316,6 +334,8 @@ def validate(job: JobConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if job.text.encoder == "t5" and not job.text.path:
+        raise ConfigError("text.encoder='t5' needs text.path (a local T5 directory with config.json and tokenizer)")
     if job.data.dataset == "folder" and not job.data.path:
         raise ConfigError("data.dataset='folder' needs data.path (a directory with videos/ and labels/)")
     if len(job.optim.betas) != 2 or not all(0 <= b < 1 for b in job.optim.betas):

@@ -9,17 +9,25 @@ import torch
 from safetensors.torch import save_file
 
 from cpdit.convert import config_to_diffusers, state_dict_to_diffusers
+from cpdit.lora import lora_state_dict_to_diffusers
 from parallel.state import full_tensor
 
 
-def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int) -> None:
-    """Collective (gathers full tensors); rank 0 writes. Exports the EMA weights when there are some."""
-    source = ema if ema is not None else dict(model.named_parameters())
+def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int, lora: bool = False) -> None:
+    """Collective (gathers full tensors); rank 0 writes. EMA weights replace the trained ones where kept.
+    With LoRA: the base weights with adapters separately, and export/lora/ in diffusers' key layout."""
+    source = {n: (ema[n] if ema is not None and n in ema else p) for n, p in model.named_parameters()}
     full = {n: full_tensor(t.detach()).cpu().contiguous() for n, t in source.items()}
     if rank != 0:
         return
     out.mkdir(parents=True, exist_ok=True)
+    adapters = {n: t for n, t in full.items() if ".lora." in n}
+    full = {n: t for n, t in full.items() if ".lora." not in n}
     save_file(full, str(out / "model.safetensors"))
+    if lora:
+        (out / "lora").mkdir(exist_ok=True)
+        save_file(adapters, str(out / "lora" / "adapters.safetensors"))
+        save_file(lora_state_dict_to_diffusers(adapters), str(out / "lora" / "pytorch_lora_weights.safetensors"))
     d = out / "diffusers"
     d.mkdir(exist_ok=True)
     save_file(state_dict_to_diffusers(full), str(d / "diffusion_pytorch_model.safetensors"))

@@ -34,15 +34,16 @@ def ema_weights(model: torch.nn.Module, ema: dict | None):
     if ema is None:
         yield
         return
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {n: p for n, p in model.named_parameters() if n in ema}
+    saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in params.items():
             p.copy_(ema[n])
     try:
         yield
     finally:
         with torch.no_grad():
-            for n, p in model.named_parameters():
+            for n, p in params.items():
                 p.copy_(saved[n])
 
 
@@ -63,7 +64,7 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
     modules.eval()
     with ema_weights(modules.dit, ema):
         for i, prompt in enumerate(mine):
-            text = modules.text([prompt])
+            text = modules.encode([prompt])
             gen = torch.Generator().manual_seed(cfg.sample.seed + 1000 * (dp_rank * per_rank + i))
             noise = torch.randn(1, d.num_frames, c.in_channels, d.height, d.width, generator=gen)
             counter = {"n": 0}
@@ -91,7 +92,7 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
     """`cpdit-launch sample`: load a checkpoint of the training job and sample its prompts."""
     from launch import checkpoint
     from launch.distributed import distributed
-    from launch.train import build
+    from launch.train import build, new_ema
 
     p = cfg.parallel
     dims = ParallelDims(env.world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
@@ -106,7 +107,7 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
         mesh = dims.build_mesh(device.type)
         modules = build(cfg, dims, mesh, device)
         optimizer = torch.optim.AdamW([q for q in modules.parameters() if q.requires_grad], lr=cfg.optim.lr)
-        ema = {n: q.detach().clone() for n, q in modules.dit.named_parameters()} if cfg.train.ema_decay > 0 else None
+        ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
         meta = checkpoint.load(path, modules, optimizer, ema)
         files = sample_videos(cfg, modules, ema, dims, mesh, run_dir / "samples" / f"step_{meta['step']:08d}", env)
         for f in files:

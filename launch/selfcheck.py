@@ -2,8 +2,6 @@
 # collective whose result is known in closed form. Run with `cpdit-launch selfcheck`.
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed as dist
 
@@ -43,6 +41,10 @@ def selfcheck(cfg: JobConfig, env: DistEnv) -> int:
         mesh = dims.build_mesh(device.type)
         sizes = check_mesh_groups(dims, mesh, env.rank)
         seed = dims.seed_for_rank(cfg.train.seed, env.rank)
+        coords = {k: v for k, v in dims.coords(env.rank).items() if k in MESH_DIMS}
+        line = f"  rank {env.rank} (local {env.local_rank}, node {env.node_rank}): coords {coords} seed={seed}"
+        lines = [None] * env.world_size
+        dist.all_gather_object(lines, line)  # one writer: no interleaved output from several ranks
         if env.rank == 0:
             print(
                 f"cpdit selfcheck: launcher={env.launcher} nodes={env.num_nodes} device={device.type} "
@@ -51,12 +53,7 @@ def selfcheck(cfg: JobConfig, env: DistEnv) -> int:
             )
             print(f"  topology: {dims.describe()}", flush=True)
             print("  groups: " + " ".join(f"{k}={v}" for k, v in sizes.items()), flush=True)
-        print(
-            f"  rank {env.rank} (local {env.local_rank}, node {env.node_rank}): coords "
-            f"{ {k: v for k, v in dims.coords(env.rank).items() if k in MESH_DIMS} } seed={seed}",
-            flush=True,
-            file=sys.stdout,
-        )
+            print("\n".join(lines), flush=True)
         del mesh
     if env.rank == 0:
         print("cpdit selfcheck: OK", flush=True)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from cpdit import CPDiT, CPDiTConfig
 from cpdit.diffusion import Schedule, add_noise, sample_timesteps, v_loss_terms
+from cpdit.lora import add_lora
 from cpdit.text import HashedTextEncoder
 from launch import checkpoint
 from launch.config import JobConfig, to_yaml
@@ -25,16 +26,26 @@ from launch.metrics import RunLog, plot_loss
 from parallel.dims import ParallelDims
 from parallel.fsdp import apply_grad_allreduce, shard_module
 from parallel.parallelize import parallelize
-from parallel.state import assign_full
+from parallel.state import assign_full, load_full_state_dict
 from parallel.train_utils import clip_grad_norm, ema_update
 
 
 class Trainable(nn.Module):
-    """Everything the optimizer updates: the DiT and the text encoder (one module for DCP state dicts)."""
+    """Everything the optimizer updates: the DiT and a trainable text encoder (one module for DCP state dicts).
+    A frozen encoder (T5) is kept outside the module tree: it is neither optimized nor checkpointed."""
 
-    def __init__(self, dit: CPDiT, text: nn.Module):
+    def __init__(self, dit: CPDiT, text: nn.Module | None, frozen_text=None):
         super().__init__()
         self.dit, self.text = dit, text
+        self.__dict__["frozen_text"] = frozen_text
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        return self.text(captions) if self.text is not None else self.frozen_text(captions)
+
+
+def new_ema(model: nn.Module) -> dict[str, torch.Tensor]:
+    """EMA copies of the trainable parameters (same sharding)."""
+    return {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
 
 
 def model_config(cfg: JobConfig) -> CPDiTConfig:
@@ -74,8 +85,25 @@ def _memory_mb(device: torch.device) -> float:
 
 def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Trainable:
     mcfg = model_config(cfg)
+    if cfg.model.pretrained:  # the architecture comes from the checkpoint
+        from cpdit.convert import config_from_diffusers, load_diffusers_state_dict
+
+        mcfg = config_from_diffusers(load_diffusers_state_dict(cfg.model.pretrained)[0])
+    frozen = None
+    if cfg.text.encoder == "t5":
+        from cpdit.text import T5TextEncoder
+
+        frozen = T5TextEncoder(cfg.text.path, cfg.train.text_max_length, cfg.text.cache_dir).to(device)
+        if frozen.dim != mcfg.text_embed_dim:
+            raise ValueError(
+                f"T5 width {frozen.dim} != model text_embed_dim {mcfg.text_embed_dim}; set "
+                f"model.text_embed_dim={frozen.dim}"
+            )
     with torch.device("meta"):
-        modules = Trainable(CPDiT(mcfg), HashedTextEncoder(mcfg.text_embed_dim, cfg.train.text_max_length))
+        text = HashedTextEncoder(mcfg.text_embed_dim, cfg.train.text_max_length) if frozen is None else None
+        modules = Trainable(CPDiT(mcfg), text, frozen)
+        if cfg.model.lora_rank:
+            add_lora(modules.dit, cfg.model.lora_rank, cfg.model.lora_alpha)
     p = cfg.parallel
     parallelize(
         modules.dit,
@@ -88,13 +116,19 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Tra
     )
     # The text encoder's gradients reduce like the model's (parallel/fsdp.py); they pass through the model's
     # output-gradient scaling, so FSDP's plain average gives the same sum over cp / mean over dp.
-    if p.fsdp and dims.size("dp_shard_cp") > 1:
+    if modules.text is not None and p.fsdp and dims.size("dp_shard_cp") > 1:
         shard_module(modules.text, mesh["dp_shard_cp"], torch.float32)
-    elif dims.size("dp_cp") > 1:
+    elif modules.text is not None and dims.size("dp_cp") > 1:
         apply_grad_allreduce(modules.text, mesh.get_group("dp_cp"), dims.dp)
     modules.to_empty(device=device)
     modules.dit.init_weights(cfg.train.seed, assign=assign_full)
-    modules.text.init_weights(cfg.train.seed, assign=assign_full)
+    if modules.text is not None:
+        modules.text.init_weights(cfg.train.seed, assign=assign_full)
+    if cfg.model.pretrained:
+        from cpdit.convert import load_diffusers_state_dict, state_dict_from_diffusers
+
+        weights = state_dict_from_diffusers(load_diffusers_state_dict(cfg.model.pretrained)[1])
+        load_full_state_dict(modules.dit, weights, strict=not cfg.model.lora_rank)  # adapters keep their init
     return modules
 
 
@@ -120,7 +154,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
-    ema = {n: q.detach().clone() for n, q in modules.dit.named_parameters()} if cfg.train.ema_decay > 0 else None
+    ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
     start, position, counters = 0, DataPosition(), {"bad_steps_total": 0}
     resume = checkpoint.find_resume(ckpt_root, cfg.checkpoint.resume)
     if resume is not None:
@@ -164,7 +198,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
             a = schedule.alpha(idx).to(device)
             x_t = add_noise(x0, noise, a)
             with autocast:
-                text = modules.text(captions) * keep[:, None, None]
+                text = modules.encode(captions) * keep[:, None, None]
                 v = modules.dit(x_t, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
             seq = modules.dit.context.bind(x0.shape[1], v.shape[-1] * v.shape[-2] // mcfg.patch_size**2, text.shape[1])
             err = v_loss_terms(v, seq.shard_frames(x_t, 1), seq.shard_frames(x0, 1), a)
@@ -230,5 +264,5 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     if cfg.train.export:
         from launch.export import export_model
 
-        export_model(modules.dit, ema, run_dir / "export", rank)
+        export_model(modules.dit, ema, run_dir / "export", rank, lora=bool(cfg.model.lora_rank))
     return 0

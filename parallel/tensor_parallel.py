@@ -67,7 +67,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         "ff.proj_in": ColwiseParallel(),
         "ff.proj_out": RowwiseParallel(),
     }
+    lora_plan = {  # adapters follow their layer: column-parallel up-projection, row-parallel down-projection
+        "attn.lora.to_q.lora_B": ColwiseParallel(),
+        "attn.lora.to_k.lora_B": ColwiseParallel(),
+        "attn.lora.to_v.lora_B": ColwiseParallel(),
+        "attn.lora.to_out.lora_A": RowwiseParallel(),
+    }
     for block in model.blocks:
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_module(block, tp_mesh, {**plan, **(lora_plan if hasattr(block.attn, "lora") else {})})
         _share_norm(block.attn.norm_q, group)
         _share_norm(block.attn.norm_k, group)

@@ -50,6 +50,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * param, shard by shard (EMA tensors share the parameters' sharding)."""
+    """ema <- decay * ema + (1 - decay) * param for the parameters in `ema` (the trainable ones), shard by shard
+    (EMA tensors share the parameters' sharding)."""
     for name, p in model.named_parameters():
-        ema[name].lerp_(p.detach(), 1.0 - decay)
+        if name in ema:
+            ema[name].lerp_(p.detach(), 1.0 - decay)

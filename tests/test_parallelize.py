@@ -5,6 +5,7 @@ import torch
 from distributed_helpers import run_ranks
 
 from cpdit import CPDiT, CPDiTConfig
+from cpdit.lora import add_lora
 from parallel.dims import ParallelDims
 from parallel.parallelize import materialize, parallelize
 from parallel.state import full_tensor, load_full_state_dict
@@ -34,11 +35,13 @@ def _inputs(batch, seed):
 
 
 def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", layout="contiguous", ac="none",
-                 batch_per_rank=1, seed=0):  # fmt: skip
+                 batch_per_rank=1, seed=0, lora=0):  # fmt: skip
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses)
     mesh = dims.build_mesh("cpu")
     cfg = _config(pos)
     ref = CPDiT(cfg).double()
+    if lora:
+        add_lora(ref, lora)
     sd = _weights(ref, seed)
     ref.load_state_dict(sd)
     B = dims.dp * batch_per_rank
@@ -47,9 +50,13 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     n = out_ref.numel()
     (out_ref * w).sum().div(n).backward()
     ref_grads = {k: p.grad for k, p in ref.named_parameters()}
+    if lora:  # only the adapters train
+        assert all((g is None) == (".lora." not in k) for k, g in ref_grads.items())
 
     with torch.device("meta"):
         model = CPDiT(cfg).to(torch.float64)
+        if lora:
+            add_lora(model, lora)
     parallelize(model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None)
     materialize(model, "cpu")
     load_full_state_dict(model, sd)
@@ -63,14 +70,17 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
     ((out_local * w_local).sum() * dims.dp / n).backward()
     for name, p in model.named_parameters():
+        if ref_grads[name] is None:
+            assert p.grad is None, name
+            continue
         torch.testing.assert_close(full_tensor(p.grad), ref_grads[name], **F64,
                                    msg=lambda m, name=name: f"{what} grad {name}: {m}")  # fmt: skip
     with torch.no_grad():  # the full output too (gather over cp), on every rank
         torch.testing.assert_close(model(x[mine], txt[mine], t[mine]), out_ref[mine].detach(), **F64)
 
     # one AdamW step on both sides
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2, weight_decay=0.1)
     opt_ref.step()
     opt.step()
     for name, p in model.named_parameters():
@@ -85,6 +95,7 @@ def _four(rank, world):
     check_layout(rank, world, cp=2, tp=2, pos="rope", layout="zigzag", ac="full")
     check_layout(rank, world, cp=2, tp=1)  # dp=2 x cp=2
     check_layout(rank, world, cp=1, tp=2, ac="selective")  # dp=2 x tp=2
+    check_layout(rank, world, cp=2, tp=2, lora=4)  # LoRA adapters under TP + CP, base frozen
 
 
 def _eight(rank, world):

@@ -10,6 +10,7 @@ import imageio.v2 as imageio
 import pytest
 import torch
 from safetensors.torch import load_file
+from t5_helpers import make_tiny_t5
 
 from launch.checkpoint import complete_checkpoints, find_resume
 
@@ -115,3 +116,13 @@ def test_sample_job_loads_the_last_checkpoint(uninterrupted):
                                                          "001_a_green_circle_moving_up.mp4"]  # fmt: skip
     assert "cpdit sample: wrote" in r.stdout
     assert torch.is_tensor(torch.from_numpy(imageio.mimread(str(next(out.glob("*.mp4"))))[0]))
+
+
+def test_t5_text_encoder_job(tmp_path):
+    pytest.importorskip("transformers")
+    make_tiny_t5(tmp_path / "t5")
+    launch(tmp_path, "t5", "train.steps=2", "text.encoder=t5", f"text.path={tmp_path / 't5'}",
+           f"text.cache_dir={tmp_path / 'cache'}", "model.text_embed_dim=16", "train.text_max_length=12")  # fmt: skip
+    by_step, _ = losses(tmp_path / "t5")
+    assert sorted(by_step) == [1, 2]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) > 0

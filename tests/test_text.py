@@ -1,0 +1,41 @@
+# Text encoders: the hashed default, and T5 from a local directory (a tiny random T5 and a word-level tokenizer
+# written here, so nothing is downloaded), with its on-disk embedding cache.
+import pytest
+import torch
+from t5_helpers import make_tiny_t5
+
+from cpdit.text import HashedTextEncoder, T5TextEncoder, hash_tokens
+
+
+def test_hashed_encoder():
+    enc = HashedTextEncoder(dim=8, max_length=6)
+    enc.init_weights(0)
+    a, b = enc(["a red circle moving left", "a red circle moving right"])
+    assert a.shape == (6, 8)
+    assert torch.equal(a[:4], b[:4]) and not torch.equal(a[4], b[4])
+    assert torch.all(a[5] == 0)  # padding
+    assert hash_tokens("A  Red, circle!", 4096, 4)[:3] == hash_tokens("a red circle", 4096, 4)[:3]
+
+
+@pytest.fixture
+def t5_dir(tmp_path):
+    pytest.importorskip("transformers")
+    make_tiny_t5(tmp_path / "t5")
+    return tmp_path / "t5"
+
+
+def test_t5_local_with_cache(t5_dir, tmp_path):
+    cache = tmp_path / "cache"
+    enc = T5TextEncoder(str(t5_dir), max_length=12, cache_dir=str(cache))
+    assert enc.dim == 16 and not any(p.requires_grad for p in enc.parameters())
+    out = enc(["a red circle moving left", "a blue square"])
+    assert out.shape == (2, 12, 16)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    again = T5TextEncoder(str(t5_dir), max_length=12, cache_dir=str(cache))(["a blue square"])
+    torch.testing.assert_close(again[0], out[1])
+
+
+def test_t5_missing_directory(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        T5TextEncoder(str(tmp_path / "nope"))
