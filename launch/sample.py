@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cpdit.diffusion import Schedule, dynamic_cfg_scale, sample, sampling_indices
+from cpdit.first_stage import PixelStage
 from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.media import write_video
@@ -80,7 +81,7 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
                 counter["n"] += 1
                 return v_u + s * (v_c - v_u)
 
-            video = sample(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler)
+            video = PixelStage().decode(sample(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
             if writer and i < len(prompts[dp_rank::dp]):
                 slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:48]
                 written += write_video(video[0], out_dir / f"{dp_rank * per_rank + i:03d}_{slug}", fps=d.fps)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from cpdit import CPDiT, CPDiTConfig
 from cpdit.diffusion import Schedule, add_noise, sample_timesteps, v_loss_terms
+from cpdit.first_stage import PixelStage
 from cpdit.lora import add_lora
 from cpdit.text import HashedTextEncoder
 from launch import checkpoint
@@ -171,6 +172,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     dataset = build_dataset(cfg, cfg.train.seed)
     batches = DistributedBatches(dataset, cfg.data.batch_size, dp_rank, dims.dp, cfg.train.seed, position)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
+    first_stage = PixelStage()  # the CogVideoX VAE (context-parallel) is the first-stage issue
     dp_cp = mesh.get_group("dp_cp")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
     mcfg = modules.dit.config
@@ -187,9 +189,12 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        data_time = 0.0
         for micro in range(cfg.train.grad_accum):
+            t_data = time.perf_counter()
             video, captions = batches.next()
-            x0 = video.to(device)  # (B, F, 3, H, W): pixel-space first stage
+            data_time += time.perf_counter() - t_data
+            x0 = first_stage.encode(video.to(device))  # (B, T, C, h, w) latents
             gen = torch.Generator().manual_seed(draw_seed(cfg.train.seed, dp_rank, step, micro))
             B = x0.shape[0]
             idx = sample_timesteps(B, schedule.num_idx, dp_rank, dims.dp, gen)
@@ -227,6 +232,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                     step_time=dt,
                     tokens_per_s=dims.dp * cfg.data.batch_size * cfg.train.grad_accum * tokens / dt,
                     mem_mb=_memory_mb(device),
+                    data_time=data_time,
                     skipped_videos=getattr(dataset, "skipped", 0),
                 )
         else:  # NaN/inf guard: drop the update, count it, stop after too many in a row

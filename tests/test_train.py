@@ -126,3 +126,18 @@ def test_t5_text_encoder_job(tmp_path):
     by_step, _ = losses(tmp_path / "t5")
     assert sorted(by_step) == [1, 2]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) > 0
+
+
+def test_lora_finetune_from_diffusers_export(uninterrupted):
+    """Fine-tune the exported (diffusers layout) model with LoRA: only adapters train, exported for diffusers."""
+    tmp = uninterrupted
+    pretrained = tmp / "a" / "export" / "diffusers"
+    launch(tmp, "lora", "train.steps=2", f"model.pretrained={pretrained}", "model.lora_rank=4", "train.export=true")
+    out = tmp / "lora" / "export" / "lora"
+    adapters = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in adapters
+    assert "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight" in adapters
+    base = load_file(str(tmp / "lora" / "export" / "model.safetensors"))
+    original = load_file(str(tmp / "a" / "export" / "model.safetensors"))
+    assert all(torch.equal(base[k], original[k]) for k in original)  # the base stayed frozen
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # the adapters trained
