@@ -27,20 +27,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
+
 from parallel.attention import context_parallel_attention  # noqa: E402
 from parallel.comm import BYTES  # noqa: E402
 from parallel.sequence import SequencePlan  # noqa: E402
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
 
 
 class _NaiveGatherKV(torch.autograd.Function):
@@ -215,10 +206,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Large allocations straight from mmap and back on free (no dynamic threshold, no heap caching), so that
-    # RSS follows live memory and the peak-RSS working set is meaningful. Read by glibc in the spawned ranks.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    for key, value in MALLOC_ENV.items():  # read by glibc in the spawned ranks
+        os.environ.setdefault(key, value)
     rows: list[dict] = []
     for cp in (int(c) for c in args.cps.split(",")):
         if cp == 1:

@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
+
 from cpdit import CPDiT, CPDiTConfig  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
@@ -46,13 +48,6 @@ def step_flops(cfg: CPDiTConfig, tokens: int, batch: int) -> float:
     d, f = cfg.hidden_size, cfg.ff_hidden
     per_block = 2 * tokens * d * 3 * d + 2 * tokens * d * d + 4 * tokens * d * f + 4 * tokens * tokens * d
     return 3.0 * batch * cfg.num_layers * per_block
-
-
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _worker(rank, world, init_file, name, cp, tp, steps, result):
@@ -80,8 +75,8 @@ def _worker(rank, world, init_file, name, cp, tp, steps, result):
     param_bytes = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()) * 4
     times = []
     gc.collect()
-    base = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    base = rss_bytes()
+    reset_peak()
     for _ in range(steps + 1):
         dist.barrier()
         t0 = time.perf_counter()
@@ -89,7 +84,7 @@ def _worker(rank, world, init_file, name, cp, tp, steps, result):
         dist.barrier()
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
-    peak = _rss("VmHWM") - base
+    peak = rss_bytes("VmHWM") - base
     row = dict(
         config=name,
         cp=cp,
@@ -138,7 +133,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="per-rank peak for MFU (omit on CPU)")
     args = p.parse_args(argv)
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # RSS follows live memory (see bench/attention.py)
+    for key, value in MALLOC_ENV.items():  # RSS follows live memory (bench/common.py)
+        os.environ.setdefault(key, value)
     rows = []
     for name in args.configs.split(","):
         for layout in args.layouts.split(","):

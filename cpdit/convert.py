@@ -64,6 +64,14 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return _rename(sd, _KEYS, "cpdit state dict")
 
 
+# Config fields that mean the same in diffusers' CogVideoXTransformer3DModel and CPDiTConfig.
+_SHARED_FIELDS = (
+    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "time_embed_dim",
+    "text_embed_dim", "patch_size", "flip_sin_to_cos", "freq_shift", "attention_bias", "norm_eps", "sample_height",
+    "sample_width", "sample_frames", "temporal_compression_ratio", "max_text_seq_length",
+    "spatial_interpolation_scale", "temporal_interpolation_scale",
+)  # fmt: skip
+
 _UNSUPPORTED = {
     "patch_size_t": None,  # CogVideoX 1.5 temporal patching
     "ofs_embed_dim": None,  # 5B-I2V offset embedding
@@ -80,56 +88,14 @@ def config_from_diffusers(cfg: dict) -> CPDiTConfig:
         raise ValueError(f"activation_fn={cfg['activation_fn']!r} unsupported (CogVideoX uses gelu-approximate)")
     if not cfg.get("norm_elementwise_affine", True):
         raise ValueError("norm_elementwise_affine=False is not supported")
-    names = (
-        "num_attention_heads",
-        "attention_head_dim",
-        "in_channels",
-        "out_channels",
-        "num_layers",
-        "time_embed_dim",
-        "text_embed_dim",
-        "patch_size",
-        "flip_sin_to_cos",
-        "freq_shift",
-        "attention_bias",
-        "norm_eps",
-        "sample_height",
-        "sample_width",
-        "sample_frames",
-        "temporal_compression_ratio",
-        "max_text_seq_length",
-        "spatial_interpolation_scale",
-        "temporal_interpolation_scale",
-    )
-    kwargs = {n: cfg[n] for n in names if n in cfg and cfg[n] is not None}
+    kwargs = {n: cfg[n] for n in _SHARED_FIELDS if n in cfg and cfg[n] is not None}
     kwargs["pos_embedding"] = "rope" if cfg.get("use_rotary_positional_embeddings") else "sincos"
     return CPDiTConfig(**kwargs)
 
 
 def config_to_diffusers(config: CPDiTConfig) -> dict:
     """A diffusers CogVideoXTransformer3DModel config.json dict for `config`."""
-    names = (
-        "num_attention_heads",
-        "attention_head_dim",
-        "in_channels",
-        "out_channels",
-        "num_layers",
-        "time_embed_dim",
-        "text_embed_dim",
-        "patch_size",
-        "flip_sin_to_cos",
-        "freq_shift",
-        "attention_bias",
-        "norm_eps",
-        "sample_height",
-        "sample_width",
-        "sample_frames",
-        "temporal_compression_ratio",
-        "max_text_seq_length",
-        "spatial_interpolation_scale",
-        "temporal_interpolation_scale",
-    )
-    out = {n: getattr(config, n) for n in names}
+    out = {n: getattr(config, n) for n in _SHARED_FIELDS}
     out.update(
         _class_name="CogVideoXTransformer3DModel",
         use_rotary_positional_embeddings=config.pos_embedding == "rope",

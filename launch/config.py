@@ -107,8 +107,8 @@ class DataConfig:
     """Clips per data-parallel rank per micro-step."""
     num_samples: int = 256
     """Clips in the synthetic dataset."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    random_crop: bool = False
+    """folder dataset: random temporal offset and spatial crop (else from the start, centered)."""
 
 
 @dataclass

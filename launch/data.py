@@ -199,4 +199,4 @@ def build_dataset(cfg, seed: int):
     d = cfg.data
     if d.dataset == "synthetic":
         return SyntheticShapes(d.num_samples, d.num_frames, d.height, d.width, seed)
-    return VideoFolder(d.path, d.num_frames, d.height, d.width, d.fps, seed=seed)
+    return VideoFolder(d.path, d.num_frames, d.height, d.width, d.fps, random_crop=d.random_crop, seed=seed)
