@@ -15,27 +15,28 @@ import tempfile
 import time
 from pathlib import Path
 
-LAYOUTS = {  # name: cpdit-launch knobs (4 processes)
-    "cp2xtp2": ["--cp-size", "2", "--model-parallel-size", "2"],
-    "cp4-ring": ["--cp-size", "4", "--model-parallel-size", "1", "parallel.attention=ring"],
-    "cp4-ulysses": ["--cp-size", "4", "--model-parallel-size", "1", "--ulysses-size", "4"],
-    "dp2xcp2": ["--cp-size", "2", "--model-parallel-size", "1"],
-    "dp2xtp2": ["--cp-size", "1", "--model-parallel-size", "2"],
-    "dp4": ["--cp-size", "1", "--model-parallel-size", "1"],
+LAYOUTS = {  # name: (cpdit-launch knob flags, config overrides), 4 processes
+    "cp2xtp2": (["--cp-size", "2", "--model-parallel-size", "2"], []),
+    "cp4-ring": (["--cp-size", "4", "--model-parallel-size", "1"], ["parallel.attention=ring"]),
+    "cp4-ulysses": (["--cp-size", "4", "--model-parallel-size", "1", "--ulysses-size", "4"], []),
+    "dp2xcp2": (["--cp-size", "2", "--model-parallel-size", "1"], []),
+    "dp2xtp2": (["--cp-size", "1", "--model-parallel-size", "2"], []),
+    "dp4": (["--cp-size", "1", "--model-parallel-size", "1"], []),
 }
 
 
 def run(name: str, steps: int, root: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    flags, overrides = LAYOUTS[name]
     cmd = [
         sys.executable,
         "-m",
         "launch",
         "--nproc-per-node",
         "4",
-        *LAYOUTS[name][:6],
+        *flags,
         "train",
-        *LAYOUTS[name][6:],
+        *overrides,
         f"train.steps={steps}",
         f"train.output_dir={root}",
         f"train.run_name={name}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,7 +18,15 @@ def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int,
     """Collective (gathers full tensors); rank 0 writes. EMA weights replace the trained ones where kept.
     With LoRA: the base weights with adapters separately, and export/lora/ in diffusers' key layout."""
     source = {n: (ema[n] if ema is not None and n in ema else p) for n, p in model.named_parameters()}
-    full = {n: full_tensor(t.detach()).cpu().contiguous() for n, t in source.items()}
+    # Gathering FSDP x TP (strided) shards makes DTensor warn once per tensor that it uses two all-gathers; that
+    # is expected for a one-off export, so keep the log readable.
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_log.level
+    redistribute_log.setLevel(logging.ERROR)
+    try:
+        full = {n: full_tensor(t.detach()).cpu().contiguous() for n, t in source.items()}
+    finally:
+        redistribute_log.setLevel(level)
     if rank != 0:
         return
     out.mkdir(parents=True, exist_ok=True)
