@@ -231,8 +231,3 @@ def resolve_dist_env(environ: Mapping[str, str]) -> DistEnv:
         return _from_slurm(environ)
     addr, port = _master(environ)
     return DistEnv(0, 0, 1, 1, addr or "127.0.0.1", port or DEFAULT_MASTER_PORT, "single")
-
-
-def inside_launcher(environ: Mapping[str, str]) -> bool:
-    """True when this process is one rank of a launched job (so the CLI must not spawn torchrun)."""
-    return resolve_dist_env(environ).launcher != "single"
