@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -83,16 +84,16 @@ class SequencePlan:
         self.cp_rank = self.ring_rank * self.ulysses_size + self.ulysses_rank  # = flattened "cp" index
         self.segments = frame_partition(self.num_frames, self.cp_size, self.layout)
 
-    # ---- groups ------------------------------------------------------------------------------------
-    @property
+    # ---- groups (resolved once per plan: attention asks for them on every call) -------------------
+    @cached_property
     def ring_group(self) -> dist.ProcessGroup | None:
         return None if self.cp_mesh is None else self.cp_mesh.get_group("cp_ring")
 
-    @property
+    @cached_property
     def ulysses_group(self) -> dist.ProcessGroup | None:
         return None if self.cp_mesh is None else self.cp_mesh.get_group("cp_ulysses")
 
-    @property
+    @cached_property
     def cp_group(self) -> dist.ProcessGroup | None:
         """The flattened (ring x ulysses) group; cp index = ring_rank * ulysses_size + ulysses_rank."""
         if self.cp_mesh is None:
