@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from launch.config import ConfigError, JobConfig, load_config
 from launch.env import LaunchEnvError, resolve_dist_env
+from launch.preflight import preflight
 from parallel.dims import ParallelDims, TopologyError
 
 COMMANDS = ("train", "sample", "selfcheck")
@@ -72,7 +75,9 @@ def dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     return ParallelDims(world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
 
 
-def torchrun_command(args: argparse.Namespace, nproc: int, forwarded: list[str]) -> list[str]:
+def torchrun_command(
+    args: argparse.Namespace, nproc: int, forwarded: list[str], shutdown_timeout_s: float = 120
+) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -80,6 +85,8 @@ def torchrun_command(args: argparse.Namespace, nproc: int, forwarded: list[str])
         f"--nnodes={args.nnodes}",
         f"--nproc-per-node={nproc}",
         f"--max-restarts={args.max_restarts}",
+        f"--shutdown-timeout={int(shutdown_timeout_s)}",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # forwarded to the workers: preemption
     ]
     if args.rdzv_endpoint:
         cmd += [
@@ -99,7 +106,7 @@ def torchrun_command(args: argparse.Namespace, nproc: int, forwarded: list[str])
 def run_job(command: str, cfg: JobConfig, environ: Mapping[str, str]) -> int:
     """Run `command` in this process as one rank of the job described by `environ`."""
     env = resolve_dist_env(environ)
-    dims_for(cfg, env.world_size)  # validate before any process group exists (no hang on bad degrees)
+    preflight(cfg, env.world_size, command)  # before any process group exists: no hang on bad input
     if command == "train":
         from launch.jobs import train_entry
 
@@ -127,19 +134,52 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if nproc < 1 or args.nnodes < 1:
             raise ConfigError(f"--nproc-per-node={nproc} and --nnodes={args.nnodes} must be >= 1")
         world = args.nnodes * nproc
-        dims = dims_for(cfg, world)
+        dims = preflight(cfg, world, args.command)
         if world == 1:
             return run_job(args.command, cfg, environ)
         forwarded = [args.command, *files, *overrides, *knob_overrides(args)]
-        cmd = torchrun_command(args, nproc, forwarded)
+        cmd = torchrun_command(args, nproc, forwarded, cfg.dist.shutdown_timeout_s)
     except (ConfigError, TopologyError, LaunchEnvError) as err:
         print(f"cpdit-launch: error: {err}", file=sys.stderr)
         return 2
     print(f"cpdit-launch: {dims.describe()} -> {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    child_env = {**environ, "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", "1")}
-    # exec, not a child: signals from SLURM/the shell reach torchrun's agent directly.
-    os.execve(cmd[0], cmd, child_env)
-    return 0  # unreachable
+    return run_torchrun(cmd[3:], Path(cfg.train.output_dir) / cfg.train.run_name)
+
+
+def run_torchrun(torchrun_args: list[str], run_dir: Path) -> int:
+    """torchrun's elastic agent, in this process (signals from SLURM or the shell reach it directly). SIGTERM and
+    SIGUSR1 are forwarded to the workers, which checkpoint and stop (launch/preemption.py); the exit code says
+    what happened: 0 done, EXIT_PREEMPTED checkpointed after a signal, EXIT_HANG hang detected, 1 failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    from launch.preemption import EXIT_PREEMPTED, read_marker
+    from launch.watchdog import EXIT_HANG
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch 2.13: with the rendezvous TCP store shared with the workers, an elastic restart reads the previous
+    # attempt's gloo addresses ("connectFullMesh failed ... Connection refused"); a store per attempt fixes it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    started = time.time()
+    try:
+        torchrun_main(torchrun_args)
+        code = 0
+    except SignalException as err:
+        code = 128 + int(err.sigval)
+    except ChildFailedError as err:
+        print(err.format_msg(), file=sys.stderr, flush=True)
+        code = EXIT_HANG if any(f.exitcode == EXIT_HANG for f in err.failures.values()) else 1
+    marker = read_marker(run_dir, started)
+    if marker is not None:
+        print(
+            f"cpdit-launch: preempted at step {marker['step']}; checkpoint {marker['checkpoint']}; exit "
+            f"{EXIT_PREEMPTED} (rerun the same command to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_PREEMPTED
+    return code
 
 
 if __name__ == "__main__":

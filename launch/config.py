@@ -77,6 +77,16 @@ class DistConfig:
     """Process-group timeout: a collective waiting longer fails the job instead of hanging it."""
     nproc_per_node: int = 4
     """Processes `cpdit-launch` starts per node when it launches torchrun itself."""
+    shutdown_timeout_s: float = 120.0
+    """After SIGTERM/SIGUSR1, how long torchrun's agent waits for the workers to checkpoint before killing them."""
+    watchdog: bool = True
+    """Hang watchdog: a step far slower than usual dumps every rank's stacks to <run>/hang/ and ends the job."""
+    watchdog_factor: float = 10.0
+    """A step is hung after this many times the median of the recent step times..."""
+    watchdog_min_s: float = 120.0
+    """...but never sooner than this many seconds."""
+    watchdog_warmup_s: float = 600.0
+    """Limit for the first steps (compilation, first all-gathers) before a median exists."""
 
 
 @dataclass
@@ -157,6 +167,10 @@ class TrainConfig:
     """Probability of dropping the caption (classifier-free guidance training)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    loss_scale: float = 65536.0
+    """fp16: initial dynamic loss scale (halved on overflow, doubled after loss_scale_window good steps)."""
+    loss_scale_window: int = 1000
+    """fp16: good steps before the loss scale grows."""
     export: bool = True
     """Write export/model.safetensors and a diffusers-layout export/diffusers/ at the end."""
 
@@ -215,11 +229,20 @@ class DebugConfig:
     fail_at_step: int | None = None
     """Raise at the start of this (0-based) step on rank `fail_rank` (a worker dying mid-run)."""
     fail_rank: int = 0
-    """The rank that fails at `fail_at_step`."""
+    """The rank that fails, hangs or hits the I/O error."""
+    hang_at_step: int | None = None
+    """Rank `fail_rank` stops making progress at the start of this (0-based) step (a stuck worker)."""
     nan_at_step: int | None = None
     """Pretend the loss of this (0-based) step is NaN."""
     fail_save_at_step: int | None = None
-    """Raise after writing the shards of the checkpoint of this step, before it is renamed complete."""
+    """Make the checkpoint save after this step fail, as `fail_save` says."""
+    fail_save: str = "crash"
+    """`crash`: every rank raises after the shards are written, before the rename; `io_error`: rank `fail_rank`'s
+    write fails like a full disk."""
+    step_sleep_s: float = 0.0
+    """Sleep this long in every step (slow runs for signal tests)."""
+    every_attempt: bool = False
+    """Inject in every elastic attempt (default: only the first, so a restarted job gets past the fault)."""
 
 
 @dataclass
@@ -246,6 +269,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sample.sampler": ("ddim", "dpmpp_2m"),
     "model.pos_embedding": ("sincos", "rope"),
     "text.encoder": ("hashed", "t5"),
+    "debug.fail_save": ("crash", "io_error"),
 }
 
 
@@ -338,6 +362,36 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("text.encoder='t5' needs text.path (a local T5 directory with config.json and tokenizer)")
     if job.data.dataset == "folder" and not job.data.path:
         raise ConfigError("data.dataset='folder' needs data.path (a directory with videos/ and labels/)")
+    ranges = {  # key: (value, low, high, inclusive high)
+        "train.ema_decay": (job.train.ema_decay, 0.0, 1.0, False),
+        "train.ucg_rate": (job.train.ucg_rate, 0.0, 1.0, True),
+        "optim.grad_clip": (job.optim.grad_clip, 0.0, float("inf"), True),
+        "optim.weight_decay": (job.optim.weight_decay, 0.0, float("inf"), True),
+        "optim.min_lr_ratio": (job.optim.min_lr_ratio, 0.0, 1.0, True),
+        "sample.guidance_scale": (job.sample.guidance_scale, 0.0, float("inf"), True),
+    }
+    for key, (value, low, high, closed) in ranges.items():
+        if not (low <= value < high or (closed and value == high)):
+            raise ConfigError(f"{key}={value} must be in [{low}, {high}{']' if closed else ')'}")
+    at_least = {
+        "optim.warmup_steps": (job.optim.warmup_steps, 0),
+        "checkpoint.every": (job.checkpoint.every, 0),
+        "model.lora_rank": (job.model.lora_rank, 0),
+        "train.max_bad_steps": (job.train.max_bad_steps, 1),
+        "train.num_idx": (job.train.num_idx, 2),
+        "train.text_max_length": (job.train.text_max_length, 1),
+        "data.num_samples": (job.data.num_samples, 1),
+    }
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}")
+    if job.dist.watchdog_factor <= 1 or job.dist.watchdog_min_s <= 0:
+        raise ConfigError(
+            f"dist.watchdog_factor={job.dist.watchdog_factor} must be > 1 and dist.watchdog_min_s="
+            f"{job.dist.watchdog_min_s} > 0 (or dist.watchdog=false)"
+        )
+    if job.train.shift_scale <= 0:
+        raise ConfigError(f"train.shift_scale={job.train.shift_scale} must be > 0 (1 = no SNR shift)")
     if len(job.optim.betas) != 2 or not all(0 <= b < 1 for b in job.optim.betas):
         raise ConfigError(f"optim.betas={job.optim.betas} must be two numbers in [0, 1)")
 

@@ -92,21 +92,21 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
 def sample_job(cfg: JobConfig, env: DistEnv) -> int:
     """`cpdit-launch sample`: load a checkpoint of the training job and sample its prompts."""
     from launch import checkpoint
+    from launch.build import architecture, build, new_ema
     from launch.distributed import distributed
-    from launch.train import build, new_ema
 
     p = cfg.parallel
     dims = ParallelDims(env.world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    path = Path(cfg.sample.checkpoint) if cfg.sample.checkpoint else None
-    path = path or checkpoint.find_resume(run_dir / "checkpoints", "auto")
-    if path is None:
+    wanted = cfg.sample.checkpoint or "auto"
+    if checkpoint.find_resume(run_dir / "checkpoints", wanted) is None:  # before any process group exists
         raise FileNotFoundError(
             f"no complete checkpoint under {run_dir / 'checkpoints'}; train first or set sample.checkpoint=DIR"
         )
     with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
         mesh = dims.build_mesh(device.type)
         modules = build(cfg, dims, mesh, device)
+        path = checkpoint.select_resume(run_dir / "checkpoints", wanted, architecture(cfg, modules.dit.config))
         optimizer = torch.optim.AdamW([q for q in modules.parameters() if q.requires_grad], lr=cfg.optim.lr)
         ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
         meta = checkpoint.load(path, modules, optimizer, ema)

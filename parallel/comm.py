@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallel.progress import in_collective
+
 
 @dataclass
 class ByteCounter:
@@ -41,7 +43,8 @@ def all_to_all_tensors(
     recv_numels = [int(torch.Size(s).numel()) for s in recv_shapes]
     recv_buf = torch.empty(sum(recv_numels), dtype=ref.dtype, device=ref.device)
     in_splits = [s.numel() for s in sends]
-    dist.all_to_all_single(recv_buf, send_buf, recv_numels, in_splits, group=group)
+    with in_collective("all_to_all_single"):
+        dist.all_to_all_single(recv_buf, send_buf, recv_numels, in_splits, group=group)
     BYTES.sent += sum(_nbytes(s) for j, s in enumerate(sends) if j != me)
     return [chunk.view(shape) for chunk, shape in zip(recv_buf.split(recv_numels), recv_shapes, strict=True)]
 
@@ -64,5 +67,6 @@ def ring_exchange(
 
 
 def wait_all(reqs: list) -> None:
-    for r in reqs:
-        r.wait()
+    with in_collective("ring P2P (batch_isend_irecv wait)"):
+        for r in reqs:
+            r.wait()

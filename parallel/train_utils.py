@@ -9,6 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from parallel.progress import in_collective
+
 
 @torch.no_grad()
 def global_grad_norm(params: list[torch.Tensor]) -> float:
@@ -31,17 +33,24 @@ def global_grad_norm(params: list[torch.Tensor]) -> float:
         mesh, sharded, s = groups[key]
         s = torch.as_tensor(s, dtype=torch.float64).to(mesh.device_type)
         for d in sharded:
-            dist.all_reduce(s, group=mesh.get_group(d))
+            with in_collective(f"all_reduce(grad norm, mesh dim {d})"):
+                dist.all_reduce(s, group=mesh.get_group(d))
         total = total + s.cpu()
     return math.sqrt(total.item()) if torch.isfinite(total) else float("nan")
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Scale gradients so that their global norm is at most `max_norm` (0 disables); returns the norm before."""
-    norm = global_grad_norm(params)
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, inv_scale: float = 1.0) -> float:
+    """Scale gradients so that their global norm is at most `max_norm` (0 disables); returns the norm before.
+    With fp16 loss scaling the gradients hold loss_scale x the true ones: pass inv_scale = 1 / loss_scale and they
+    are unscaled in the same multiply (nothing is touched when the norm is not finite: the step is skipped)."""
+    norm = global_grad_norm(params) * inv_scale
+    if not math.isfinite(norm):
+        return norm
+    coef = inv_scale
+    if max_norm > 0 and norm > max_norm:
+        coef *= max_norm / (norm + 1e-6)
+    if coef != 1.0:
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(coef)

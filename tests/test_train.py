@@ -1,39 +1,24 @@
 # The main job end to end with real torchrun processes (4 gloo ranks, cp=2 x tp=2): run directory contents, NaN
 # guard, crash during save, resume equals an uninterrupted run, resume under another layout, sampling job.
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import imageio.v2 as imageio
 import pytest
 import torch
+from job_helpers import launch as launch_job
+from job_helpers import losses
 from safetensors.torch import load_file
 from t5_helpers import make_tiny_t5
 
 from launch.checkpoint import complete_checkpoints, find_resume
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
-                                                                  "SLURM_", "OMPI_", "PMI_"))}  # fmt: skip
-ENV.update(OMP_NUM_THREADS="1", WANDB_MODE="offline")
 # short runs; the NaN guard fires at step index 3 in every run, so all trajectories agree
 COMMON = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "train.log_every=1", "data.num_samples=16",
           "sample.at_end=false", "train.export=false", "debug.nan_at_step=3", "optim.warmup_steps=2"]  # fmt: skip
 
 
-def launch(tmp, name, *extra, command="train", nproc=4, check=True):
-    cmd = [sys.executable, "-m", "launch", "--nproc-per-node", str(nproc), command, f"train.output_dir={tmp}",
-           f"train.run_name={name}", *COMMON, *extra]  # fmt: skip
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r and "event" not in r}, rows
+def launch(tmp, name, *extra, command="train", check=True):
+    return launch_job(tmp, name, *COMMON, *extra, command=command, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,110 @@
+# Building what the job trains: the parallelized CPDiT and the text encoder, materialised and initialised (or
+# loaded from diffusers weights), and the architecture record that checkpoints are checked against.
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+
+from cpdit import CPDiT, CPDiTConfig
+from cpdit.lora import add_lora
+from cpdit.text import HashedTextEncoder
+from launch.config import JobConfig
+from parallel.dims import ParallelDims
+from parallel.fsdp import apply_grad_allreduce, shard_module
+from parallel.parallelize import parallelize
+from parallel.state import assign_full, load_full_state_dict
+
+
+class Trainable(nn.Module):
+    """Everything the optimizer updates: the DiT and a trainable text encoder (one module for DCP state dicts).
+    A frozen encoder (T5) is kept outside the module tree: it is neither optimized nor checkpointed."""
+
+    def __init__(self, dit: CPDiT, text: nn.Module | None, frozen_text=None):
+        super().__init__()
+        self.dit, self.text = dit, text
+        self.__dict__["frozen_text"] = frozen_text
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        return self.text(captions) if self.text is not None else self.frozen_text(captions)
+
+
+def new_ema(model: nn.Module) -> dict[str, torch.Tensor]:
+    """EMA copies of the trainable parameters (same sharding)."""
+    return {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
+
+
+def model_config(cfg: JobConfig) -> CPDiTConfig:
+    m = cfg.model
+    overrides = dict(
+        num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        attention_head_dim=m.attention_head_dim,
+        patch_size=m.patch_size,
+        text_embed_dim=m.text_embed_dim,
+        pos_embedding=m.pos_embedding,
+    )
+    # Pixel-space first stage (no pretrained VAE needed): RGB in, RGB out unless set explicitly.
+    overrides["in_channels"] = m.in_channels or 3
+    overrides["out_channels"] = m.out_channels or overrides["in_channels"]
+    return CPDiTConfig.preset(m.preset, **overrides)
+
+
+def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Trainable:
+    mcfg = model_config(cfg)
+    if cfg.model.pretrained:  # the architecture comes from the checkpoint
+        from cpdit.convert import config_from_diffusers, load_diffusers_state_dict
+
+        mcfg = config_from_diffusers(load_diffusers_state_dict(cfg.model.pretrained)[0])
+    frozen = None
+    if cfg.text.encoder == "t5":
+        from cpdit.text import T5TextEncoder
+
+        frozen = T5TextEncoder(cfg.text.path, cfg.train.text_max_length, cfg.text.cache_dir).to(device)
+        if frozen.dim != mcfg.text_embed_dim:
+            raise ValueError(
+                f"T5 width {frozen.dim} != model text_embed_dim {mcfg.text_embed_dim}; set "
+                f"model.text_embed_dim={frozen.dim}"
+            )
+    with torch.device("meta"):
+        text = HashedTextEncoder(mcfg.text_embed_dim, cfg.train.text_max_length) if frozen is None else None
+        modules = Trainable(CPDiT(mcfg), text, frozen)
+        if cfg.model.lora_rank:
+            add_lora(modules.dit, cfg.model.lora_rank, cfg.model.lora_alpha)
+    p = cfg.parallel
+    parallelize(
+        modules.dit,
+        dims,
+        mesh,
+        activation_checkpointing="full" if cfg.model.gradient_checkpointing else "none",
+        fsdp=p.fsdp,
+        attention=p.attention,
+        layout=p.layout,
+    )
+    # The text encoder's gradients reduce like the model's (parallel/fsdp.py); they pass through the model's
+    # output-gradient scaling, so FSDP's plain average gives the same sum over cp / mean over dp.
+    if modules.text is not None and p.fsdp and dims.size("dp_shard_cp") > 1:
+        shard_module(modules.text, mesh["dp_shard_cp"], torch.float32)
+    elif modules.text is not None and dims.size("dp_cp") > 1:
+        apply_grad_allreduce(modules.text, mesh.get_group("dp_cp"), dims.dp)
+    modules.to_empty(device=device)
+    modules.dit.init_weights(cfg.train.seed, assign=assign_full)
+    if modules.text is not None:
+        modules.text.init_weights(cfg.train.seed, assign=assign_full)
+    if cfg.model.pretrained:
+        from cpdit.convert import load_diffusers_state_dict, state_dict_from_diffusers
+
+        weights = state_dict_from_diffusers(load_diffusers_state_dict(cfg.model.pretrained)[1])
+        load_full_state_dict(modules.dit, weights, strict=not cfg.model.lora_rank)  # adapters keep their init
+    return modules
+
+
+def architecture(cfg: JobConfig, mcfg: CPDiTConfig) -> dict:
+    """What a checkpoint's tensors depend on; resuming refuses a checkpoint whose architecture differs."""
+    arch = {k: v for k, v in asdict(mcfg).items() if k != "extra"}
+    arch.update(lora_rank=cfg.model.lora_rank, text_encoder=cfg.text.encoder)
+    if cfg.text.encoder == "hashed":  # its position table has text_max_length rows
+        arch["text_max_length"] = cfg.train.text_max_length
+    return json.loads(json.dumps(arch))  # as it reads back from meta.json

@@ -1,0 +1,118 @@
+# Checks that need the world size or the file system, run by cpdit-launch before it starts any process and by
+# every rank before it creates a process group: a bad shape or a missing file is answered in a second with the
+# knob, the value and the fix, never by a hang or a traceback from deep inside torch.
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from launch.config import ConfigError, JobConfig
+from parallel.dims import ParallelDims
+
+
+def _model(cfg: JobConfig):
+    from launch.build import model_config
+
+    try:
+        return model_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
+    m = _model(cfg) if not cfg.model.pretrained else None
+    d, p = cfg.data, cfg.parallel
+    if m is not None:
+        if m.in_channels != 3:
+            raise ConfigError(
+                f"model.in_channels={m.in_channels}, but the job trains in pixel space on RGB video (3 channels); "
+                "remove model.in_channels or set it to 3"
+            )
+        for name, size in (("data.height", d.height), ("data.width", d.width)):
+            if size % m.patch_size:
+                raise ConfigError(
+                    f"{name}={size} is not divisible by the patch size {m.patch_size}; use a multiple of "
+                    f"{m.patch_size} (or change model.patch_size)"
+                )
+        tp = dims.tp
+        if m.num_attention_heads % tp:
+            raise ConfigError(
+                f"parallel.model_parallel_size={tp} does not divide model.num_attention_heads="
+                f"{m.num_attention_heads}; pick a divisor of {m.num_attention_heads}"
+            )
+        if m.ff_hidden % tp:
+            raise ConfigError(f"parallel.model_parallel_size={tp} does not divide the feed-forward width {m.ff_hidden}")
+    if d.num_frames < p.cp_size:
+        raise ConfigError(
+            f"data.num_frames={d.num_frames} < parallel.cp_size={p.cp_size}: every context-parallel rank needs at "
+            "least one frame; lower parallel.cp_size or raise data.num_frames"
+        )
+    if d.dataset == "synthetic" and d.num_samples < d.batch_size * dims.dp:
+        raise ConfigError(
+            f"data.num_samples={d.num_samples} is less than data.batch_size={d.batch_size} x {dims.dp} data-parallel "
+            "ranks; raise data.num_samples or lower data.batch_size"
+        )
+    if p.dp_replicate > 1 and p.fsdp:
+        raise ConfigError(
+            f"parallel.dp_replicate={p.dp_replicate} (HSDP) is not wired into the job yet; use parallel.dp_replicate=1"
+        )
+    if cfg.dist.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            "dist.backend='nccl' needs CUDA, which this machine or torch build lacks; use 'auto' or 'gloo'"
+        )
+    if cfg.debug.fail_rank >= dims.world_size:
+        raise ConfigError(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {dims.world_size}-rank job")
+
+
+def _need_dir(key: str, value: str, *children: str, hint: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"{key}={value!r} is not a directory; {hint}")
+    for child in children:
+        if not (path / child).exists():
+            raise ConfigError(f"{key}={value!r} has no {child}; {hint}")
+    return path
+
+
+def _check_files(cfg: JobConfig, command: str) -> None:
+    d = cfg.data
+    if d.dataset == "folder" and command == "train":
+        root = _need_dir("data.path", d.path, "videos", "labels", hint="expected videos/*.mp4 and labels/*.txt")
+        stems = {p.stem for p in (root / "labels").glob("*.txt")}
+        if not any(v.stem in stems for v in (root / "videos").glob("*.mp4")):
+            raise ConfigError(f"data.path={d.path!r}: no videos/<name>.mp4 has a labels/<name>.txt caption")
+    if cfg.text.encoder == "t5":
+        t5 = _need_dir("text.path", cfg.text.path, "config.json", hint="point it at a local T5 encoder directory")
+        try:
+            width = json.loads((t5 / "config.json").read_text()).get("d_model")
+        except ValueError as err:
+            raise ConfigError(f"text.path={cfg.text.path!r}: config.json is not valid JSON ({err})") from None
+        if not list(t5.glob("*.safetensors")):
+            raise ConfigError(f"text.path={cfg.text.path!r} has no *.safetensors weights (cpdit never unpickles .bin)")
+        want = _model(cfg).text_embed_dim if not cfg.model.pretrained else None
+        if want is not None and width is not None and width != want:
+            raise ConfigError(f"T5 at text.path has width {width}, model.text_embed_dim is {want}; set "
+                              f"model.text_embed_dim={width}")  # fmt: skip
+    if cfg.model.pretrained:
+        _need_dir("model.pretrained", cfg.model.pretrained, "config.json", hint="a diffusers transformer directory")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none"):
+        _need_dir("checkpoint.resume", resume, "meta.json", hint="a complete checkpoint directory (step_XXXXXXXX)")
+    if cfg.sample.checkpoint:
+        _need_dir("sample.checkpoint", cfg.sample.checkpoint, "meta.json", hint="a complete checkpoint directory")
+    if cfg.sample.prompts_file and not Path(cfg.sample.prompts_file).is_file():
+        raise ConfigError(f"sample.prompts_file={cfg.sample.prompts_file!r} does not exist")
+    if command == "sample" and not cfg.sample.prompts_file and not cfg.sample.prompts:
+        raise ConfigError("no prompts: set sample.prompts or sample.prompts_file")
+
+
+def preflight(cfg: JobConfig, world_size: int, command: str = "train") -> ParallelDims:
+    """Raise ConfigError/TopologyError for anything that would fail later; return the validated topology."""
+    p = cfg.parallel
+    dims = ParallelDims(world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
+    if command in ("train", "sample"):
+        _check_shapes(cfg, dims)
+        _check_files(cfg, command)
+    return dims

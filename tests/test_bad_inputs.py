@@ -1,0 +1,103 @@
+# The bad-input suite: invalid topologies, launcher environments, config keys/types/values, shapes and files, each
+# given to `cpdit-launch` as a user would. Every one must be answered by exit code 2 within seconds, before any
+# process or process group exists, with a message naming the input (and, where there is one, the fix).
+# Bad files found only by the workers (corrupt checkpoints, videos) are in test_faults.py and test_data.py.
+import time
+
+import pytest
+
+from launch.cli import main
+
+TORCHRUN = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+CASES = [
+    # --- topologies ---
+    ("cp x tp does not divide world", ["--cp-size", "3"], {}, "cp_size=3 x model_parallel_size=2 = 6 does not divide"),
+    ("ulysses not dividing cp", ["--ulysses-size", "3"], {}, "ulysses_size=3 does not divide cp_size=2"),
+    ("too few processes", ["--nproc-per-node", "2"], {}, "= 4 does not divide world_size=2"),
+    ("multi-node without rendezvous", ["--nnodes", "2"], {}, "--nnodes > 1 needs --rdzv-endpoint"),
+    ("zero cp", ["parallel.cp_size=0"], {}, "cp_size=0 must be >= 1"),
+    ("tp not dividing heads", ["--cp-size", "1", "--model-parallel-size", "4"], {}, "does not divide model.num_attention_heads=6"),
+    ("HSDP not wired", ["--nproc-per-node", "8", "parallel.dp_replicate=2"], {}, "parallel.dp_replicate=2 (HSDP)"),
+    ("injected rank outside world", ["debug.fail_rank=9"], {}, "debug.fail_rank=9 is not a rank"),
+    # --- launcher environments (cpdit-launch running inside torchrun / mpirun / srun) ---
+    ("torchrun env without port", [], {**TORCHRUN, "MASTER_PORT": ""}, "MASTER_PORT"),
+    ("rank beyond world", [], {**TORCHRUN, "RANK": "4"}, "RANK=4 is not below WORLD_SIZE=4"),
+    ("world not an integer", [], {**TORCHRUN, "WORLD_SIZE": "four"}, "WORLD_SIZE='four' is not an integer"),
+    ("port out of range", [], {**TORCHRUN, "MASTER_PORT": "70000"}, "is not a TCP port"),
+    ("launcher world too small", [], {**TORCHRUN, "WORLD_SIZE": "2"}, "does not divide world_size=2"),
+    ("Open MPI without size", [], {"OMPI_COMM_WORLD_RANK": "0"}, "without OMPI_COMM_WORLD_SIZE"),
+    ("MPICH without size", [], {"PMI_RANK": "0"}, "PMI_SIZE is missing"),
+    ("SLURM task counts", [], {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x3)"}, "sums to 12"),
+    ("SLURM host list", [], {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu-[003-00"}, "unbalanced"),
+    # --- config keys, types and values ---
+    ("typo in a key", ["parallel.cp_sise=2"], {}, "did you mean 'parallel.cp_size'"),
+    ("unknown section", ["paralel.cp_size=2"], {}, "unknown config key 'paralel'"),
+    ("wrong type", ["train.steps=many"], {}, "bad value for 'train.steps'"),
+    ("not a choice", ["parallel.attention=flash"], {}, "parallel.attention='flash' is not one of"),
+    ("mixed precision", ["train.mixed_precision=fp8"], {}, "train.mixed_precision='fp8' is not one of"),
+    ("unknown preset", ["model.preset=huge"], {}, "model preset 'huge' is unknown"),
+    ("zero batch", ["data.batch_size=0"], {}, "data.batch_size=0 must be > 0"),
+    ("betas", ["optim.betas=[0.9]"], {}, "optim.betas=[0.9] must be two numbers"),
+    ("EMA decay", ["train.ema_decay=1.5"], {}, "train.ema_decay=1.5 must be in [0.0, 1.0)"),
+    ("caption dropout", ["train.ucg_rate=-0.1"], {}, "train.ucg_rate=-0.1 must be in"),
+    ("watchdog factor", ["dist.watchdog_factor=0.5"], {}, "dist.watchdog_factor=0.5 must be > 1"),
+    ("nccl without CUDA", ["dist.backend=nccl"], {}, "dist.backend='nccl' needs CUDA"),
+    ("missing config file", ["missing.yaml"], {}, "config file 'missing.yaml' does not exist"),
+    ("broken YAML", ["{tmp}/broken.yaml"], {}, "not valid YAML"),
+    # --- shapes ---
+    ("height vs patch size", ["data.height=17"], {}, "data.height=17 is not divisible by the patch size 2"),
+    ("fewer frames than cp ranks", ["data.num_frames=1"], {}, "data.num_frames=1 < parallel.cp_size=2"),
+    ("RoPE head dim", ["model.pos_embedding=rope", "model.attention_head_dim=24"], {}, "attention_head_dim % 16"),
+    ("latent channels in pixel space", ["model.in_channels=4"], {}, "model.in_channels=4, but the job trains in pixel"),
+    ("dataset smaller than a batch", ["data.num_samples=1"], {}, "data.num_samples=1 is less than data.batch_size=2"),
+    ("heads vs tp", ["model.num_attention_heads=5"], {}, "does not divide model.num_attention_heads=5"),
+    # --- files ---
+    ("dataset directory missing", ["data.dataset=folder", "data.path={tmp}/nowhere"], {}, "data.path='{tmp}/nowhere' is not a directory"),
+    ("dataset without captions", ["data.dataset=folder", "data.path={tmp}/uncaptioned"], {}, "has a labels/<name>.txt caption"),
+    ("T5 directory missing", ["text.encoder=t5", "text.path={tmp}/nowhere"], {}, "text.path='{tmp}/nowhere' is not a directory"),
+    ("T5 without config.json", ["text.encoder=t5", "text.path={tmp}/empty"], {}, "has no config.json"),
+    ("T5 config not JSON", ["text.encoder=t5", "text.path={tmp}/badt5"], {}, "config.json is not valid JSON"),
+    ("T5 without safetensors", ["text.encoder=t5", "text.path={tmp}/t5nobin"], {}, "has no *.safetensors weights"),
+    ("resume path missing", ["checkpoint.resume={tmp}/nowhere"], {}, "checkpoint.resume='{tmp}/nowhere' is not a directory"),
+    ("resume path incomplete", ["checkpoint.resume={tmp}/empty"], {}, "has no meta.json"),
+    ("pretrained missing", ["model.pretrained={tmp}/nowhere"], {}, "model.pretrained='{tmp}/nowhere' is not a directory"),
+    ("prompts file missing", ["sample.prompts_file={tmp}/nope.txt"], {}, "sample.prompts_file='{tmp}/nope.txt' does not exist"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "broken.yaml").write_text("parallel: [1, 2\n")
+    (root / "empty").mkdir()
+    (root / "uncaptioned" / "videos").mkdir(parents=True)
+    (root / "uncaptioned" / "labels").mkdir()
+    (root / "uncaptioned" / "videos" / "a.mp4").write_bytes(b"\0" * 16)
+    (root / "uncaptioned" / "labels" / "b.txt").write_text("a caption for another video")
+    (root / "badt5").mkdir()
+    (root / "badt5" / "config.json").write_text("{not json")
+    (root / "t5nobin").mkdir()
+    (root / "t5nobin" / "config.json").write_text('{"d_model": 32}')
+    (root / "t5nobin" / "pytorch_model.bin").write_bytes(b"pickle")
+    return root
+
+
+@pytest.mark.parametrize("name, argv, environ, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_fast_with_a_clear_message(name, argv, environ, message, tmp, capsys):
+    argv = [a.replace("{tmp}", str(tmp)) for a in argv]
+    environ = {k: v for k, v in environ.items() if v}
+    flags = [a for i, a in enumerate(argv) if a.startswith("--") or (i and argv[i - 1].startswith("--"))]
+    rest = argv[len(flags) :]  # launcher flags first, then key=value overrides and YAML files
+    t0 = time.monotonic()
+    code = main([*flags, "train", *rest], environ=environ)
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message.replace("{tmp}", str(tmp)) in err, err
+    assert err.startswith("cpdit-launch: error: ") and "Traceback" not in err
+    assert elapsed < 5
+
+
+def test_the_suite_is_large_enough():
+    assert len(CASES) >= 30
