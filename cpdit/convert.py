@@ -108,17 +108,17 @@ def config_to_diffusers(config: CPDiTConfig) -> dict:
     return out
 
 
-def _find_dir(path: Path) -> Path:
+def _find_dir(path: Path, subfolder: str) -> Path:
     if (path / "config.json").is_file():
         return path
-    if (path / "transformer" / "config.json").is_file():  # a whole pipeline directory
-        return path / "transformer"
-    raise FileNotFoundError(f"{path}: no config.json (expected a diffusers transformer or pipeline directory)")
+    if (path / subfolder / "config.json").is_file():  # a whole pipeline directory
+        return path / subfolder
+    raise FileNotFoundError(f"{path}: no config.json (expected a diffusers {subfolder} or pipeline directory)")
 
 
-def load_diffusers_state_dict(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_diffusers_state_dict(path: str | Path, subfolder: str = "transformer") -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, diffusers-keyed state dict) from a directory with config.json and safetensors weights."""
-    d = _find_dir(Path(path))
+    d = _find_dir(Path(path), subfolder)
     config = json.loads((d / "config.json").read_text())
     index = sorted(d.glob("*.safetensors.index.json"))
     if index:

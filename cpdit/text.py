@@ -63,8 +63,14 @@ class T5TextEncoder(nn.Module):
             raise FileNotFoundError(f"text encoder path {path!r} has no config.json (a local T5 directory is needed; "
                                     "nothing is downloaded)")  # fmt: skip
         self.path, self.max_length = str(path), max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = T5EncoderModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = T5EncoderModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        except Exception as err:  # truncated weights, missing tokenizer files, wrong architecture
+            raise RuntimeError(
+                f"text encoder path {path!r}: could not load a T5 encoder and its tokenizer "
+                f"({type(err).__name__}: {err}); it needs config.json, *.safetensors and the tokenizer files"
+            ) from err
         self.model.requires_grad_(False).eval()
         self.cache = Path(cache_dir) if cache_dir else None
 

@@ -96,6 +96,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.event(event="start", launcher=env.launcher, nodes=env.num_nodes, layout=dims.describe(), step=start)
         if attempt:
             log.event(event="restart", attempt=attempt, step=start)
         if resume is not None:

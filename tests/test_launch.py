@@ -2,6 +2,7 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -106,3 +107,31 @@ def test_mpirun_four_ranks(tmp_path):
     pairs = re.findall(r"^  rank (\d) \(local (\d), ", r.stdout, re.M)
     assert sorted(int(r_) for r_, _ in pairs) == [0, 1, 2, 3]
     assert sorted(int(l_) for _, l_ in pairs) == [0, 1, 2, 3]  # a permutation: Open MPI 5 maps by core
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install '.[mpi]')")
+def test_mpirun_trains_is_preempted_and_resumes(tmp_path):
+    """mpirun -n 4 runs the job (mpi4py agrees on the rendezvous); SIGUSR1 to mpirun is forwarded to every rank,
+    which checkpoint and exit 75; the same command resumes."""
+    from job_helpers import ENV as JOB_ENV
+    from job_helpers import metrics, wait_for_step
+
+    from launch.preemption import EXIT_PREEMPTED
+
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", sys.executable, "-m", "launch", "train",
+           f"train.output_dir={tmp_path}", "train.run_name=mpi", "train.steps=6", "checkpoint.every=2",
+           "data.num_samples=16", "logging.wandb=false", "sample.at_end=false", "train.export=false"]  # fmt: skip
+    log = open(tmp_path / "mpi.log", "w")
+    proc = subprocess.Popen([*cmd, "debug.step_sleep_s=0.5"], env=JOB_ENV, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=tmp_path)  # fmt: skip
+    wait_for_step(tmp_path / "mpi", 2, proc, timeout=180)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "mpi.log").read_text()[-4000:]
+    rows = metrics(tmp_path / "mpi")
+    assert rows[0]["event"] == "start" and rows[0]["launcher"] == "openmpi"
+    stopped = [e for e in rows if e.get("event") == "preempted"][0]["step"]
+    r = subprocess.run(cmd, env=JOB_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = metrics(tmp_path / "mpi")
+    assert [e for e in rows if e.get("event") == "resume"][0]["step"] == stopped
+    assert any(e.get("step") == 6 and "loss" in e for e in rows)

@@ -39,3 +39,10 @@ def test_t5_missing_directory(tmp_path):
     pytest.importorskip("transformers")
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         T5TextEncoder(str(tmp_path / "nope"))
+
+
+def test_t5_corrupt_weights(t5_dir):
+    weights = next(t5_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated download
+    with pytest.raises(RuntimeError, match="could not load a T5 encoder"):
+        T5TextEncoder(str(t5_dir))

@@ -1,0 +1,171 @@
+# Context parallelism for the causal 3D VAE: the frames of a video are split over the ranks of a cp group (whole
+# latent frames per rank, uneven allowed; rank 0 also holds the first frame that CogVideoX keeps apart, so 49 pixel
+# frames on 4 ranks are 13 + 12 + 12 + 12 <-> 13 latents as 4 + 3 + 3 + 3). `CPTime` is the time-axis seam of
+# cpdit/vae/time.py for such a shard:
+# - causal padding: the last k-1 frames of the predecessor(s) arrive by P2P (several hops when a predecessor holds
+#   fewer than k-1 frames); in the backward their gradient is sent back and added to the predecessor's;
+# - GroupNorm: the statistics over the whole time axis come from all-reduces of sums (mean first, then the sum of
+#   squared deviations: no all-gather of activations, and no E[x^2] - E[x]^2 cancellation);
+# - temporal down/up-sampling: only rank 0 treats its first frame apart; the frame counts of every rank at every
+#   level are known to all ranks, so the number of halo hops is agreed on without communication.
+# (CogVideoX SAT's cp_enc_dec.py is inference-only: its halo discards the gradient and GroupNorm gathers T.)
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.progress import in_collective
+
+
+def latent_partition(num_latent_frames: int, cp: int) -> list[int]:
+    """Latent frames per rank, contiguous, earlier ranks get the remainder (13 on 4 -> 4, 3, 3, 3)."""
+    if num_latent_frames < cp:
+        raise ValueError(f"{num_latent_frames} latent frames < cp_size={cp}: every VAE rank needs at least one")
+    return [num_latent_frames // cp + (r < num_latent_frames % cp) for r in range(cp)]
+
+
+def pixel_partition(latent_counts: list[int], temporal_ratio: int) -> list[int]:
+    """Pixel frames per rank: rank 0 holds the lone first frame plus ratio x the rest of its latents."""
+    return [1 + temporal_ratio * (latent_counts[0] - 1)] + [temporal_ratio * n for n in latent_counts[1:]]
+
+
+def shard_time(x: torch.Tensor, counts: list[int], rank: int, dim: int = 2) -> torch.Tensor:
+    start = sum(counts[:rank])
+    return x.narrow(dim, start, counts[rank])
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.contiguous().clone()
+        with in_collective("all_reduce(VAE GroupNorm statistics)"):
+            dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        with in_collective("all_reduce(VAE GroupNorm statistics backward)"):
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _p2p(send: torch.Tensor | None, to: int | None, recv: torch.Tensor | None, frm: int | None, group) -> None:
+    ops = []
+    if send is not None and to is not None:
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, to), group))
+    if recv is not None and frm is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, frm), group))
+    if ops:
+        with in_collective("P2P (VAE halo)"):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
+
+class _ShiftNext(torch.autograd.Function):
+    """Send `send` to the next rank of the group and return what the previous rank sent (shape `recv_shape`;
+    0 frames on rank 0). Backward: the received tensor's gradient goes back to the previous rank."""
+
+    @staticmethod
+    def forward(ctx, send: torch.Tensor, recv_shape: tuple[int, ...], group: dist.ProcessGroup) -> torch.Tensor:
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        ctx.group, ctx.send_shape, ctx.rank, ctx.size = group, send.shape, rank, size
+        recv = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
+        _p2p(send if rank + 1 < size else None, rank + 1, recv if rank > 0 else None, rank - 1, group)
+        return recv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rank, size = ctx.rank, ctx.size
+        g_send = torch.zeros(ctx.send_shape, dtype=grad.dtype, device=grad.device)
+        _p2p(grad if rank > 0 else None, rank - 1, g_send if rank + 1 < size else None, rank + 1, ctx.group)
+        return g_send, None, None
+
+
+class CPTime:
+    """This rank's piece of the time axis; `counts` are the frames of every rank at the current level."""
+
+    def __init__(self, group: dist.ProcessGroup, counts: list[int]):
+        self.group, self.counts = group, list(counts)
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        if len(self.counts) != self.size or min(self.counts) < 1:
+            raise ValueError(f"frame counts {self.counts} must give each of the {self.size} ranks at least one frame")
+
+    @classmethod
+    def for_pixels(cls, group, latent_counts: list[int], temporal_ratio: int) -> CPTime:
+        return cls(group, pixel_partition(latent_counts, temporal_ratio))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def first_apart(self, x: torch.Tensor) -> bool:
+        return self.rank == 0 and self.total % 2 == 1
+
+    def halved(self) -> CPTime:
+        c = self.counts
+        if self.total % 2 == 1:
+            if any(n % 2 for n in c[1:]) or c[0] % 2 == 0:
+                raise ValueError(f"frames per rank {c} cannot be halved in time without crossing a rank boundary")
+            return CPTime(self.group, [1 + (c[0] - 1) // 2] + [n // 2 for n in c[1:]])
+        if any(n % 2 for n in c):
+            raise ValueError(f"frames per rank {c} cannot be halved in time without crossing a rank boundary")
+        return CPTime(self.group, [n // 2 for n in c])
+
+    def doubled(self) -> CPTime:
+        c = self.counts
+        if self.total % 2 == 1:
+            return CPTime(self.group, [1 + 2 * (c[0] - 1)] + [2 * n for n in c[1:]])
+        return CPTime(self.group, [2 * n for n in c])
+
+    def causal_pad(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, C, T_local, H, W) -> (B, C, k-1+T_local, H, W) with the k-1 frames that precede this piece."""
+        need = k - 1
+        if need == 0:
+            return x
+        if x.shape[2] != self.counts[self.rank]:
+            raise ValueError(f"rank {self.rank} holds {x.shape[2]} frames, the plan says {self.counts[self.rank]}")
+        pad0 = [x[:, :, :1]] * need if self.rank == 0 else []
+        known = torch.cat([*pad0, x], dim=2)
+        # frames each rank knows (its own, plus padding on rank 0 or what it received), hop by hop
+        have = [self.counts[0] + need] + self.counts[1:]
+        got = [need] + [0] * (self.size - 1)
+        while min(got) < need:
+            send = [min(need, h) for h in have]
+            got = [need] + send[:-1]
+            have = [have[0]] + [got[r] + self.counts[r] for r in range(1, self.size)]
+            shape = (*x.shape[:2], got[self.rank] if self.rank > 0 else 0, *x.shape[3:])
+            recv = _ShiftNext.apply(known[:, :, known.shape[2] - send[self.rank] :], shape, self.group)
+            # rank 0 receives 0 frames; keeping them in the graph makes every rank run the same backward P2P ops
+            known = torch.cat([recv, x] if self.rank > 0 else [recv, known], dim=2)
+        return known[:, :, known.shape[2] - need - x.shape[2] :]
+
+    def group_norm(self, x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+        B, C = x.shape[:2]
+        G = norm.num_groups
+        xg = x.reshape(B, G, -1)  # (B, G, C/G * T_local * H * W)
+        n = xg.shape[-1] // x.shape[2] * self.total  # elements per group over the whole time axis
+        mean = _AllReduceSum.apply(xg.sum(-1), self.group) / n  # (B, G)
+        d = xg - mean[..., None]
+        var = _AllReduceSum.apply((d * d).sum(-1), self.group) / n
+        y = (d * torch.rsqrt(var + norm.eps)[..., None]).reshape(x.shape)
+        if norm.weight is not None:
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            y = y * norm.weight.reshape(shape) + norm.bias.reshape(shape)
+        return y
+
+
+def gather_time(x: torch.Tensor, counts: list[int], group: dist.ProcessGroup, dim: int = 2) -> torch.Tensor:
+    """All ranks' pieces concatenated along `dim` (no gradient: for frozen encoders and decoders)."""
+    size = dist.get_world_size(group)
+    if size == 1:
+        return x
+    longest = max(counts)
+    pad = list(x.shape)
+    pad[dim] = longest - x.shape[dim]
+    padded = torch.cat([x.detach(), x.new_zeros(pad)], dim=dim).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    with in_collective("all_gather(VAE frames)"):
+        dist.all_gather(parts, padded, group=group)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, counts, strict=True)], dim=dim)
