@@ -62,7 +62,8 @@ def train(cfg: JobConfig, env: DistEnv) -> int:
             result = _train(cfg, env, dims, mesh, device, stop)
             del mesh
     finally:
-        stop.restore()
+        if stop.signum is None:  # after a preemption the handlers stay: late signals must not kill the exit
+            stop.restore()
     return result
 
 
