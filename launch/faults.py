@@ -1,9 +1,8 @@
 # The `debug` config section: faults injected on purpose so the tests can prove what a real failure does. By
-# default a fault fires only in the first elastic attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted job gets
-# past it as it would past a transient failure.
+# default a fault fires only in the first elastic attempt (launch/train.py: elastic_attempt), so a restarted job
+# gets past it as it would past a transient failure.
 from __future__ import annotations
 
-import os
 import time
 
 from launch.config import DebugConfig
@@ -11,9 +10,9 @@ from parallel.progress import PROGRESS
 
 
 class Faults:
-    def __init__(self, debug: DebugConfig, rank: int):
+    def __init__(self, debug: DebugConfig, rank: int, attempt: int):
         self.d, self.rank = debug, rank
-        self.armed = debug.every_attempt or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.armed = debug.every_attempt or attempt == 0
 
     def step_start(self, step: int) -> None:
         d = self.d

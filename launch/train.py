@@ -45,6 +45,15 @@ def draw_seed(seed: int, dp_rank: int, step: int, micro: int) -> int:
     return (((seed * 1_000_003 + dp_rank) * 1_000_033 + step) * 131 + micro) % 2**63
 
 
+def elastic_attempt(device: torch.device) -> int:
+    """Collective. How many times torchrun restarted this job's workers: the largest TORCHELASTIC_RESTART_COUNT of
+    any rank (agents on other nodes restart their workers without counting it when a peer node fails)."""
+    attempt = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], device=device)
+    with in_collective("all_reduce(elastic attempt)"):
+        dist.all_reduce(attempt, op=dist.ReduceOp.MAX)
+    return int(attempt.item())
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -71,7 +80,8 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     rank, dp_rank = env.rank, dims.dp_rank(env.rank)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     ckpt_root = run_dir / "checkpoints"
-    faults = Faults(cfg.debug, rank)
+    attempt = elastic_attempt(device)
+    faults = Faults(cfg.debug, rank, attempt)
     PROGRESS.enter("build")
     modules = build(cfg, dims, mesh, device)
     params = [q for q in modules.parameters() if q.requires_grad]
@@ -94,7 +104,6 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     log = RunLog(
         run_dir, cfg.train.steps, start, cfg.logging.wandb, cfg.logging.wandb_project, to_yaml(cfg), enabled=rank == 0
     )
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.event(event="start", launcher=env.launcher, nodes=env.num_nodes, layout=dims.describe(), step=start)
