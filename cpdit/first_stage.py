@@ -13,8 +13,9 @@ class FirstStage(Protocol):
     temporal_factor: int  # pixel frames -> latent frames: 1 + (F - 1) / temporal_factor
     spatial_factor: int
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, F, 3, H, W) in [-1, 1] -> (B, T, C, H/s, W/s) latents, scaled for the diffusion model."""
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, F, 3, H, W) in [-1, 1] -> (B, T, C, H/s, W/s) latents, scaled for the diffusion model (a posterior
+        sample drawn with `generator`, identical on every rank that passes the same generator state)."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of encode, back to (B, F, 3, H, W) in [-1, 1]."""
@@ -27,8 +28,40 @@ class PixelStage:
     temporal_factor = 1
     spatial_factor = 1
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return video
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
+
+
+class VAEStage:
+    """The CogVideoX VAE as first stage (frozen). `time` builds the time-axis seam for a clip of a given number of
+    latent frames: the whole clip here (LocalTime) or its context-parallel piece (parallel/vae_stage.py)."""
+
+    def __init__(self, vae, scale_factor: float | None = None, chunk_frames: int = 0):
+        self.vae = vae.requires_grad_(False).eval()
+        c = vae.config
+        self.latent_channels, self.temporal_factor, self.spatial_factor = (
+            c.latent_channels,
+            c.temporal_compression_ratio,
+            c.spatial_factor,
+        )
+        self.scale = c.scaling_factor if scale_factor is None else scale_factor
+        self.chunk_frames = chunk_frames
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        from cpdit.vae import LocalTime
+
+        x = video.permute(0, 2, 1, 3, 4).to(next(self.vae.parameters()).dtype)  # (B, 3, F, H, W)
+        post = self.vae.encode(x, LocalTime(self.chunk_frames))
+        z = post.sample(generator) if generator is not None else post.mode()
+        return (z * self.scale).permute(0, 2, 1, 3, 4)  # (B, T, C, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from cpdit.vae import LocalTime
+
+        z = latents.permute(0, 2, 1, 3, 4).to(next(self.vae.parameters()).dtype) / self.scale
+        return self.vae.decode(z, LocalTime(self.chunk_frames)).permute(0, 2, 1, 3, 4).clamp(-1, 1)

@@ -46,8 +46,9 @@ def model_config(cfg: JobConfig) -> CPDiTConfig:
         text_embed_dim=m.text_embed_dim,
         pos_embedding=m.pos_embedding,
     )
-    # Pixel-space first stage (no pretrained VAE needed): RGB in, RGB out unless set explicitly.
-    overrides["in_channels"] = m.in_channels or 3
+    # The diffusion model's channels are the first stage's: RGB in pixel space, the VAE's latent channels otherwise.
+    channels = first_stage_config(cfg).latent_channels if cfg.first_stage.kind == "vae" else 3
+    overrides["in_channels"] = m.in_channels or channels
     overrides["out_channels"] = m.out_channels or overrides["in_channels"]
     return CPDiTConfig.preset(m.preset, **overrides)
 
@@ -108,3 +109,41 @@ def architecture(cfg: JobConfig, mcfg: CPDiTConfig) -> dict:
     if cfg.text.encoder == "hashed":  # its position table has text_max_length rows
         arch["text_max_length"] = cfg.train.text_max_length
     return json.loads(json.dumps(arch))  # as it reads back from meta.json
+
+
+def first_stage_config(cfg: JobConfig):
+    from cpdit.vae import VAEConfig
+
+    f = cfg.first_stage
+    if f.ckpt_path:
+        from cpdit.convert import load_diffusers_state_dict
+        from cpdit.vae.convert import config_from_diffusers
+
+        return config_from_diffusers(load_diffusers_state_dict(f.ckpt_path, subfolder="vae")[0])
+    return VAEConfig.preset(f.preset)
+
+
+def build_first_stage(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device):
+    """The frozen first stage: PixelStage, or the CogVideoX VAE (context-parallel over the model's cp group)."""
+    from cpdit.first_stage import PixelStage, VAEStage
+
+    f = cfg.first_stage
+    if f.kind == "pixel":
+        return PixelStage()
+    from cpdit.vae import CogVideoXVAE
+
+    if f.ckpt_path:
+        from cpdit.vae.convert import load_vae
+
+        vae = load_vae(f.ckpt_path)
+    else:
+        with torch.random.fork_rng():  # the same random VAE on every rank (PyTorch's default initialisation)
+            torch.manual_seed(cfg.train.seed + 11)
+            vae = CogVideoXVAE(first_stage_config(cfg))
+    stage = VAEStage(vae.to(device), f.scale_factor, f.chunk_frames)
+    cp = dims.cp if f.cp_size is None else f.cp_size
+    if cp > 1:
+        from parallel.vae_stage import ContextParallelVAE
+
+        return ContextParallelVAE(stage, mesh.get_group("cp"))
+    return stage

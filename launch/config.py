@@ -90,6 +90,24 @@ class DistConfig:
 
 
 @dataclass
+class FirstStageConfig:
+    kind: str = "pixel"
+    """`pixel`: the model works on RGB frames (no weights needed); `vae`: the CogVideoX causal 3D VAE (frozen)."""
+    ckpt_path: str | None = None
+    """vae: a diffusers AutoencoderKLCogVideoX directory (config.json + safetensors) or a pipeline with vae/; None:
+    a randomly initialised VAE of `preset` (for tests and smoke runs)."""
+    preset: str = "tiny"
+    """vae without ckpt_path: tiny or cogvideox."""
+    cp_size: int | None = None
+    """Ranks that split a clip's frames in the VAE: None (the model's parallel.cp_size) or 1 (every rank encodes
+    whole clips)."""
+    scale_factor: float | None = None
+    """Latent scale (None: the VAE's scaling_factor, 1.15258426 for CogVideoX)."""
+    chunk_frames: int = 0
+    """Single-device VAE: run temporal convolutions this many frames at a time (exact; bounds conv workspace)."""
+
+
+@dataclass
 class TextConfig:
     encoder: str = "hashed"
     """`hashed` (trainable hashed-word embedder, no weights needed) or `t5` (frozen, from text.path)."""
@@ -257,6 +275,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -270,6 +289,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_embedding": ("sincos", "rope"),
     "text.encoder": ("hashed", "t5"),
     "debug.fail_save": ("crash", "io_error"),
+    "first_stage.kind": ("pixel", "vae"),
+    "first_stage.preset": ("tiny", "cogvideox"),
 }
 
 

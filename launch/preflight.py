@@ -21,20 +21,49 @@ def _model(cfg: JobConfig):
         raise ConfigError(f"model: {err}") from None
 
 
+def _first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, int]:
+    """(channels, temporal factor, spatial factor) of the first stage; checks the VAE knobs."""
+    f = cfg.first_stage
+    if f.kind == "pixel":
+        return 3, 1, 1
+    if f.ckpt_path:
+        _need_dir("first_stage.ckpt_path", f.ckpt_path, hint="a diffusers AutoencoderKLCogVideoX directory")
+    if f.cp_size not in (None, 1, dims.cp):
+        raise ConfigError(
+            f"first_stage.cp_size={f.cp_size}: the VAE splits frames over the model's cp group "
+            f"(parallel.cp_size={dims.cp}) or not at all; use null or 1"
+        )
+    from launch.build import first_stage_config
+
+    try:
+        c = first_stage_config(cfg)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"first_stage: {err}") from None
+    r = c.temporal_compression_ratio
+    if (cfg.data.num_frames - 1) % r:
+        good = ", ".join(str(1 + r * k) for k in (2, 3, 12))
+        raise ConfigError(
+            f"data.num_frames={cfg.data.num_frames} does not fit the VAE's frame rule 1 + {r}k (e.g. {good})"
+        )
+    return c.latent_channels, r, c.spatial_factor
+
+
 def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
+    channels, tf, sf = _first_stage(cfg, dims)
     m = _model(cfg) if not cfg.model.pretrained else None
     d, p = cfg.data, cfg.parallel
     if m is not None:
-        if m.in_channels != 3:
+        if m.in_channels != channels:
             raise ConfigError(
-                f"model.in_channels={m.in_channels}, but the job trains in pixel space on RGB video (3 channels); "
-                "remove model.in_channels or set it to 3"
+                f"model.in_channels={m.in_channels}, but the first stage ({cfg.first_stage.kind}) gives {channels} "
+                f"channels; remove model.in_channels or set it to {channels}"
             )
         for name, size in (("data.height", d.height), ("data.width", d.width)):
-            if size % m.patch_size:
+            if size % (m.patch_size * sf):
+                unit = m.patch_size * sf
                 raise ConfigError(
-                    f"{name}={size} is not divisible by the patch size {m.patch_size}; use a multiple of "
-                    f"{m.patch_size} (or change model.patch_size)"
+                    f"{name}={size} is not divisible by the patch size {m.patch_size} x first-stage downsampling "
+                    f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
         tp = dims.tp
         if m.num_attention_heads % tp:
@@ -44,10 +73,11 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
             )
         if m.ff_hidden % tp:
             raise ConfigError(f"parallel.model_parallel_size={tp} does not divide the feed-forward width {m.ff_hidden}")
-    if d.num_frames < p.cp_size:
+    latent_frames = 1 + (d.num_frames - 1) // tf
+    if latent_frames < p.cp_size:
         raise ConfigError(
-            f"data.num_frames={d.num_frames} < parallel.cp_size={p.cp_size}: every context-parallel rank needs at "
-            "least one frame; lower parallel.cp_size or raise data.num_frames"
+            f"data.num_frames={d.num_frames} ({latent_frames} latent frames) < parallel.cp_size={p.cp_size}: every "
+            "context-parallel rank needs at least one frame; lower parallel.cp_size or raise data.num_frames"
         )
     if d.dataset == "synthetic" and d.num_samples < d.batch_size * dims.dp:
         raise ConfigError(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cpdit.diffusion import Schedule, dynamic_cfg_scale, sample, sampling_indices
-from cpdit.first_stage import PixelStage
+from launch.build import build_first_stage
 from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.media import write_video
@@ -59,6 +59,7 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
     coords = dims.coords(env.rank)
     writer = coords["cp"] == 0 and coords["tp"] == 0
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
+    first_stage = build_first_stage(cfg, dims, mesh, next(modules.parameters()).device)
     d, c = cfg.data, modules.dit.config
     steps = len(sampling_indices(cfg.sample.num_steps, schedule.num_idx))
     written: list[Path] = []
@@ -67,7 +68,9 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
         for i, prompt in enumerate(mine):
             text = modules.encode([prompt])
             gen = torch.Generator().manual_seed(cfg.sample.seed + 1000 * (dp_rank * per_rank + i))
-            noise = torch.randn(1, d.num_frames, c.in_channels, d.height, d.width, generator=gen)
+            frames = 1 + (d.num_frames - 1) // first_stage.temporal_factor
+            sf = first_stage.spatial_factor
+            noise = torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
             counter = {"n": 0}
 
             def denoise(x, idx, text=text, counter=counter):
@@ -81,7 +84,7 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
                 counter["n"] += 1
                 return v_u + s * (v_c - v_u)
 
-            video = PixelStage().decode(sample(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
+            video = first_stage.decode(sample(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
             if writer and i < len(prompts[dp_rank::dp]):
                 slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:48]
                 written += write_video(video[0], out_dir / f"{dp_rank * per_rank + i:03d}_{slug}", fps=d.fps)

@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from cpdit.diffusion import Schedule, add_noise, sample_timesteps, v_loss_terms
-from cpdit.first_stage import PixelStage
 from launch import checkpoint
-from launch.build import architecture, build, new_ema
+from launch.build import architecture, build, build_first_stage, new_ema
 from launch.config import JobConfig, to_yaml
 from launch.data import DataPosition, DistributedBatches, build_dataset
 from launch.distributed import distributed
@@ -116,13 +115,14 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     dataset = build_dataset(cfg, cfg.train.seed)
     batches = DistributedBatches(dataset, cfg.data.batch_size, dp_rank, dims.dp, cfg.train.seed, position)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
-    first_stage = PixelStage()  # the CogVideoX VAE (context-parallel) is the first-stage issue
+    first_stage = build_first_stage(cfg, dims, mesh, device)
     dp_cp = mesh.get_group("dp_cp")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
     mcfg = modules.dit.config
-    tokens = cfg.train.text_max_length + cfg.data.num_frames * (cfg.data.height // mcfg.patch_size) * (
-        cfg.data.width // mcfg.patch_size
+    sf, frames = first_stage.spatial_factor, 1 + (cfg.data.num_frames - 1) // first_stage.temporal_factor
+    tokens = cfg.train.text_max_length + frames * (cfg.data.height // sf // mcfg.patch_size) * (
+        cfg.data.width // sf // mcfg.patch_size
     )
     d = cfg.dist
     watchdog = None
@@ -148,8 +148,9 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 t_data = time.perf_counter()
                 video, captions = batches.next()
                 data_time += time.perf_counter() - t_data
-                x0 = first_stage.encode(video.to(device))  # (B, T, C, h, w) latents
                 gen = torch.Generator().manual_seed(draw_seed(cfg.train.seed, dp_rank, step, micro))
+                PROGRESS.enter("first stage")
+                x0 = first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
                 B = x0.shape[0]
                 idx = sample_timesteps(B, schedule.num_idx, dp_rank, dims.dp, gen)
                 noise = torch.randn(x0.shape, generator=gen).to(device)

@@ -29,6 +29,19 @@ def pixel_partition(latent_counts: list[int], temporal_ratio: int) -> list[int]:
     return [1 + temporal_ratio * (latent_counts[0] - 1)] + [temporal_ratio * n for n in latent_counts[1:]]
 
 
+def halve_counts(c: list[int]) -> list[int]:
+    """Frames per rank after a temporal 2x downsampling (an odd total keeps rank 0's first frame apart)."""
+    odd = sum(c) % 2 == 1
+    if any(n % 2 for n in c[1:]) or (c[0] % 2 == 0) == odd:
+        raise ValueError(f"frames per rank {c} cannot be halved in time without crossing a rank boundary")
+    return [1 + (c[0] - 1) // 2 if odd else c[0] // 2] + [n // 2 for n in c[1:]]
+
+
+def double_counts(c: list[int]) -> list[int]:
+    """Frames per rank after a temporal 2x upsampling (an odd total keeps rank 0's first frame single)."""
+    return [1 + 2 * (c[0] - 1) if sum(c) % 2 == 1 else 2 * c[0]] + [2 * n for n in c[1:]]
+
+
 def shard_time(x: torch.Tensor, counts: list[int], rank: int, dim: int = 2) -> torch.Tensor:
     start = sum(counts[:rank])
     return x.narrow(dim, start, counts[rank])
@@ -104,20 +117,10 @@ class CPTime:
         return self.rank == 0 and self.total % 2 == 1
 
     def halved(self) -> CPTime:
-        c = self.counts
-        if self.total % 2 == 1:
-            if any(n % 2 for n in c[1:]) or c[0] % 2 == 0:
-                raise ValueError(f"frames per rank {c} cannot be halved in time without crossing a rank boundary")
-            return CPTime(self.group, [1 + (c[0] - 1) // 2] + [n // 2 for n in c[1:]])
-        if any(n % 2 for n in c):
-            raise ValueError(f"frames per rank {c} cannot be halved in time without crossing a rank boundary")
-        return CPTime(self.group, [n // 2 for n in c])
+        return CPTime(self.group, halve_counts(self.counts))
 
     def doubled(self) -> CPTime:
-        c = self.counts
-        if self.total % 2 == 1:
-            return CPTime(self.group, [1 + 2 * (c[0] - 1)] + [2 * n for n in c[1:]])
-        return CPTime(self.group, [2 * n for n in c])
+        return CPTime(self.group, double_counts(self.counts))
 
     def causal_pad(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(B, C, T_local, H, W) -> (B, C, k-1+T_local, H, W) with the k-1 frames that precede this piece."""
@@ -140,6 +143,9 @@ class CPTime:
             # rank 0 receives 0 frames; keeping them in the graph makes every rank run the same backward P2P ops
             known = torch.cat([recv, x] if self.rank > 0 else [recv, known], dim=2)
         return known[:, :, known.shape[2] - need - x.shape[2] :]
+
+    def conv(self, conv: torch.nn.Conv3d, padded: torch.Tensor, k: int) -> torch.Tensor:
+        return conv(padded)
 
     def group_norm(self, x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
         B, C = x.shape[:2]

@@ -47,9 +47,13 @@ CASES = [
     ("broken YAML", ["{tmp}/broken.yaml"], {}, "not valid YAML"),
     # --- shapes ---
     ("height vs patch size", ["data.height=17"], {}, "data.height=17 is not divisible by the patch size 2"),
-    ("fewer frames than cp ranks", ["data.num_frames=1"], {}, "data.num_frames=1 < parallel.cp_size=2"),
+    ("fewer frames than cp ranks", ["data.num_frames=1"], {}, "data.num_frames=1 (1 latent frames) < parallel.cp_size=2"),
+    ("VAE frame rule", ["first_stage.kind=vae", "data.num_frames=8"], {}, "data.num_frames=8 does not fit the VAE's frame rule 1 + 4k"),
+    ("VAE downsampling vs size", ["first_stage.kind=vae", "data.num_frames=9", "data.height=12"], {}, "use a multiple of 8"),
+    ("VAE cp size", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.cp_size=3"], {}, "first_stage.cp_size=3"),
+    ("VAE checkpoint missing", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.ckpt_path={tmp}/nowhere"], {}, "first_stage.ckpt_path='{tmp}/nowhere' is not a directory"),
     ("RoPE head dim", ["model.pos_embedding=rope", "model.attention_head_dim=24"], {}, "attention_head_dim % 16"),
-    ("latent channels in pixel space", ["model.in_channels=4"], {}, "model.in_channels=4, but the job trains in pixel"),
+    ("latent channels in pixel space", ["model.in_channels=4"], {}, "model.in_channels=4, but the first stage (pixel) gives 3 channels"),
     ("dataset smaller than a batch", ["data.num_samples=1"], {}, "data.num_samples=1 is less than data.batch_size=2"),
     ("heads vs tp", ["model.num_attention_heads=5"], {}, "does not divide model.num_attention_heads=5"),
     # --- files ---
