@@ -39,7 +39,7 @@ class VAEStage:
     """The CogVideoX VAE as first stage (frozen). `time` builds the time-axis seam for a clip of a given number of
     latent frames: the whole clip here (LocalTime) or its context-parallel piece (parallel/vae_stage.py)."""
 
-    def __init__(self, vae, scale_factor: float | None = None, chunk_frames: int = 0):
+    def __init__(self, vae, scale_factor: float | None = None):
         self.vae = vae.requires_grad_(False).eval()
         c = vae.config
         self.latent_channels, self.temporal_factor, self.spatial_factor = (
@@ -48,20 +48,38 @@ class VAEStage:
             c.spatial_factor,
         )
         self.scale = c.scaling_factor if scale_factor is None else scale_factor
-        self.chunk_frames = chunk_frames
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F, 3, H, W) -> posterior (mean, logvar), each (B, C, T, h, w), unscaled (what a latent cache keeps)."""
         from cpdit.vae import LocalTime
 
         x = video.permute(0, 2, 1, 3, 4).to(next(self.vae.parameters()).dtype)  # (B, 3, F, H, W)
-        post = self.vae.encode(x, LocalTime(self.chunk_frames))
-        z = post.sample(generator) if generator is not None else post.mode()
-        return (z * self.scale).permute(0, 2, 1, 3, 4)  # (B, T, C, h, w)
+        post = self.vae.encode(x, LocalTime())
+        return post.mean, post.logvar
+
+    def latents(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A scaled posterior sample (the noise drawn for the whole clip: independent of how it was encoded)."""
+        return sample_latents(mean, logvar, generator, self.scale)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents(*self.moments(video), generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         from cpdit.vae import LocalTime
 
         z = latents.permute(0, 2, 1, 3, 4).to(next(self.vae.parameters()).dtype) / self.scale
-        return self.vae.decode(z, LocalTime(self.chunk_frames)).permute(0, 2, 1, 3, 4).clamp(-1, 1)
+        return self.vae.decode(z, LocalTime()).permute(0, 2, 1, 3, 4).clamp(-1, 1)
+
+
+def sample_latents(
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None, scale: float
+) -> torch.Tensor:
+    """(B, C, T, h, w) posterior -> (B, T, C, h, w) scaled latents; the mode without a generator."""
+    z = mean
+    if generator is not None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        z = mean + torch.exp(0.5 * logvar) * noise
+    return (z * scale).permute(0, 2, 1, 3, 4)

@@ -103,8 +103,6 @@ class FirstStageConfig:
     whole clips)."""
     scale_factor: float | None = None
     """Latent scale (None: the VAE's scaling_factor, 1.15258426 for CogVideoX)."""
-    chunk_frames: int = 0
-    """Single-device VAE: run temporal convolutions this many frames at a time (exact; bounds conv workspace)."""
 
 
 @dataclass
@@ -137,6 +135,8 @@ class DataConfig:
     """Clips in the synthetic dataset."""
     random_crop: bool = False
     """folder dataset: random temporal offset and spatial crop (else from the start, centered)."""
+    latent_cache_dir: str | None = None
+    """With first_stage.kind=vae: keep each clip's VAE posterior here and skip the VAE when it is cached."""
 
 
 @dataclass
@@ -381,6 +381,8 @@ def validate(job: JobConfig) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if job.text.encoder == "t5" and not job.text.path:
         raise ConfigError("text.encoder='t5' needs text.path (a local T5 directory with config.json and tokenizer)")
+    if job.data.latent_cache_dir and job.first_stage.kind != "vae":
+        raise ConfigError("data.latent_cache_dir needs first_stage.kind=vae (pixel space has no latents to cache)")
     if job.data.dataset == "folder" and not job.data.path:
         raise ConfigError("data.dataset='folder' needs data.path (a directory with videos/ and labels/)")
     ranges = {  # key: (value, low, high, inclusive high)

@@ -190,7 +190,8 @@ class DistributedBatches:
             len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.pos.epoch)
         )
         start = (self.pos.index * self.dp + self.dp_rank) * self.bs
-        items = [self.ds[int(i)] for i in perm[start : start + self.bs]]
+        self.last_ids = [int(i) for i in perm[start : start + self.bs]]  # clip indices (for the latent cache)
+        items = [self.ds[i] for i in self.last_ids]
         self.pos = DataPosition(self.pos.epoch, self.pos.index + 1)
         return torch.stack([v for v, _ in items]), [c for _, c in items]
 

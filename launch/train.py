@@ -22,6 +22,8 @@ from launch.data import DataPosition, DistributedBatches, build_dataset
 from launch.distributed import distributed
 from launch.env import DistEnv
 from launch.faults import Faults
+from launch.latent_cache import LatentCache
+from launch.latent_cache import fingerprint as latent_fingerprint
 from launch.metrics import RunLog, plot_loss
 from launch.preemption import EXIT_PREEMPTED, StopRequest, clear_marker, under_torchelastic, write_marker
 from launch.watchdog import HangWatchdog
@@ -116,6 +118,12 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     batches = DistributedBatches(dataset, cfg.data.batch_size, dp_rank, dims.dp, cfg.train.seed, position)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
     first_stage = build_first_stage(cfg, dims, mesh, device)
+    cache = None
+    if cfg.data.latent_cache_dir:
+        coords = dims.coords(rank)
+        group = mesh.get_group("cp") if dims.cp > 1 and (cfg.first_stage.cp_size or dims.cp) > 1 else None
+        writer = coords["cp"] == 0 and coords["tp"] == 0
+        cache = LatentCache(cfg.data.latent_cache_dir, latent_fingerprint(cfg), writer, group)
     dp_cp = mesh.get_group("dp_cp")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
@@ -150,7 +158,10 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 data_time += time.perf_counter() - t_data
                 gen = torch.Generator().manual_seed(draw_seed(cfg.train.seed, dp_rank, step, micro))
                 PROGRESS.enter("first stage")
-                x0 = first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
+                if cache is not None:
+                    x0 = cache.encode(first_stage, video.to(device), batches.last_ids, gen).float()
+                else:
+                    x0 = first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
                 B = x0.shape[0]
                 idx = sample_timesteps(B, schedule.num_idx, dp_rank, dims.dp, gen)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -200,6 +211,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                         mem_mb=_memory_mb(device),
                         data_time=data_time,
                         skipped_videos=getattr(dataset, "skipped", 0),
+                        **({"latent_cache_hits": cache.hits} if cache is not None else {}),
                         **extra,
                     )
             else:  # NaN/inf guard: drop the update, count it, stop after too many in a row

@@ -144,9 +144,6 @@ class CPTime:
             known = torch.cat([recv, x] if self.rank > 0 else [recv, known], dim=2)
         return known[:, :, known.shape[2] - need - x.shape[2] :]
 
-    def conv(self, conv: torch.nn.Conv3d, padded: torch.Tensor, k: int) -> torch.Tensor:
-        return conv(padded)
-
     def group_norm(self, x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
         B, C = x.shape[:2]
         G = norm.num_groups

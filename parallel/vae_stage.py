@@ -23,18 +23,21 @@ class ContextParallelVAE:
         return lat, pixel_partition(lat, self.temporal_factor)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        vae, scale = self.stage.vae, self.stage.scale
+    def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective over the group: each rank encodes its frames; the (mean, logvar) of the clip are gathered."""
+        vae = self.stage.vae
         lat, pix = self._partitions(vae.config.latent_frames(video.shape[1]))
         x = video.permute(0, 2, 1, 3, 4).to(next(vae.parameters()).dtype)  # (B, 3, F, H, W)
         post = vae.encode(shard_time(x, pix, self.rank).contiguous(), CPTime(self.group, pix))
-        z = post.mode()
-        if generator is not None:
-            B, C, _, h, w = z.shape
-            noise = torch.randn((B, C, sum(lat), h, w), generator=generator, dtype=z.dtype)
-            z = z + torch.exp(0.5 * post.logvar) * shard_time(noise, lat, self.rank).to(z.device)
-        z = gather_time(z * scale, lat, self.group)  # (B, C, T, h, w)
-        return z.permute(0, 2, 1, 3, 4)
+        both = gather_time(torch.cat([post.mean, post.logvar], dim=1), lat, self.group)  # (B, 2C, T, h, w)
+        return both.chunk(2, dim=1)
+
+    def latents(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self.stage.latents(mean, logvar, generator)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents(*self.moments(video), generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

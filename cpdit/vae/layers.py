@@ -17,8 +17,7 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, pad, pad))
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        k = self.time_kernel_size
-        return t.conv(self.conv, t.causal_pad(x, k), k)  # (B, C, T, H, W) -> (B, C_out, T, H, W)
+        return self.conv(t.causal_pad(x, self.time_kernel_size))  # (B, C, T, H, W) -> (B, C_out, T, H, W)
 
 
 class SpatialNorm3D(nn.Module):

@@ -10,19 +10,7 @@ import torch.nn.functional as F
 
 
 class LocalTime:
-    """All frames of the video are here. `chunk_frames` > 0 runs every temporal convolution over that many output
-    frames at a time (exact: each chunk sees its k-1 preceding frames), which bounds the convolution's workspace
-    (on CPU an im2col buffer of k^3 x the input) for long clips; GroupNorm statistics stay over the whole clip."""
-
-    def __init__(self, chunk_frames: int = 0):
-        self.chunk_frames = chunk_frames
-
-    def conv(self, conv: torch.nn.Conv3d, padded: torch.Tensor, k: int) -> torch.Tensor:
-        """Apply `conv` to a causally padded (B, C, k-1+T, H, W) input."""
-        n, T = self.chunk_frames, padded.shape[2] - (k - 1)
-        if n <= 0 or T <= n:
-            return conv(padded)
-        return torch.cat([conv(padded[:, :, s : s + n + k - 1]) for s in range(0, T, n)], dim=2)
+    """All frames of the video are here."""
 
     def causal_pad(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, C, k-1+T, H, W): the first frame repeated in front (CogVideoX's 'first' padding)."""
