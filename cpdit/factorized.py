@@ -1,0 +1,224 @@
+# The factorized spatial/temporal video transformer of Stable Video Diffusion (the seed's SpatialVideoTransformer):
+# spatial blocks attend within each frame (self-attention, cross-attention to the text context, GEGLU feed-forward),
+# temporal blocks attend across the frames of each spatial position (with a learned time positional embedding added
+# first), and an AlphaBlender mixes the two. Activations are (B, T, S, D): frames x spatial tokens.
+#
+# The axis seam `axes` is where context parallelism enters: spatial blocks run on the frames this process holds
+# (B, T_r, S, D); `axes.to_temporal` hands over to a (B, T, S_r, D) layout where every frame of this process's
+# spatial tokens is local, and `axes.to_spatial` returns. `LocalAxes` is the single-device answer; parallel/
+# axis_switch.py switches with one all-to-all each way.
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FactorizedConfig:
+    in_channels: int = 32
+    num_heads: int = 4
+    head_dim: int = 8
+    depth: int = 1
+    """(spatial block, temporal stack) pairs."""
+    time_depth: int = 1
+    """Temporal blocks after each spatial block."""
+    context_dim: int | None = 32
+    """Width of the text context (None: no cross-attention)."""
+    merge_strategy: str = "learned_with_images"
+    """AlphaBlender: fixed, learned, or learned_with_images (frames flagged as images keep the spatial output)."""
+    merge_factor: float = 0.5
+    """fixed: the spatial weight alpha; learned: the initial logit of alpha."""
+    use_spatial_context: bool = True
+    """Temporal cross-attention to the same context as the spatial blocks (else temporal blocks cross-attend to
+    nothing unless a time context is given)."""
+    disable_temporal_crossattention: bool = False
+    ff_in: bool = False
+    """Temporal blocks start with their own residual GEGLU feed-forward (SVD's ff_in)."""
+    norm_groups: int = 8
+
+    def __post_init__(self) -> None:
+        if self.merge_strategy not in ("fixed", "learned", "learned_with_images"):
+            raise ValueError(f"merge_strategy={self.merge_strategy!r} is not fixed, learned or learned_with_images")
+        if self.in_channels % self.norm_groups:
+            raise ValueError(f"norm_groups={self.norm_groups} must divide in_channels={self.in_channels}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+class LocalAxes:
+    """Single device: every frame and every spatial token is here."""
+
+    def to_temporal(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def to_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def frame_ids(self, num_frames: int, device: torch.device) -> torch.Tensor:
+        """Global indices of the frames of the spatial layout."""
+        return torch.arange(num_frames, device=device)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, L, dim), context (N, M, context_dim) or None (self-attention)."""
+        ctx = x if context is None else context
+        N, L, _ = x.shape
+        q, k, v = (t.reshape(N, t.shape[1], self.heads, -1).transpose(1, 2) for t in
+                   (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))  # fmt: skip
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim)
+        return self.to_out(out.transpose(1, 2).reshape(N, L, -1))
+
+
+class GEGLUFeedForward(nn.Module):
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.proj = nn.Linear(dim, 2 * inner)
+        self.out = nn.Linear(inner, dim_out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(h * F.gelu(gate))
+
+
+class SpatialBlock(nn.Module):
+    """Within a frame: self-attention, cross-attention to the context, feed-forward. (N, S, D) with N = B x T_r."""
+
+    def __init__(self, c: FactorizedConfig):
+        super().__init__()
+        d = c.inner_dim
+        self.norm1, self.attn1 = nn.LayerNorm(d), Attention(d, c.num_heads, c.head_dim)
+        self.attn2 = Attention(d, c.num_heads, c.head_dim, c.context_dim) if c.context_dim else None
+        self.norm2 = nn.LayerNorm(d) if c.context_dim else None
+        self.norm3, self.ff = nn.LayerNorm(d), GEGLUFeedForward(d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None and context is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class TemporalBlock(nn.Module):
+    """Across frames at one spatial position: (N, T, D) with N = B x S_r."""
+
+    def __init__(self, c: FactorizedConfig):
+        super().__init__()
+        d = c.inner_dim
+        self.norm_in = nn.LayerNorm(d) if c.ff_in else None
+        self.ff_in = GEGLUFeedForward(d) if c.ff_in else None
+        self.norm1, self.attn1 = nn.LayerNorm(d), Attention(d, c.num_heads, c.head_dim)
+        cross = c.context_dim and not c.disable_temporal_crossattention
+        self.attn2 = Attention(d, c.num_heads, c.head_dim, c.context_dim) if cross else None
+        self.norm2 = nn.LayerNorm(d) if cross else None
+        self.norm3, self.ff = nn.LayerNorm(d), GEGLUFeedForward(d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        if self.ff_in is not None:
+            x = x + self.ff_in(self.norm_in(x))
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None and context is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class AlphaBlender(nn.Module):
+    """alpha * spatial + (1 - alpha) * temporal; alpha fixed, learned (sigmoid of a parameter), or learned with
+    alpha = 1 on frames flagged as images (`image_only_indicator`)."""
+
+    def __init__(self, strategy: str, merge_factor: float):
+        super().__init__()
+        self.strategy = strategy
+        if strategy == "fixed":
+            self.register_buffer("mix_factor", torch.tensor([merge_factor]))
+        else:
+            self.mix_factor = nn.Parameter(torch.tensor([merge_factor]))
+
+    def alpha(self, image_only_indicator: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, T_r) indicator -> alpha broadcastable to (B, T_r, S, D)."""
+        if self.strategy == "fixed":
+            return self.mix_factor
+        alpha = torch.sigmoid(self.mix_factor)
+        if self.strategy == "learned_with_images":
+            if image_only_indicator is None:
+                image_only_indicator = torch.zeros(shape[:2], device=alpha.device)
+            alpha = torch.where(image_only_indicator.bool(), torch.ones_like(alpha), alpha)
+            return alpha[:, :, None, None]
+        return alpha
+
+    def forward(self, spatial: torch.Tensor, temporal: torch.Tensor, image_only_indicator=None) -> torch.Tensor:
+        alpha = self.alpha(image_only_indicator, spatial.shape).to(spatial.dtype)
+        return alpha * spatial + (1.0 - alpha) * temporal
+
+
+def time_embedding(frames: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=frames.device) / half)
+    args = frames.double()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (T, dim)
+
+
+class SpatialVideoTransformer(nn.Module):
+    """x (B, T_r, S, C) -> same shape: GroupNorm per frame, project in, `depth` x (spatial block, time positional
+    embedding + `time_depth` temporal blocks, AlphaBlender), project out, residual."""
+
+    def __init__(self, c: FactorizedConfig):
+        super().__init__()
+        self.config = c
+        d = c.inner_dim
+        self.norm = nn.GroupNorm(c.norm_groups, c.in_channels, eps=1e-6)
+        self.proj_in = nn.Linear(c.in_channels, d)
+        self.time_pos_embed = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.transformer_blocks = nn.ModuleList(SpatialBlock(c) for _ in range(c.depth))
+        self.time_stack = nn.ModuleList(
+            nn.ModuleList(TemporalBlock(c) for _ in range(c.time_depth)) for _ in range(c.depth)
+        )
+        self.time_mixer = AlphaBlender(c.merge_strategy, c.merge_factor)
+        self.proj_out = nn.Linear(d, c.in_channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        image_only_indicator: torch.Tensor | None = None,
+        axes=None,
+    ) -> torch.Tensor:
+        """x (B, T_r, S, C) (this process's frames), context (B, L, context_dim), image_only_indicator (B, T)."""
+        axes = axes or LocalAxes()
+        B, Tr, S, C = x.shape
+        h = self.norm(x.reshape(B * Tr, S, C).transpose(1, 2)).transpose(1, 2)  # per-frame GroupNorm
+        h = self.proj_in(h).reshape(B, Tr, S, -1)  # (B, T_r, S, D)
+        indicator = None
+        if image_only_indicator is not None:
+            ids = axes.frame_ids(image_only_indicator.shape[1], x.device)
+            indicator = image_only_indicator.index_select(1, ids)  # (B, T_r)
+        for spatial, temporal in zip(self.transformer_blocks, self.time_stack, strict=True):
+            frame_ctx = context.repeat_interleave(Tr, dim=0) if context is not None else None
+            h = spatial(h.reshape(B * Tr, S, -1), frame_ctx).reshape(B, Tr, S, -1)
+            m = axes.to_temporal(h)  # (B, T, S_r, D)
+            T, Sr = m.shape[1], m.shape[2]
+            emb = self.time_pos_embed(time_embedding(torch.arange(T, device=x.device), m.shape[-1]).to(m.dtype))
+            m = (m + emb[None, :, None, :]).transpose(1, 2).reshape(B * Sr, T, -1)  # (B*S_r, T, D)
+            time_ctx = context.repeat_interleave(Sr, dim=0) if context is not None else None
+            time_ctx = time_ctx if self.config.use_spatial_context else None
+            for block in temporal:
+                m = block(m, time_ctx)
+            m = axes.to_spatial(m.reshape(B, Sr, T, -1).transpose(1, 2))  # (B, T_r, S, D)
+            h = self.time_mixer(h, m, indicator)
+        return x + self.proj_out(h)
