@@ -1,7 +1,7 @@
 # Benchmark of the CogVideoX causal 3D VAE: encode and decode time and per-rank peak memory with the frames split
-# over cp ranks (real gloo processes), against one device.
+# over cp ranks (real gloo processes), against one device, whole clip and exactly streamed in chunks.
 #
-#   python bench/vae.py                          # mid config, 49 frames at 64x64, cp 1/2/4
+#   python bench/vae.py                          # mid config, 49 frames at 64x64, cp 1/2/4, streamed x2
 #   python bench/vae.py --frames 97 --size 96    # a longer clip
 #
 # Peak memory is the rise of VmHWM (peak RSS) over the RSS before the call, per rank, max over ranks
@@ -51,7 +51,7 @@ def _measure(fn, repeats: int) -> tuple[float, int, torch.Tensor]:
     return statistics.median(times), rss_bytes("VmHWM") - base, out
 
 
-def _worker(rank, world, init_file, name, frames, size, repeats, result):
+def _worker(rank, world, init_file, name, frames, size, chunk, repeats, result):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3600)
@@ -73,10 +73,15 @@ def _worker(rank, world, init_file, name, frames, size, repeats, result):
     x_local = shard_time(x, pix, rank).contiguous()
     z_local = shard_time(z, lat, rank).contiguous()
     with torch.no_grad():
-        enc_s, enc_peak, m = _measure(lambda: vae.encoder(x_local, t_in), repeats)
-        dec_s, dec_peak, y = _measure(lambda: vae.decoder(z_local, t_lat), repeats)
+        if chunk:  # exact streaming on one device (cpdit/vae/streaming.py)
+            enc_s, enc_peak, m = _measure(lambda: vae.encode_chunked(x, chunk).mean, repeats)
+            dec_s, dec_peak, y = _measure(lambda: vae.decode_chunked(z, chunk), repeats)
+            m = torch.cat([m, m], dim=1)  # compared as moments below: mean only, duplicated to the moments' width
+        else:
+            enc_s, enc_peak, m = _measure(lambda: vae.encoder(x_local, t_in), repeats)
+            dec_s, dec_peak, y = _measure(lambda: vae.decoder(z_local, t_lat), repeats)
         m, y = gather_time(m, lat, group), gather_time(y, pix, group)
-    row = dict(config=name, frames=frames, size=size, cp=world, enc=enc_s, dec=dec_s,
+    row = dict(config=name, frames=frames, size=size, cp=world, chunk=chunk, enc=enc_s, dec=dec_s,
                enc_peak=enc_peak, dec_peak=dec_peak)  # fmt: skip
     rows = [None] * world
     dist.all_gather_object(rows, row)
@@ -88,12 +93,12 @@ def _worker(rank, world, init_file, name, frames, size, repeats, result):
     gc.collect()
 
 
-def run(name, frames, size, cp, repeats) -> tuple[dict, dict]:
+def run(name, frames, size, cp, chunk, repeats) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         mp.start_processes(
             _worker,
-            args=(cp, str(Path(tmp) / "rdzv"), name, frames, size, repeats, str(result)),
+            args=(cp, str(Path(tmp) / "rdzv"), name, frames, size, chunk, repeats, str(result)),
             nprocs=cp,
             start_method="spawn",
         )
@@ -107,15 +112,21 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--cp", default="1,2,4")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--chunks", default="2", help="latent frames per chunk for exact streaming on one device")
     args = p.parse_args(argv)
     for key, value in MALLOC_ENV.items():
         os.environ.setdefault(key, value)
     rows, ref = [], None
-    for cp in (int(v) for v in args.cp.split(",")):
-        row, out = run(args.config, args.frames, args.size, cp, args.repeats)
+    layouts = [(int(v), 0) for v in args.cp.split(",")]
+    layouts[1:1] = [(1, int(v)) for v in args.chunks.split(",") if v and v != "0"]
+    for cp, chunk in layouts:
+        row, out = run(args.config, args.frames, args.size, cp, chunk, args.repeats)
         if ref is None:
             ref = out
-        row["max_err"] = max((out[k] - ref[k]).abs().max().item() for k in ("m", "y"))
+        width = ref["m"].shape[1] // 2
+        row["max_err"] = max(
+            (out["m"][:, :width] - ref["m"][:, :width]).abs().max().item(), (out["y"] - ref["y"]).abs().max().item()
+        )
         rows.append(row)
     c = CONFIGS[args.config]
     print(
@@ -129,7 +140,7 @@ def main(argv=None) -> None:
     print("|" + "---|" * 8)
     b = rows[0]
     for r in rows:
-        layout = f"cp={r['cp']}"
+        layout = f"cp={r['cp']}" + (f", streamed {r['chunk']} latents/chunk" if r["chunk"] else "")
         print(
             f"| {layout} | {r['enc']:.2f} | {b['enc'] / r['enc']:.2f}x | {r['dec']:.2f} | {b['dec'] / r['dec']:.2f}x | "
             f"{r['enc_peak'] / 2**20:.0f} ({r['enc_peak'] / b['enc_peak']:.2f}x) | "

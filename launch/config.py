@@ -103,6 +103,9 @@ class FirstStageConfig:
     whole clips)."""
     scale_factor: float | None = None
     """Latent scale (None: the VAE's scaling_factor, 1.15258426 for CogVideoX)."""
+    chunk_latents: int = 0
+    """VAE on one device (first_stage.cp_size=1 or no cp): stream the clip in chunks of this many latent frames,
+    exactly (one pass per GroupNorm; bounded memory, slower). 0: whole clips."""
 
 
 @dataclass

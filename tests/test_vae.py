@@ -149,3 +149,16 @@ def test_training_job_on_vae_latents_with_and_without_the_latent_cache(tmp_path)
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 4
     frames = imageio.mimread(str(next((tmp_path / "vae" / "samples").glob("*.mp4"))))
     assert len(frames) == 9  # decoded by the VAE under cp: 3 latent frames -> 9
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 3])
+def test_streamed_chunks_equal_the_whole_clip(per_chunk):
+    """Frame-chunked encode/decode on one device (one chunk of activations at a time, a carried causal-conv cache,
+    GroupNorm statistics of the whole clip from one pass per norm) equals the unchunked VAE."""
+    vae = tiny().eval()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 3, 21, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1  # 6 latent frames
+    z = torch.randn(1, 4, 5, 4, 4, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode_chunked(x, per_chunk).mean, vae.encode(x).mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(vae.decode_chunked(z, per_chunk), vae.decode(z), rtol=1e-12, atol=1e-12)

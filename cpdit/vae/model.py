@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from cpdit.vae.config import VAEConfig
 from cpdit.vae.layers import CausalConv3d, Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D
-from cpdit.vae.time import LocalTime
+from cpdit.vae.streaming import stream
+from cpdit.vae.time import LocalTime, latent_partition, pixel_partition
 
 
 class DownBlock3D(nn.Module):
@@ -145,3 +146,23 @@ class CogVideoXVAE(nn.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z, t or LocalTime())
+
+    def _chunks(self, latent_frames: int, per_chunk: int) -> list[int]:
+        return latent_partition(latent_frames, max(1, -(-latent_frames // per_chunk)))
+
+    @torch.no_grad()
+    def encode_chunked(self, x: torch.Tensor, latents_per_chunk: int) -> DiagonalGaussian:
+        """encode() streamed over chunks of `latents_per_chunk` latent frames (equal result, one chunk of
+        activations alive at a time; cpdit/vae/streaming.py)."""
+        lat = self._chunks(self.config.latent_frames(x.shape[2]), latents_per_chunk)
+        moments = stream(self.encoder, x, pixel_partition(lat, self.config.temporal_compression_ratio))
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian.from_moments(moments)
+
+    @torch.no_grad()
+    def decode_chunked(self, z: torch.Tensor, latents_per_chunk: int) -> torch.Tensor:
+        """decode() streamed over chunks of `latents_per_chunk` latent frames (equal result)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return stream(self.decoder, z, self._chunks(z.shape[2], latents_per_chunk))

@@ -28,3 +28,28 @@ class LocalTime:
 
     def doubled(self) -> LocalTime:
         return self
+
+
+def latent_partition(num_latent_frames: int, cp: int) -> list[int]:
+    """Latent frames per rank, contiguous, earlier ranks get the remainder (13 on 4 -> 4, 3, 3, 3)."""
+    if num_latent_frames < cp:
+        raise ValueError(f"{num_latent_frames} latent frames < cp_size={cp}: every VAE rank needs at least one")
+    return [num_latent_frames // cp + (r < num_latent_frames % cp) for r in range(cp)]
+
+
+def pixel_partition(latent_counts: list[int], temporal_ratio: int) -> list[int]:
+    """Pixel frames per rank: rank 0 holds the lone first frame plus ratio x the rest of its latents."""
+    return [1 + temporal_ratio * (latent_counts[0] - 1)] + [temporal_ratio * n for n in latent_counts[1:]]
+
+
+def halve_counts(c: list[int]) -> list[int]:
+    """Frames per rank after a temporal 2x downsampling (an odd total keeps rank 0's first frame apart)."""
+    odd = sum(c) % 2 == 1
+    if any(n % 2 for n in c[1:]) or (c[0] % 2 == 0) == odd:
+        raise ValueError(f"frames per rank {c} cannot be halved in time without crossing a rank boundary")
+    return [1 + (c[0] - 1) // 2 if odd else c[0] // 2] + [n // 2 for n in c[1:]]
+
+
+def double_counts(c: list[int]) -> list[int]:
+    """Frames per rank after a temporal 2x upsampling (an odd total keeps rank 0's first frame single)."""
+    return [1 + 2 * (c[0] - 1) if sum(c) % 2 == 1 else 2 * c[0]] + [2 * n for n in c[1:]]
