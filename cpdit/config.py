@@ -56,13 +56,20 @@ class CPDiTConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> CPDiTConfig:
         """A named architecture with optional field overrides (None values are ignored)."""
-        if name not in PRESETS:
-            raise ValueError(f"model preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        bad = [k for k in overrides if k not in known]
-        if bad:
-            raise ValueError(f"unknown CPDiTConfig field(s) {bad}; known: {sorted(known)}")
-        return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+        return from_preset(PRESETS, "model", name, overrides)
+
+
+def from_preset(presets: dict, what: str, name: str, overrides: dict):
+    """presets[name] with the non-None `overrides` applied; unknown names and fields are errors that list the
+    choices."""
+    if name not in presets:
+        raise ValueError(f"{what} preset {name!r} is unknown; choose one of {', '.join(presets)}")
+    base = presets[name]
+    known = {f.name for f in fields(base)}
+    bad = [k for k in overrides if k not in known]
+    if bad:
+        raise ValueError(f"unknown {type(base).__name__} field(s) {bad}; known: {sorted(known)}")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 PRESETS: dict[str, CPDiTConfig] = {

@@ -181,7 +181,7 @@ def select_resume(root: Path, resume: str, architecture: dict) -> Path | None:
         if path is None:
             continue
         meta = read_meta(path)
-        mismatch = architecture_mismatch(meta.get("architecture", {}), architecture)
+        mismatch = architecture_mismatch(meta["architecture"], architecture) if "architecture" in meta else []
         if mismatch:
             raise CheckpointError(
                 f"checkpoint {path} was written for another model ({'; '.join(mismatch)}). Resume with the model "

@@ -1,7 +1,7 @@
 # Configuration of the CogVideoX causal 3D VAE (diffusers' AutoencoderKLCogVideoX field names), with presets.
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,9 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VAEConfig:
-        if name not in VAE_PRESETS:
-            raise ValueError(f"VAE preset {name!r} is unknown; choose one of {', '.join(VAE_PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        bad = [k for k in overrides if k not in known]
-        if bad:
-            raise ValueError(f"unknown VAEConfig field(s) {bad}")
-        return replace(VAE_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+        from cpdit.config import from_preset
+
+        return from_preset(VAE_PRESETS, "VAE", name, overrides)
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
