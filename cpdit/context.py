@@ -25,6 +25,10 @@ class BoundSequence(Protocol):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention over the joint sequence; q, k, v (B, H, L + T_local * tpf, D) -> same shape."""
 
+    def axes(self, num_tokens: int):
+        """The frames <-> spatial-tokens seam of factorized models (cpdit/factorized.py) for frames of
+        `num_tokens` tokens."""
+
 
 class SequenceContext(Protocol):
     def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> BoundSequence: ...
@@ -45,6 +49,11 @@ class _LocalBound:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)
+
+    def axes(self, num_tokens: int):
+        from cpdit.factorized import LocalAxes
+
+        return LocalAxes()
 
 
 class LocalContext:

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 
 from cpdit import CPDiT, CPDiTConfig
+from cpdit.config import PRESETS, from_preset
+from cpdit.factorized_dit import FACTORIZED_PRESETS, FactorizedDiT, FactorizedDiTConfig
 from cpdit.lora import add_lora
 from cpdit.text import HashedTextEncoder
 from launch.config import JobConfig
@@ -50,7 +52,21 @@ def model_config(cfg: JobConfig) -> CPDiTConfig:
     channels = first_stage_config(cfg).latent_channels if cfg.first_stage.kind == "vae" else 3
     overrides["in_channels"] = m.in_channels or channels
     overrides["out_channels"] = m.out_channels or overrides["in_channels"]
+    if m.preset in FACTORIZED_PRESETS:
+        del overrides["pos_embedding"]
+        for key in ("merge_strategy", "merge_factor", "time_depth", "use_spatial_context"):
+            overrides[key] = getattr(m, key)
+        overrides["disable_temporal_crossattention"] = m.disable_temporal_crossattention
+        return from_preset(FACTORIZED_PRESETS, "model", m.preset, overrides)
+    if m.preset not in PRESETS:
+        raise ValueError(
+            f"model preset {m.preset!r} is unknown; choose one of {', '.join([*PRESETS, *FACTORIZED_PRESETS])}"
+        )
     return CPDiTConfig.preset(m.preset, **overrides)
+
+
+def model_class(mcfg):
+    return FactorizedDiT if isinstance(mcfg, FactorizedDiTConfig) else CPDiT
 
 
 def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Trainable:
@@ -71,7 +87,7 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Tra
             )
     with torch.device("meta"):
         text = HashedTextEncoder(mcfg.text_embed_dim, cfg.train.text_max_length) if frozen is None else None
-        modules = Trainable(CPDiT(mcfg), text, frozen)
+        modules = Trainable(model_class(mcfg)(mcfg), text, frozen)
         if cfg.model.lora_rank:
             add_lora(modules.dit, cfg.model.lora_rank, cfg.model.lora_alpha)
     p = cfg.parallel

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """Named architecture (`tiny`, `cogvideox-2b`, `cogvideox-5b`); fields below override it when set."""
+    """Named architecture (`tiny`, `cogvideox-2b`, `cogvideox-5b`: full 3D attention; `svd-like`: factorized
+    spatial/temporal blocks); fields below override it when set."""
     num_layers: int | None = None
     """Transformer blocks (None: the preset's)."""
     num_attention_heads: int | None = None
@@ -49,6 +50,16 @@ class ModelConfig:
     """LoRA rank on q/k/v/out of every block (0: full fine-tuning). With LoRA only the adapters train."""
     lora_alpha: float | None = None
     """LoRA scale numerator (None: = lora_rank)."""
+    merge_strategy: str | None = None
+    """svd-like: AlphaBlender of spatial and temporal outputs (fixed, learned, learned_with_images)."""
+    merge_factor: float | None = None
+    """svd-like: fixed alpha, or the initial logit of a learned one."""
+    time_depth: int | None = None
+    """svd-like: temporal blocks after each spatial block."""
+    use_spatial_context: bool | None = None
+    """svd-like: temporal blocks cross-attend to the text as the spatial blocks do."""
+    disable_temporal_crossattention: bool | None = None
+    """svd-like: no cross-attention in the temporal blocks."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from cpdit.config import CPDiTConfig
 from cpdit.convert import config_to_diffusers, state_dict_to_diffusers
 from cpdit.lora import lora_state_dict_to_diffusers
 from parallel.state import full_tensor
@@ -37,6 +38,8 @@ def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int,
         (out / "lora").mkdir(exist_ok=True)
         save_file(adapters, str(out / "lora" / "adapters.safetensors"))
         save_file(lora_state_dict_to_diffusers(adapters), str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    if not isinstance(model.config, CPDiTConfig):  # the factorized family has no diffusers counterpart
+        return
     d = out / "diffusers"
     d.mkdir(exist_ok=True)
     save_file(state_dict_to_diffusers(full), str(d / "diffusion_pytorch_model.safetensors"))

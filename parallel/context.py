@@ -6,12 +6,14 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.attention import context_parallel_attention
+from parallel.axis_switch import AxisSwitch, SwitchAxes
 from parallel.sequence import SequencePlan
 
 
 class _CPBound:
     def __init__(self, tokens: SequencePlan, frames: SequencePlan, owner: ContextParallel):
         self.tokens, self.frames, self.owner = tokens, frames, owner
+        self._axes: dict[int, SwitchAxes] = {}
 
     def frame_ids(self, device: torch.device) -> torch.Tensor:
         return self.tokens.local_frame_ids(device)
@@ -21,6 +23,14 @@ class _CPBound:
 
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return self.frames.gather(x, dim)
+
+    def axes(self, num_tokens: int) -> SwitchAxes:
+        """Switch between frame shards and spatial-token shards over the cp group (factorized models)."""
+        if num_tokens not in self._axes:
+            f = self.frames  # frames of cp rank r = f.segments[r], r the rank in the flattened cp group
+            frames = [[i for a, b in segs for i in range(a, b)] for segs in f.segments]
+            self._axes[num_tokens] = SwitchAxes(AxisSwitch(frames, num_tokens, f.cp_group))
+        return self._axes[num_tokens]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         o = self.owner

@@ -40,6 +40,10 @@ def parallelize(
     if activation_checkpointing not in AC_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is not one of {list(AC_MODES)}")
     if dims.tp_enabled:
+        if not getattr(model, "supports_tensor_parallel", True):
+            raise ValueError(
+                f"{type(model).__name__} has no tensor-parallel plan yet; use model_parallel_size=1 (cp and FSDP work)"
+            )
         apply_tensor_parallel(model, mesh["tp"])
     if dims.cp_enabled:
         model.context = ContextParallel(mesh.cp_mesh(), attention, layout, causal, head_chunks)
