@@ -69,7 +69,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
         inner = heads * head_dim
-        self.heads = heads
+        self.head_dim = head_dim
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
@@ -79,22 +79,26 @@ class Attention(nn.Module):
         """x (N, L, dim), context (N, M, context_dim) or None (self-attention)."""
         ctx = x if context is None else context
         N, L, _ = x.shape
-        q, k, v = (t.reshape(N, t.shape[1], self.heads, -1).transpose(1, 2) for t in
+        # heads from the width: under tensor parallelism a rank holds heads / tp of them
+        q, k, v = (t.reshape(N, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in
                    (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))  # fmt: skip
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim)
         return self.to_out(out.transpose(1, 2).reshape(N, L, -1))
 
 
 class GEGLUFeedForward(nn.Module):
+    """out(proj(x) * gelu(gate(x))); value and gate are separate projections so that tensor parallelism can split
+    both by columns."""
+
     def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4):
         super().__init__()
         inner = dim * mult
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, inner)
+        self.gate = nn.Linear(dim, inner)
         self.out = nn.Linear(inner, dim_out or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(h * F.gelu(gate))
+        return self.out(self.proj(x) * F.gelu(self.gate(x)))
 
 
 class SpatialBlock(nn.Module):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from cpdit.context import LocalContext, SequenceContext
 from cpdit.embeddings import timestep_embedding
@@ -60,8 +61,6 @@ class FactorizedDiTConfig:
 class FactorizedDiT(nn.Module):
     """forward(latents (B, T, C, H, W), text (B, L, text_dim), timesteps (B,)) -> (B, T, C_out, H, W)."""
 
-    supports_tensor_parallel = False
-
     def __init__(self, config: FactorizedDiTConfig):
         super().__init__()
         self.config = c = config
@@ -110,8 +109,12 @@ class FactorizedDiT(nn.Module):
         x = self.patch_embed(x) + temb[:, None, None]  # (B, T_r, S, D)
         axes = seq.axes(h * w)
         text = text_embeds.to(dtype)
-        for block in self.blocks:
-            x = block(x, text, None, axes)
+        every = int(self.gradient_checkpointing)
+        for i, block in enumerate(self.blocks):
+            if every and i % every == 0 and torch.is_grad_enabled():  # recompute the stage in the backward
+                x = checkpoint(block, x, text, None, axes, use_reentrant=False)
+            else:
+                x = block(x, text, None, axes)
         out = self.proj_out(self.norm_out(x))  # (B, T_r, S, p*p*C_out)
         Co = c.out_channels or c.in_channels
         out = out.reshape(B, Tr, h, w, Co, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Tr, Co, H, W)

@@ -66,20 +66,14 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
                     f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
         tp = dims.tp
-        if getattr(m, "family", "full") == "factorized":
-            if tp > 1:
-                raise ConfigError(
-                    f"model.preset={cfg.model.preset} has no tensor-parallel plan yet: parallel.model_parallel_size="
-                    f"{tp}; use 1 (context parallelism and FSDP work: frames switch to spatial shards for time)"
-                )
-            if cfg.model.lora_rank:
-                raise ConfigError(f"model.preset={cfg.model.preset}: model.lora_rank is for the CogVideoX presets")
-        elif m.num_attention_heads % tp:
+        if getattr(m, "family", "full") == "factorized" and cfg.model.lora_rank:
+            raise ConfigError(f"model.preset={cfg.model.preset}: model.lora_rank is for the CogVideoX presets")
+        if m.num_attention_heads % tp:
             raise ConfigError(
                 f"parallel.model_parallel_size={tp} does not divide model.num_attention_heads="
                 f"{m.num_attention_heads}; pick a divisor of {m.num_attention_heads}"
             )
-        elif m.ff_hidden % tp:
+        if getattr(m, "ff_hidden", 0) % tp:
             raise ConfigError(f"parallel.model_parallel_size={tp} does not divide the feed-forward width {m.ff_hidden}")
     latent_frames = 1 + (d.num_frames - 1) // tf
     if latent_frames < p.cp_size:

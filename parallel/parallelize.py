@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from cpdit.factorized_dit import FactorizedDiT
 from parallel.context import ContextParallel
 from parallel.dims import ParallelDims, ParallelMesh
 from parallel.fsdp import apply_fsdp, apply_grad_allreduce
 from parallel.state import assign_full
-from parallel.tensor_parallel import apply_tensor_parallel
+from parallel.tensor_parallel import apply_factorized_tensor_parallel, apply_tensor_parallel
 
 AC_MODES = {"none": 0, "full": 1, "selective": 2}  # selective: every other block
 
@@ -40,11 +41,10 @@ def parallelize(
     if activation_checkpointing not in AC_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is not one of {list(AC_MODES)}")
     if dims.tp_enabled:
-        if not getattr(model, "supports_tensor_parallel", True):
-            raise ValueError(
-                f"{type(model).__name__} has no tensor-parallel plan yet; use model_parallel_size=1 (cp and FSDP work)"
-            )
-        apply_tensor_parallel(model, mesh["tp"])
+        if isinstance(model, FactorizedDiT):
+            apply_factorized_tensor_parallel(model, mesh["tp"])
+        else:
+            apply_tensor_parallel(model, mesh["tp"])
     if dims.cp_enabled:
         model.context = ContextParallel(mesh.cp_mesh(), attention, layout, causal, head_chunks)
     model.gradient_checkpointing = AC_MODES[activation_checkpointing]

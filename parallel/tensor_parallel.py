@@ -77,3 +77,25 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         parallelize_module(block, tp_mesh, {**plan, **(lora_plan if hasattr(block.attn, "lora") else {})})
         _share_norm(block.attn.norm_q, group)
         _share_norm(block.attn.norm_k, group)
+
+
+def apply_factorized_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard the spatial and temporal blocks of a FactorizedDiT over `tp_mesh`: q/k/v and the feed-forward value
+    and gate by columns (heads), the attention output and feed-forward output by rows; everything else (norms,
+    projections in and out, the time embedding, the blender) is replicated and sees replicated activations."""
+    tp = tp_mesh.size()
+    c = model.config
+    if c.num_attention_heads % tp:
+        raise ValueError(
+            f"model_parallel_size={tp} does not divide num_attention_heads={c.num_attention_heads}; choose a divisor"
+        )
+    plan = {}
+    for attn in ("attn1", "attn2"):
+        plan.update({f"{attn}.to_q": ColwiseParallel(), f"{attn}.to_k": ColwiseParallel()})
+        plan.update({f"{attn}.to_v": ColwiseParallel(), f"{attn}.to_out": RowwiseParallel()})
+    for ff in ("ff", "ff_in"):
+        plan.update({f"{ff}.proj": ColwiseParallel(), f"{ff}.gate": ColwiseParallel(), f"{ff}.out": RowwiseParallel()})
+    for stage in model.blocks:
+        for block in [*stage.transformer_blocks, *(b for stack in stage.time_stack for b in stack)]:
+            present = {k: v for k, v in plan.items() if isinstance(getattr(block, k.split(".")[0], None), nn.Module)}
+            parallelize_module(block, tp_mesh, present)

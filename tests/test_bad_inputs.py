@@ -56,7 +56,8 @@ CASES = [
     ("latent channels in pixel space", ["model.in_channels=4"], {}, "model.in_channels=4, but the first stage (pixel) gives 3 channels"),
     ("dataset smaller than a batch", ["data.num_samples=1"], {}, "data.num_samples=1 is less than data.batch_size=2"),
     ("heads vs tp", ["model.num_attention_heads=5"], {}, "does not divide model.num_attention_heads=5"),
-    ("factorized family with tp", ["model.preset=svd-like"], {}, "model.preset=svd-like has no tensor-parallel plan yet"),
+    ("factorized heads vs tp", ["model.preset=svd-like", "model.num_attention_heads=3"], {}, "does not divide model.num_attention_heads=3"),
+    ("factorized family with LoRA", ["model.preset=svd-like", "model.lora_rank=4"], {}, "model.lora_rank is for the CogVideoX presets"),
     # --- files ---
     ("dataset directory missing", ["data.dataset=folder", "data.path={tmp}/nowhere"], {}, "data.path='{tmp}/nowhere' is not a directory"),
     ("dataset without captions", ["data.dataset=folder", "data.path={tmp}/uncaptioned"], {}, "has a labels/<name>.txt caption"),

@@ -82,7 +82,7 @@ def test_spatial_video_transformer_under_cp_equals_single_process(world, layout,
     run_ranks(_model, world, tmp_path, layout, strategy)
 
 
-def _dit(rank, world, cp, layout):
+def _dit(rank, world, cp, layout, ac="none", tp=1):
     from cpdit.factorized_dit import FactorizedDiT, FactorizedDiTConfig
     from parallel.dims import ParallelDims
     from parallel.parallelize import materialize, parallelize
@@ -102,11 +102,11 @@ def _dit(rank, world, cp, layout):
     (out_ref * w).sum().backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
-    dims = ParallelDims(world, cp_size=cp, model_parallel_size=1)
+    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = FactorizedDiT(c).to(torch.float64)
-    parallelize(model, dims, mesh, layout=layout, reduce_dtype=None)  # FSDP over dp x cp, axis switch over cp
+    parallelize(model, dims, mesh, layout=layout, reduce_dtype=None, activation_checkpointing=ac)  # FSDP, axis switch
     materialize(model, "cpu", seed=3)
     per = B // dims.dp
     mine = slice(dims.dp_rank(rank) * per, (dims.dp_rank(rank) + 1) * per)
@@ -119,21 +119,26 @@ def _dit(rank, world, cp, layout):
     del mesh
 
 
-@pytest.mark.parametrize("world, cp, layout", [(2, 2, "contiguous"), (4, 4, "zigzag"), (4, 2, "contiguous")])
-def test_factorized_dit_parallelized_equals_single_process(world, cp, layout, tmp_path):
-    """The svd-like diffusion model through parallelize: FSDP2 over dp x cp, frames over cp with axis switching."""
-    run_ranks(_dit, world, tmp_path, cp, layout)
+@pytest.mark.parametrize(
+    "world, cp, tp, layout, ac",
+    [(2, 2, 1, "contiguous", "full"), (4, 4, 1, "zigzag", "none"), (4, 2, 1, "contiguous", "none"),
+     (4, 2, 2, "contiguous", "none"), (2, 1, 2, "contiguous", "none")],
+)  # fmt: skip
+def test_factorized_dit_parallelized_equals_single_process(world, cp, tp, layout, ac, tmp_path):
+    """The svd-like diffusion model through parallelize: FSDP2 over dp x cp, frames over cp with axis switching,
+    heads and feed-forward columns over tp, per-stage activation checkpointing."""
+    run_ranks(_dit, world, tmp_path, cp, layout, ac, tp)
 
 
 def test_svd_like_preset_trains_with_the_job(tmp_path):
-    """cpdit-launch train model.preset=svd-like: 2 ranks, cp=2 (axis switching) with FSDP, samples written."""
+    """cpdit-launch train model.preset=svd-like on the default layout: 4 ranks, cp=2 (axis switching) x tp=2, FSDP,
+    samples written."""
     from job_helpers import launch, losses
 
     launch(tmp_path, "svd", "model.preset=svd-like", "train.steps=4", "checkpoint.every=2", "data.num_samples=8",
-           "logging.wandb=false", "sample.num_steps=2", "sample.prompts=[a red circle moving left]",
-           nproc=2, launcher_flags=["--model-parallel-size", "1"])  # fmt: skip
+           "logging.wandb=false", "sample.num_steps=2", "sample.prompts=[a red circle moving left]")  # fmt: skip
     by_step, rows = losses(tmp_path / "svd")
     assert sorted(by_step) == [1, 2, 3, 4] and all(v == v for v in by_step.values())
-    assert "cp=2" in rows[0]["layout"] and "tp=1" in rows[0]["layout"]
+    assert "cp=2" in rows[0]["layout"] and "tp=2" in rows[0]["layout"]
     assert list((tmp_path / "svd" / "samples").glob("*.mp4"))
     assert (tmp_path / "svd" / "export" / "model.safetensors").is_file()
