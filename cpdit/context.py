@@ -9,6 +9,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from cpdit.attn_bias import AttentionBias, dense_attention
+
 
 class BoundSequence(Protocol):
     """A sequence context bound to one input shape (frames, tokens per frame, text length)."""
@@ -22,8 +24,15 @@ class BoundSequence(Protocol):
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of shard_frames (autograd-aware)."""
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention over the joint sequence; q, k, v (B, H, L + T_local * tpf, D) -> same shape."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
+                  bias: AttentionBias | None = None, scale: float | None = None) -> torch.Tensor:  # fmt: skip
+        """Attention over the joint sequence; q, k, v (B, H, L + T_local * tpf, D) -> same shape. `causal`: frame-
+        causal (None: the context's default); `bias`: additive biases/masks on global positions; `scale`: softmax
+        scale (None: D ** -0.5)."""
+
+    def windows(self, x: torch.Tensor, before: int, after: int) -> list[torch.Tensor]:
+        """x (B, T_local, ...) -> per local run of consecutive frames, (B, before + n + after, ...) with the
+        neighbouring frames (zeros outside the video): the input of a temporal convolution."""
 
     def axes(self, num_tokens: int):
         """The frames <-> spatial-tokens seam of factorized models (cpdit/factorized.py) for frames of
@@ -35,8 +44,8 @@ class SequenceContext(Protocol):
 
 
 class _LocalBound:
-    def __init__(self, num_frames: int):
-        self.num_frames = num_frames
+    def __init__(self, num_frames: int, tokens_per_frame: int = 1, text_len: int = 0):
+        self.num_frames, self.tokens_per_frame, self.text_len = num_frames, tokens_per_frame, text_len
 
     def frame_ids(self, device: torch.device) -> torch.Tensor:
         return torch.arange(self.num_frames, device=device)
@@ -47,8 +56,16 @@ class _LocalBound:
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+    def attention(self, q, k, v, *, causal: bool | None = None, bias: AttentionBias | None = None,
+                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
+        if not causal and bias is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        bias = bias or AttentionBias((self.num_frames, self.tokens_per_frame, 1))
+        return dense_attention(q, k, v, bias, text_len=self.text_len, causal=bool(causal), scale=scale)
+
+    def windows(self, x: torch.Tensor, before: int, after: int) -> list[torch.Tensor]:
+        pad = [x.new_zeros((x.shape[0], n, *x.shape[2:])) for n in (before, after)]
+        return [torch.cat([pad[0], x, pad[1]], dim=1)]
 
     def axes(self, num_tokens: int):
         from cpdit.factorized import LocalAxes
@@ -60,4 +77,4 @@ class LocalContext:
     """Single device: every frame is local, attention is SDPA."""
 
     def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> BoundSequence:
-        return _LocalBound(num_frames)
+        return _LocalBound(num_frames, tokens_per_frame, text_len)

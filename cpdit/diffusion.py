@@ -52,14 +52,21 @@ def sample_timesteps(batch: int, num_idx: int, dp_rank: int, dp_size: int, gen: 
     return torch.randint(g * width, (g + 1) * width, (batch,), generator=gen)
 
 
+def _expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample (B,) or per-frame (B, T) coefficients -> broadcastable to x (B, T, ...)."""
+    return a.view(*a.shape, *([1] * (x.dim() - a.dim())))
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    a = a.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    """a: sqrt(alpha_bar) per sample (B,) or per frame (B, T)."""
+    a = _expand(a, x0).to(x0.dtype)
     return a * x0 + (1 - a**2).sqrt() * noise
 
 
 def v_loss_terms(v_pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Per-element weighted error w (x0_hat - x0)^2 of a v-prediction (any shape with batch first)."""
-    a = a.view(-1, *([1] * (x0.dim() - 1))).to(torch.float32)
+    """Per-element weighted error w (x0_hat - x0)^2 of a v-prediction (any shape with batch first; `a` per sample
+    (B,) or per frame (B, T))."""
+    a = _expand(a, x0).to(torch.float32)
     s2 = (1 - a**2).clamp_min(1e-12)
     x0_hat = a * x_t.float() - s2.sqrt() * v_pred.float()
     return (x0_hat - x0.float()) ** 2 / s2
@@ -113,3 +120,37 @@ def sample(
         if h_prev is None:
             x0_prev = None  # the zero-SNR step gives no usable multistep history
     return x.to(noise.dtype)
+
+
+def per_frame_timesteps(batch: int, frames: int, num_idx: int, dp_rank: int, dp_size: int, gen) -> torch.Tensor:
+    """Independent noise levels per frame (B, T) for the frame-causal objective (each frame is denoised given past
+    frames at any noise level: "diffusion forcing", Chen et al. 2024, https://arxiv.org/abs/2407.01392)."""
+    return sample_timesteps(batch * frames, num_idx, dp_rank, dp_size, gen).view(batch, frames)
+
+
+@torch.no_grad()
+def sample_frames_in_order(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    schedule: Schedule,
+    num_steps: int,
+    sampler: str = "dpmpp_2m",
+) -> torch.Tensor:
+    """Generate the frames of a frame-causal model one after the other: frame t runs the whole sampler with the
+    frames before it fixed at their generated values (timestep 0) and the frames after it left as pure noise at the
+    last timestep, which a frame-causal model cannot see. `denoise(x (B, T, ...), idx (B, T)) -> v (B, T, ...)`."""
+    x = noise.clone()
+    B, T = noise.shape[:2]
+    last = schedule.num_idx - 1
+    for t in range(T):
+
+        def frame_denoise(x_t: torch.Tensor, idx: torch.Tensor, t: int = t) -> torch.Tensor:
+            full = x.clone()
+            full[:, t] = x_t[:, 0]
+            steps = torch.full((B, T), last, dtype=torch.long)
+            steps[:, :t] = 0
+            steps[:, t] = idx
+            return denoise(full, steps)[:, t : t + 1]
+
+        x[:, t : t + 1] = sample(frame_denoise, noise[:, t : t + 1], schedule, num_steps, sampler)
+    return x

@@ -12,6 +12,7 @@ from cpdit import CPDiT, CPDiTConfig
 from cpdit.config import PRESETS, from_preset
 from cpdit.factorized_dit import FACTORIZED_PRESETS, FactorizedDiT, FactorizedDiTConfig
 from cpdit.lora import add_lora
+from cpdit.phenaki_dit import PHENAKI_PRESETS, PhenakiDiT, PhenakiDiTConfig
 from cpdit.text import HashedTextEncoder
 from launch.config import JobConfig
 from parallel.dims import ParallelDims
@@ -38,7 +39,7 @@ def new_ema(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
 
 
-def model_config(cfg: JobConfig) -> CPDiTConfig:
+def model_config(cfg: JobConfig) -> CPDiTConfig | FactorizedDiTConfig | PhenakiDiTConfig:
     m = cfg.model
     overrides = dict(
         num_layers=m.num_layers,
@@ -58,14 +59,18 @@ def model_config(cfg: JobConfig) -> CPDiTConfig:
             overrides[key] = getattr(m, key)
         overrides["disable_temporal_crossattention"] = m.disable_temporal_crossattention
         return from_preset(FACTORIZED_PRESETS, "model", m.preset, overrides)
+    if m.preset in PHENAKI_PRESETS:
+        del overrides["pos_embedding"]  # positions come from ALiBi, the continuous position bias and the PEG
+        return from_preset(PHENAKI_PRESETS, "model", m.preset, overrides)
     if m.preset not in PRESETS:
-        raise ValueError(
-            f"model preset {m.preset!r} is unknown; choose one of {', '.join([*PRESETS, *FACTORIZED_PRESETS])}"
-        )
+        known = ", ".join([*PRESETS, *FACTORIZED_PRESETS, *PHENAKI_PRESETS])
+        raise ValueError(f"model preset {m.preset!r} is unknown; choose one of {known}")
     return CPDiTConfig.preset(m.preset, **overrides)
 
 
 def model_class(mcfg):
+    if isinstance(mcfg, PhenakiDiTConfig):
+        return PhenakiDiT
     return FactorizedDiT if isinstance(mcfg, FactorizedDiTConfig) else CPDiT
 
 

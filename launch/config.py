@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"
     """Named architecture (`tiny`, `cogvideox-2b`, `cogvideox-5b`: full 3D attention; `svd-like`: factorized
-    spatial/temporal blocks); fields below override it when set."""
+    spatial/temporal blocks; `phenaki-like`: frame-causal attention with ALiBi, continuous position bias and null
+    keys/values); fields below override it when set."""
     num_layers: int | None = None
     """Transformer blocks (None: the preset's)."""
     num_attention_heads: int | None = None

@@ -38,7 +38,7 @@ def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int,
         (out / "lora").mkdir(exist_ok=True)
         save_file(adapters, str(out / "lora" / "adapters.safetensors"))
         save_file(lora_state_dict_to_diffusers(adapters), str(out / "lora" / "pytorch_lora_weights.safetensors"))
-    if not isinstance(model.config, CPDiTConfig):  # the factorized family has no diffusers counterpart
+    if not isinstance(model.config, CPDiTConfig):  # the factorized and Phenaki families have no diffusers counterpart
         return
     d = out / "diffusers"
     d.mkdir(exist_ok=True)

@@ -66,7 +66,7 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
                     f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
         tp = dims.tp
-        if getattr(m, "family", "full") == "factorized" and cfg.model.lora_rank:
+        if getattr(m, "family", "full") != "full" and cfg.model.lora_rank:
             raise ConfigError(f"model.preset={cfg.model.preset}: model.lora_rank is for the CogVideoX presets")
         if m.num_attention_heads % tp:
             raise ConfigError(

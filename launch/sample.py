@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cpdit.diffusion import Schedule, dynamic_cfg_scale, sample, sampling_indices
+from cpdit.diffusion import Schedule, dynamic_cfg_scale, sample, sample_frames_in_order, sampling_indices
 from launch.build import build_first_stage
 from launch.config import JobConfig
 from launch.env import DistEnv
@@ -79,12 +79,13 @@ def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_di
                 )
                 v_c, v_u = both.chunk(2)
                 s = cfg.sample.guidance_scale
-                if cfg.sample.dynamic_cfg:
-                    s = dynamic_cfg_scale(s, counter["n"], steps)
+                if cfg.sample.dynamic_cfg:  # along each trajectory (per frame when frames are generated in order)
+                    s = dynamic_cfg_scale(s, counter["n"] % steps, steps)
                 counter["n"] += 1
                 return v_u + s * (v_c - v_u)
 
-            video = first_stage.decode(sample(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
+            run = sample_frames_in_order if getattr(c, "frame_causal", False) else sample
+            video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
             if writer and i < len(prompts[dp_rank::dp]):
                 slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:48]
                 written += write_video(video[0], out_dir / f"{dp_rank * per_rank + i:03d}_{slug}", fps=d.fps)

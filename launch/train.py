@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cpdit.diffusion import Schedule, add_noise, sample_timesteps, v_loss_terms
+from cpdit.diffusion import Schedule, add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
 from launch import checkpoint
 from launch.build import architecture, build, build_first_stage, new_ema
 from launch.config import JobConfig, to_yaml
@@ -163,7 +163,10 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 else:
                     x0 = first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
                 B = x0.shape[0]
-                idx = sample_timesteps(B, schedule.num_idx, dp_rank, dims.dp, gen)
+                if getattr(mcfg, "frame_causal", False):  # a noise level per frame (B, T)
+                    idx = per_frame_timesteps(B, x0.shape[1], schedule.num_idx, dp_rank, dims.dp, gen)
+                else:
+                    idx = sample_timesteps(B, schedule.num_idx, dp_rank, dims.dp, gen)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 keep = (torch.rand(B, generator=gen) >= cfg.train.ucg_rate).to(device)  # classifier-free dropout
                 a = schedule.alpha(idx).to(device)
@@ -174,7 +177,8 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                     v = modules.dit(x_t, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
                 hw = v.shape[-1] * v.shape[-2] // mcfg.patch_size**2
                 seq = modules.dit.context.bind(x0.shape[1], hw, text.shape[1])
-                err = v_loss_terms(v.float(), seq.shard_frames(x_t, 1), seq.shard_frames(x0, 1), a)
+                a_local = seq.shard_frames(a, 1) if a.dim() == 2 else a
+                err = v_loss_terms(v.float(), seq.shard_frames(x_t, 1), seq.shard_frames(x0, 1), a_local)
                 # this rank's share of its replica's mean loss (sums over cp to the replica mean; dp averaged by FSDP)
                 loss = err.sum() / (x0[0].numel() * B * cfg.train.grad_accum)
                 PROGRESS.enter("backward")

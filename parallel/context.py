@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from cpdit.attn_bias import AttentionBias
 from parallel.attention import context_parallel_attention
 from parallel.axis_switch import AxisSwitch, SwitchAxes
+from parallel.frame_halo import FrameWindows
 from parallel.sequence import SequencePlan
 
 
@@ -14,6 +16,7 @@ class _CPBound:
     def __init__(self, tokens: SequencePlan, frames: SequencePlan, owner: ContextParallel):
         self.tokens, self.frames, self.owner = tokens, frames, owner
         self._axes: dict[int, SwitchAxes] = {}
+        self._windows: dict[tuple[int, int], FrameWindows] = {}
 
     def frame_ids(self, device: torch.device) -> torch.Tensor:
         return self.tokens.local_frame_ids(device)
@@ -32,11 +35,20 @@ class _CPBound:
             self._axes[num_tokens] = SwitchAxes(AxisSwitch(frames, num_tokens, f.cp_group))
         return self._axes[num_tokens]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def windows(self, x: torch.Tensor, before: int, after: int) -> list[torch.Tensor]:
+        """Frame windows for temporal convolutions, neighbours fetched from the ranks that hold them."""
+        key = (before, after)
+        if key not in self._windows:
+            f = self.frames
+            self._windows[key] = FrameWindows(f.segments, f.cp_rank, f.cp_group, before, after)
+        return self._windows[key](x)
+
+    def attention(self, q, k, v, *, causal: bool | None = None, bias: AttentionBias | None = None,
+                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
         o = self.owner
-        return context_parallel_attention(
-            q, k, v, self.tokens, causal=o.causal, strategy=o.strategy, head_chunks=o.head_chunks
-        )
+        causal = o.causal if causal is None else causal
+        return context_parallel_attention(q, k, v, self.tokens, causal=causal, strategy=o.strategy, scale=scale,
+                                          head_chunks=o.head_chunks, bias=bias)  # fmt: skip
 
 
 class ContextParallel:

@@ -6,11 +6,16 @@ import torch
 import torch.nn as nn
 
 from cpdit.factorized_dit import FactorizedDiT
+from cpdit.phenaki_dit import PhenakiDiT
 from parallel.context import ContextParallel
 from parallel.dims import ParallelDims, ParallelMesh
 from parallel.fsdp import apply_fsdp, apply_grad_allreduce
 from parallel.state import assign_full
-from parallel.tensor_parallel import apply_factorized_tensor_parallel, apply_tensor_parallel
+from parallel.tensor_parallel import (
+    apply_factorized_tensor_parallel,
+    apply_phenaki_tensor_parallel,
+    apply_tensor_parallel,
+)
 
 AC_MODES = {"none": 0, "full": 1, "selective": 2}  # selective: every other block
 
@@ -43,6 +48,8 @@ def parallelize(
     if dims.tp_enabled:
         if isinstance(model, FactorizedDiT):
             apply_factorized_tensor_parallel(model, mesh["tp"])
+        elif isinstance(model, PhenakiDiT):
+            apply_phenaki_tensor_parallel(model, mesh["tp"])
         else:
             apply_tensor_parallel(model, mesh["tp"])
     if dims.cp_enabled:

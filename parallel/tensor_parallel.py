@@ -99,3 +99,46 @@ def apply_factorized_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> N
         for block in [*stage.transformer_blocks, *(b for stack in stage.time_stack for b in stack)]:
             present = {k: v for k, v in plan.items() if isinstance(getattr(block, k.split(".")[0], None), nn.Module)}
             parallelize_module(block, tp_mesh, present)
+
+
+class TPHeads:
+    """The tensor-parallel answer to cpdit/phenaki.py's `heads` seam: this rank's slice of per-head tensors, and
+    shared parameters whose gradient is summed over tp (each rank's covers only its heads)."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group, self.rank, self.size = group, dist.get_rank(group), dist.get_world_size(group)
+
+    def local(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim] // self.size
+        return copy_to_tp(t, self.group).narrow(dim, self.rank * n, n)
+
+    def shared(self, t: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp(t, self.group)
+
+
+def apply_phenaki_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard a PhenakiDiT over `tp_mesh`: q/k/v and the feed-forward value and gate by columns (heads), outputs by
+    rows. Head-indexed tensors (the ALiBi + position-bias table, null keys/values) are sliced to this rank's heads
+    and the q/k scales shared by all heads are summed over tp in the backward (`TPHeads`). The PEG, norms and the
+    bias MLP are replicated and see replicated activations."""
+    tp = tp_mesh.size()
+    c = model.config
+    if c.num_attention_heads % tp:
+        raise ValueError(
+            f"model_parallel_size={tp} does not divide num_attention_heads={c.num_attention_heads}; choose a divisor"
+        )
+    inner = model.blocks[0].ff.proj.out_features
+    if inner % tp:
+        raise ValueError(f"model_parallel_size={tp} does not divide the feed-forward width {inner}")
+    heads = TPHeads(tp_mesh.get_group())
+    plan = {"ff.proj": ColwiseParallel(), "ff.gate": ColwiseParallel(), "ff.out": RowwiseParallel()}
+    for attn in ("attn", "cross"):
+        plan.update({f"{attn}.to_q": ColwiseParallel(), f"{attn}.to_k": ColwiseParallel()})
+        plan.update({f"{attn}.to_v": ColwiseParallel(), f"{attn}.to_out": RowwiseParallel()})
+    for block in model.blocks:
+        present = {k: v for k, v in plan.items() if isinstance(getattr(block, k.split(".")[0], None), nn.Module)}
+        parallelize_module(block, tp_mesh, present)
+        for attn in (block.attn, block.cross):
+            if attn is not None:
+                attn.heads = heads
+    model.heads = heads

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cpdit.attn_bias import AttentionBias
 from parallel.attention.allgather import AllGatherAttention
+from parallel.attention.bias import BlockBias
 from parallel.attention.ring import RingAttention, RingSpec
 from parallel.attention.ulysses import HeadToSeq, SeqToHead, UlyssesSpec
 from parallel.sequence import SequencePlan
@@ -55,20 +57,26 @@ def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
     return strategy
 
 
-def _ring_spec(plan: SequencePlan, mode: str, causal: bool, scale: float, head_chunks: int = 1) -> RingSpec:
-    """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp"."""
+def _ring_spec(
+    plan: SequencePlan, mode: str, causal: bool, scale: float, head_chunks: int = 1, bias: AttentionBias | None = None
+) -> RingSpec:
+    """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp", "local"."""
     tpf, L = plan.tokens_per_frame, plan.text_len
-    if mode == "ring":
+    template = None if bias is None else AttentionBias(bias.grid, None, None, bias.text_mask, bias.frame_lengths)
+    if mode in ("ring", "local"):
         blocks = tuple(tuple(plan.local_segments(c)) for c in range(plan.cp_size))
-        return RingSpec(plan.cp_group, plan.cp_rank, plan.cp_size, blocks, L, tpf, causal, scale, head_chunks)
-    U = plan.ulysses_size if mode == "usp" else plan.cp_size
-    R = plan.cp_size // U
-    blocks = tuple(
-        tuple(s for c in range(j * U, (j + 1) * U) for s in plan.local_segments(c)) for j in range(R)
-    )  # ring member j holds the frames of its whole Ulysses group
-    if R == 1:
-        return RingSpec(None, 0, 1, blocks, L, tpf, causal, scale)
-    return RingSpec(plan.ring_group, plan.ring_rank, R, blocks, L, tpf, causal, scale, head_chunks)
+        group, rank, size = (plan.cp_group, plan.cp_rank, plan.cp_size) if mode == "ring" else (None, 0, 1)
+        blocks = blocks if mode == "ring" else (blocks[plan.cp_rank],)
+    else:
+        U = plan.ulysses_size if mode == "usp" else plan.cp_size
+        size = plan.cp_size // U
+        blocks = tuple(
+            tuple(s for c in range(j * U, (j + 1) * U) for s in plan.local_segments(c)) for j in range(size)
+        )  # ring member j holds the frames of its whole Ulysses group
+        group, rank = (None, 0) if size == 1 else (plan.ring_group, plan.ring_rank)
+    bb = None if template is None else BlockBias(template, blocks, rank, L)
+    chunks = head_chunks if size > 1 else 1
+    return RingSpec(group, rank, size, blocks, L, tpf, causal, scale, chunks, bb)
 
 
 def _ulysses_spec(plan: SequencePlan, mode: str, num_heads: int) -> UlyssesSpec:
@@ -82,10 +90,19 @@ def _ulysses_spec(plan: SequencePlan, mode: str, num_heads: int) -> UlyssesSpec:
     return UlyssesSpec(plan.ulysses_group, plan.ulysses_rank, U, num_heads, plan.text_len, rows)
 
 
-def _local_causal(q, k, v, plan: SequencePlan, scale: float) -> torch.Tensor:
-    blocks = (tuple(plan.local_segments()),)
-    spec = RingSpec(None, 0, 1, blocks, plan.text_len, plan.tokens_per_frame, True, scale)
-    return RingAttention.apply(q, k, v, spec)
+def _check_bias(bias: AttentionBias, plan: SequencePlan, q: torch.Tensor) -> None:
+    T, h, w = bias.grid
+    if T != plan.num_frames or h * w != plan.tokens_per_frame:
+        raise ValueError(
+            f"bias grid {bias.grid} does not match the plan ({plan.num_frames} frames x {plan.tokens_per_frame} "
+            "tokens per frame)"
+        )
+    if bias.table is not None and bias.table.shape[0] != q.shape[1]:
+        raise ValueError(f"bias table has {bias.table.shape[0]} heads, q has {q.shape[1]}")
+    if bias.null_kv is not None and (bias.null_kv.shape[1] != q.shape[1] or bias.null_kv.shape[3] != q.shape[3]):
+        raise ValueError(f"null_kv {tuple(bias.null_kv.shape)} must be (2, {q.shape[1]}, n, {q.shape[3]})")
+    if bias.text_mask is not None and tuple(bias.text_mask.shape) != (q.shape[0], plan.text_len):
+        raise ValueError(f"text_mask {tuple(bias.text_mask.shape)} must be (B={q.shape[0]}, L={plan.text_len})")
 
 
 def context_parallel_attention(
@@ -98,6 +115,7 @@ def context_parallel_attention(
     strategy: str = "auto",
     scale: float | None = None,
     head_chunks: int | None = None,
+    bias: AttentionBias | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's tokens over the whole context-parallel sequence.
 
@@ -110,6 +128,9 @@ def context_parallel_attention(
         head_chunks: ring strategies run the ring once per chunk of heads, so the blocks and gradient
             accumulators in flight are 1/head_chunks of the whole (same bytes on the wire, more messages).
             Default: DEFAULT_RING_HEAD_CHUNKS (capped at the head count).
+        bias: additive biases and masks on global positions (cpdit/attn_bias.py): relative-position table (ALiBi,
+            continuous position bias), null keys/values, text and frame padding. Its table and null_kv are
+            differentiable; their gradients on each rank are partial (summed over cp like the text's).
     Returns:
         (B, H, L + T_local * tpf, D) in q's dtype.
     """
@@ -125,17 +146,26 @@ def context_parallel_attention(
     if chunks < 1:
         raise ValueError(f"head_chunks={chunks} must be >= 1")
     chosen = resolve_strategy(strategy, plan, q.shape[1])
+    table = null_kv = None
+    if bias is not None:
+        _check_bias(bias, plan, q)
+        table, null_kv = bias.table, bias.null_kv
     if chosen == "local":
-        if not causal:
+        if not causal and bias is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return _local_causal(q, k, v, plan, scale)
+        return RingAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "local", causal, scale, 1, bias))
     if chosen == "ring":
-        return RingAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale, chunks))
+        return RingAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "ring", causal, scale, chunks, bias))
     if chosen == "allgather":
-        return AllGatherAttention.apply(q, k, v, _ring_spec(plan, "ring", causal, scale))
+        return AllGatherAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "ring", causal, scale, 1, bias))
     uspec = _ulysses_spec(plan, chosen, q.shape[1])
     qkv = SeqToHead.apply(torch.stack([q, k, v]), uspec)  # (3, B, h_me, L + N_group, D): one all-to-all
-    out = RingAttention.apply(qkv[0], qkv[1], qkv[2], _ring_spec(plan, chosen, causal, scale, chunks))
+    if bias is not None:  # this member's heads of the head-indexed tensors (their gradient: this slice's share)
+        hs = uspec.head_slice(uspec.rank)
+        table = None if table is None else table[hs]
+        null_kv = None if null_kv is None else null_kv[:, hs]
+    spec = _ring_spec(plan, chosen, causal, scale, chunks, bias)
+    out = RingAttention.apply(qkv[0], qkv[1], qkv[2], table, null_kv, spec)
     return HeadToSeq.apply(out, uspec)
 
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parallel.attention.kernels import acc_dtype, block_backward, block_forward, merge_into
+from parallel.attention.kernels import acc_dtype, block_backward, block_bias_grad, block_forward, merge_into
 from parallel.sequence import Segment
 
 TEXT_SOURCE = -1  # key of the text-key block in the canonical merge order
+NULL_SOURCE = -2  # the learned null key/value block (parallel/attention/bias.py): merged first
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,14 @@ def text_block_items(text_len: int, num_frame_rows: int) -> list[Item]:
     return items
 
 
+def null_block_items(num_null: int, text_len: int, num_frame_rows: int) -> list[Item]:
+    """Every query sees the null keys."""
+    if num_null == 0:
+        return []
+    items = [Item(0, text_len, 0, num_null, True)] if text_len else []
+    return items + ([Item(text_len, text_len + num_frame_rows, 0, num_null, False)] if num_frame_rows else [])
+
+
 def _rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return x[:, :, a:b]  # (B, H, b-a, D) view of (B, H, S, D)
 
@@ -96,9 +105,12 @@ class ForwardState:
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         return cls(out, lse)
 
-    def run(self, q, k, v, items: list[Item], source: int, scale: float) -> None:
+    def run(self, q, k, v, items: list[Item], source: int, scale: float, bias=None) -> None:
+        """`bias`: a parallel.attention.bias.BlockBias (or None): the additive bias of each item."""
         for it in items:
-            out, lse = block_forward(_rows(q, it.q0, it.q1), _rows(k, it.k0, it.k1), _rows(v, it.k0, it.k1), scale)
+            b = bias(it, source) if bias is not None else None
+            b = None if b is None else b.to(q.dtype)
+            out, lse = block_forward(_rows(q, it.q0, it.q1), _rows(k, it.k0, it.k1), _rows(v, it.k0, it.k1), scale, b)
             if it.text:
                 self.text_parts.setdefault(source, []).append((out, lse, it))
             else:
@@ -114,10 +126,14 @@ class ForwardState:
 
 
 def backward_items(dout, q, k, v, out, lse, items: list[Item], scale: float, dq: torch.Tensor,
-                   dk: torch.Tensor, dv: torch.Tensor) -> None:  # fmt: skip
-    """Accumulate (fp32, in place) the gradients of `items`: dq over the local rows, dk/dv over the block rows."""
+                   dk: torch.Tensor, dv: torch.Tensor, source: int = 0, bias=None,
+                   dtable: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Accumulate (fp32, in place) the gradients of `items`: dq over the local rows, dk/dv over the block rows,
+    and — with a BlockBias whose table is learned — the table's gradient into `dtable`."""
     for it in items:
-        gq, gk, gv = block_backward(
+        b = bias(it, source) if bias is not None else None
+        b = None if b is None else b.to(q.dtype)
+        args = (
             _rows(dout, it.q0, it.q1),
             _rows(q, it.q0, it.q1),
             _rows(k, it.k0, it.k1),
@@ -126,6 +142,9 @@ def backward_items(dout, q, k, v, out, lse, items: list[Item], scale: float, dq:
             lse[:, :, it.q0 : it.q1],
             scale,
         )
+        gq, gk, gv = block_backward(*args, b)
+        if dtable is not None and b is not None and bias.learns(it, source):
+            bias.add_table_grad(it, source, block_bias_grad(*args, b), dtable)
         _rows(dq, it.q0, it.q1).add_(gq)
         _rows(dk, it.k0, it.k1).add_(gk)
         _rows(dv, it.k0, it.k1).add_(gv)

@@ -29,7 +29,20 @@ def _cuda_flash_ok(q: torch.Tensor, bias) -> bool:
     return bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
 
+def _cuda_bias(bias, q, k):
+    """The memory-efficient kernel reads the bias directly: a full (B, H, Sq, Sk) view whose rows start 16-byte
+    aligned (F.scaled_dot_product_attention pads the same way before calling it)."""
+    if bias is None:
+        return None
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    sk = shape[-1]
+    pad = -sk % 16
+    out = torch.empty((*shape[:-1], sk + pad), dtype=q.dtype, device=q.device)[..., :sk]
+    return out.copy_(bias.expand(shape))
+
+
 def _cuda_forward(q, k, v, scale, bias):
+    bias = _cuda_bias(bias, q, k)
     if _cuda_flash_ok(q, bias):
         out, lse, *_ = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
         return out, lse
@@ -38,6 +51,7 @@ def _cuda_forward(q, k, v, scale, bias):
 
 
 def _cuda_backward(dout, q, k, v, out, lse, scale, bias):
+    bias = _cuda_bias(bias, q, k)
     sq, sk = q.shape[-2], k.shape[-2]
     if _cuda_flash_ok(q, bias):
         empty = torch.empty(0, device=q.device)
@@ -112,6 +126,18 @@ def block_backward(dout, q, k, v, out, lse, scale: float, bias: torch.Tensor | N
     if bias is not None:
         lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # dead rows: P = exp(-inf - 0) = 0, no NaN
     return bwd(dout, q, k, v, out, lse, scale, bias)
+
+
+def block_bias_grad(dout, q, k, v, out, lse, scale: float, bias: torch.Tensor) -> torch.Tensor:
+    """Gradient of the loss w.r.t. one block's additive bias, dS = P * (dP - rowsum(dO * O)), (B, H, Sq, Sk) in
+    `acc_dtype`, given the final out and LSE of the whole rows (the fused kernels do not return it)."""
+    acc = acc_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + bias.to(acc)
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # (B, H, Sq, Sk)
+    dp = torch.matmul(dout.to(acc), v.to(acc).transpose(-1, -2))
+    delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+    return p * (dp - delta)
 
 
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:

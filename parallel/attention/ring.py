@@ -15,7 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.attention.blocks import TEXT_SOURCE, ForwardState, backward_items, frame_block_items, text_block_items
+from parallel.attention.bias import BlockBias
+from parallel.attention.blocks import (
+    NULL_SOURCE,
+    TEXT_SOURCE,
+    ForwardState,
+    backward_items,
+    frame_block_items,
+    null_block_items,
+    text_block_items,
+)
 from parallel.attention.kernels import acc_dtype
 from parallel.comm import ring_exchange, wait_all
 from parallel.sequence import Segment
@@ -35,6 +44,7 @@ class RingSpec:
     causal: bool
     scale: float
     head_chunks: int = 1  # run the ring once per chunk of heads: rotating buffers shrink by this factor
+    bias: BlockBias | None = None  # positions and masks of this rank's blocks (tensors bound per call)
 
     def rows(self, member: int) -> int:
         return sum(b - a for a, b in self.blocks[member]) * self.tokens_per_frame
@@ -45,37 +55,46 @@ class RingSpec:
         )
 
 
-def ring_forward(q, k, v, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (B, H, L + N_rank, D). Returns out (same shape, q's dtype) and LSE (B, H, L + N_rank) fp32."""
+def ring_forward(q, k, v, spec: RingSpec, bias: BlockBias | None = None, null=None):
+    """q, k, v: (B, H, L + N_rank, D); `bias` the BlockBias with its tensors, `null` (2, B, H, n, D) null keys and
+    values. Returns out (same shape, q's dtype) and LSE (B, H, L + N_rank) fp32."""
     L = spec.text_len
     B, H, _, D = k.shape
     state = ForwardState.empty(q)
-    state.run(q, k, v, text_block_items(L, spec.rows(spec.rank)), TEXT_SOURCE, spec.scale)
+    if null is not None:
+        state.run(q, null[0], null[1], null_block_items(null.shape[3], L, spec.rows(spec.rank)), NULL_SOURCE,
+                  spec.scale, bias)  # fmt: skip
+    state.run(q, k, v, text_block_items(L, spec.rows(spec.rank)), TEXT_SOURCE, spec.scale, bias)
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D) contiguous: one message per hop
     for step in range(spec.size):
         source = (spec.rank - step) % spec.size
         if step < spec.size - 1:
             nxt = (source - 1) % spec.size
             recv, reqs = ring_exchange(kv, (2, B, H, spec.rows(nxt), D), spec.group, tag=step)
-        state.run(q, kv[0], kv[1], spec.items(source), source, spec.scale)
+        state.run(q, kv[0], kv[1], spec.items(source), source, spec.scale, bias)
         if step < spec.size - 1:
             wait_all(reqs)
             kv = recv
     return state.finalize(q.dtype)
 
 
-def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None):
+def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None, bias=None, null=None, dtable=None,
+                  dnull=None):  # fmt: skip
     """Gradients of ring_forward. `dq` (like q) and `dkv` (2, *k.shape) are zero accumulators in acc_dtype to
-    add into (views of the caller's buffers are fine); allocated when None."""
+    add into (views of the caller's buffers are fine); allocated when None. `dtable` (like the bias table) and
+    `dnull` (like `null`) receive the partial gradients of the bias table and the null keys/values when given."""
     L = spec.text_len
     B, H, _, D = k.shape
     acc_kw = dict(dtype=acc_dtype(q.dtype), device=q.device)
     dq = torch.zeros(q.shape, **acc_kw) if dq is None else dq
     dkv = torch.zeros(2, *k.shape, **acc_kw) if dkv is None else dkv  # this rank's dK/dV: [text | own frames]
     items = text_block_items(L, spec.rows(spec.rank))
-    backward_items(
-        dout, q, k[:, :, :L], v[:, :, :L], out, lse, items, spec.scale, dq, dkv[0, :, :, :L], dkv[1, :, :, :L]
-    )
+    backward_items(dout, q, k[:, :, :L], v[:, :, :L], out, lse, items, spec.scale, dq, dkv[0, :, :, :L],
+                   dkv[1, :, :, :L], TEXT_SOURCE, bias)  # fmt: skip
+    if null is not None:
+        items = null_block_items(null.shape[3], L, spec.rows(spec.rank))
+        backward_items(dout, q, null[0], null[1], out, lse, items, spec.scale, dq, dnull[0], dnull[1], NULL_SOURCE,
+                       bias)  # fmt: skip
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D)
     acc_reqs: list = []
     acc_recv = None
@@ -86,13 +105,14 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None):
             kv_recv, kv_reqs = ring_exchange(kv, (2, B, H, spec.rows(nxt), D), spec.group, tag=2 * step)
         if step == 0:  # own block: the contribution stays here
             backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq,
-                           dkv[0, :, :, L:], dkv[1, :, :, L:])  # fmt: skip
+                           dkv[0, :, :, L:], dkv[1, :, :, L:], source, bias, dtable)  # fmt: skip
         else:
             # This rank's contribution to `source`, plus what the ranks after the owner gathered so far; then on
             # to the next rank. The accumulator of a block starts one rank after its owner and reaches the owner
             # after R-1 hops, like the K/V block itself.
             acc = torch.zeros(2, B, H, spec.rows(source), D, **acc_kw)
-            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq, acc[0], acc[1])
+            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq, acc[0], acc[1],
+                           source, bias, dtable)  # fmt: skip
             if step > 1:
                 wait_all(acc_reqs)
                 acc += acc_recv
@@ -113,32 +133,51 @@ def _head_slices(num_heads: int, chunks: int) -> list[slice]:
     return [slice(a, a + n) for a, n in zip(starts, sizes, strict=True)]
 
 
+def bound_bias(spec: RingSpec, table, null_kv, hs: slice, batch: int, dtype: torch.dtype):
+    """(BlockBias with the table of heads `hs`, null keys/values (2, B, h, n, D) in `dtype`) for one ring pass."""
+    bias = None if spec.bias is None else spec.bias.with_tensors(None if table is None else table[hs], None)
+    null = None
+    if null_kv is not None:
+        null = null_kv[:, hs].to(dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1).contiguous()
+    return bias, null
+
+
 class RingAttention(torch.autograd.Function):
     """Ring attention, run once per chunk of heads (`spec.head_chunks`): the K/V blocks, dK/dV accumulators and
-    kernel scratch in flight are 1/chunks of the whole; bytes on the wire are unchanged."""
+    kernel scratch in flight are 1/chunks of the whole; bytes on the wire are unchanged. `table` (H, ...) and
+    `null_kv` (2, H, n, D) are the bias table and null keys/values (None without), differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec: RingSpec):
+    def forward(ctx, q, k, v, table, null_kv, spec: RingSpec):
         slices = _head_slices(q.shape[1], spec.head_chunks)
-        if len(slices) == 1:
-            out, lse = ring_forward(q, k, v, spec)
+        if len(slices) == 1:  # no copy into a preallocated output
+            out, lse = ring_forward(q, k, v, spec, *bound_bias(spec, table, null_kv, slices[0], q.shape[0], q.dtype))
         else:
             out = torch.empty_like(q)
             lse = torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device)
             for hs in slices:
-                out[:, hs], lse[:, hs] = ring_forward(q[:, hs], k[:, hs], v[:, hs], spec)
+                bias, null = bound_bias(spec, table, null_kv, hs, q.shape[0], q.dtype)
+                out[:, hs], lse[:, hs] = ring_forward(q[:, hs], k[:, hs], v[:, hs], spec, bias, null)
         ctx.spec = spec
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, table, null_kv)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, table, null_kv = ctx.saved_tensors
         spec: RingSpec = ctx.spec
-        acc = acc_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dkv = torch.zeros(2, *k.shape, dtype=acc, device=q.device)
+        acc = dict(dtype=acc_dtype(q.dtype), device=q.device)
+        dq = torch.zeros(q.shape, **acc)
+        dkv = torch.zeros(2, *k.shape, **acc)
+        dtable = torch.zeros(table.shape, **acc) if table is not None and ctx.needs_input_grad[3] else None
+        dnull = None
+        if null_kv is not None:
+            dnull = torch.zeros(2, q.shape[0], *null_kv.shape[1:], **acc)  # (2, B, H, n, D)
         for hs in _head_slices(q.shape[1], spec.head_chunks):  # each pass accumulates into its head slice
-            ring_backward(dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec,
-                          dq[:, hs], dkv[:, :, hs])  # fmt: skip
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+            bias, null = bound_bias(spec, table, null_kv, hs, q.shape[0], q.dtype)
+            ring_backward(dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec, dq[:, hs],
+                          dkv[:, :, hs], bias, null, None if dtable is None else dtable[hs],
+                          None if dnull is None else dnull[:, :, hs])  # fmt: skip
+        gtable = None if dtable is None else dtable.to(table.dtype)
+        gnull = None if dnull is None else dnull.sum(1).to(null_kv.dtype)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), gtable, gnull, None

@@ -1,0 +1,168 @@
+# A diffusion model of the Phenaki family (model.preset=phenaki-like): patchified latent frames, a per-frame
+# timestep embedding (each frame may carry its own noise level: the frame-causal objective), `num_layers`
+# PhenakiBlocks (cpdit/phenaki.py) whose self-attention is frame-causal with ALiBi + a continuous position bias over
+# (t, h, w) and null keys/values, cross-attention to the text, and a linear head back to patches.
+#
+# Frame-causal: the output of frame t depends only on frames <= t (attention, PEG and embeddings are all causal),
+# so training with independent per-frame noise levels teaches the model to denoise a frame given its (cleaner)
+# past, and sampling generates frames in order (cpdit/diffusion.py: sample_frames_in_order).
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from cpdit.attn_bias import AttentionBias, ContinuousPositionBias, alibi_slopes, alibi_table
+from cpdit.context import LocalContext, SequenceContext
+from cpdit.embeddings import timestep_embedding
+from cpdit.phenaki import AllHeads, PhenakiBlock
+
+
+@dataclass(frozen=True)
+class PhenakiDiTConfig:
+    in_channels: int = 3
+    out_channels: int | None = None
+    patch_size: int = 2
+    text_embed_dim: int = 32
+    num_attention_heads: int = 6
+    """6: not a power of two, so the ALiBi slopes take the seed's interleaved branch."""
+    attention_head_dim: int = 8
+    num_layers: int = 2
+    num_null_kv: int = 2
+    attn_scale: float = 8.0
+    """Temperature of the cosine-similarity attention."""
+    alibi: bool = True
+    continuous_position_bias: bool = True
+    cpb_dim: int = 32
+    cpb_layers: int = 2
+    peg: bool = True
+    peg_causal: bool = True
+    cross_attention: bool = True
+    ff_mult: float = 4.0
+    time_embed_dim: int = 64
+    frame_causal: bool = True
+    """Per-frame noise levels in training and frames generated in order when sampling."""
+    family: str = "phenaki"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def ff_hidden(self) -> int:
+        return int(self.ff_mult * (2 / 3) * self.hidden_size)
+
+
+class PhenakiDiT(nn.Module):
+    """forward(latents (B, T, C, H, W), text (B, L, text_dim), timesteps (B,) or per frame (B, T)) -> (B, T, C_out,
+    H, W); optional text_mask (B, L) bool and frame_lengths (B,) (padding frames of shorter clips)."""
+
+    def __init__(self, config: PhenakiDiTConfig):
+        super().__init__()
+        self.config = c = config
+        d, p = c.hidden_size, c.patch_size
+        self.patch_embed = nn.Linear(c.in_channels * p * p, d)
+        self.time_embed = nn.Sequential(nn.Linear(c.time_embed_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.cpb = ContinuousPositionBias(c.cpb_dim, c.num_attention_heads, 3, c.cpb_layers) if (
+            c.continuous_position_bias) else None  # fmt: skip
+        context = c.text_embed_dim if c.cross_attention else None
+        self.blocks = nn.ModuleList(
+            PhenakiBlock(
+                d,
+                c.num_attention_heads,
+                c.attention_head_dim,
+                context,
+                c.num_null_kv,
+                c.peg,
+                c.peg_causal,
+                c.ff_mult,
+                c.attn_scale,
+            )  # fmt: skip
+            for _ in range(c.num_layers)
+        )
+        self.norm_out = nn.LayerNorm(d)
+        self.proj_out = nn.Linear(d, p * p * (c.out_channels or c.in_channels))
+        self.context: SequenceContext = LocalContext()
+        self.heads = AllHeads()  # parallel/ sets a tensor-parallel view (and the same on every attention)
+        self.gradient_checkpointing = 0
+
+    def initial_value(self, name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+        """Deterministic full value of parameter `name` (identical on every rank)."""
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_scale", "k_scale") or ("norm" in name.rsplit(".", 2)[-2] and leaf == "weight"):
+            return torch.ones(shape, dtype=dtype)
+        if leaf == "bias":
+            return torch.zeros(shape, dtype=dtype)
+        if leaf == "null_kv":
+            return torch.randn(shape, generator=gen).to(dtype)
+        if name.startswith("cpb."):  # the bias MLP starts as a real function of the offsets
+            return (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        assign = assign or (lambda param, value: param.copy_(value.to(param.device)))
+        for name, param in self.named_parameters():
+            assign(param, self.initial_value(name, param.shape, param.dtype, seed))
+
+    def bias_table(self, grid: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+        """(H_local, 2T-1, 2h-1 | 1, 2w-1 | 1) ALiBi over frame distance + the continuous position bias, or None."""
+        c, table = self.config, None
+        if c.alibi:
+            slopes = torch.tensor(alibi_slopes(c.num_attention_heads), dtype=dtype, device=device)
+            table = alibi_table(slopes, grid[0])
+        if self.cpb is not None:
+            cpb = self.cpb(grid, dtype, device)
+            table = cpb if table is None else table + cpb
+        return None if table is None else self.heads.local(table, 0)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        text_embeds: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        return_local: bool = False,
+        text_mask: torch.Tensor | None = None,
+        frame_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, C, H, W = latents.shape
+        p = c.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent height {H} and width {W} must be divisible by patch_size={p}")
+        h, w = H // p, W // p
+        seq = self.context.bind(T, h * w, 0)  # text enters through cross-attention, not the sequence
+        dtype = self.patch_embed.weight.dtype
+        x = seq.shard_frames(latents.to(dtype), dim=1)  # (B, T_r, C, H, W)
+        Tr = x.shape[1]
+        x = x.reshape(B, Tr, C, h, p, w, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Tr, h * w, C * p * p)
+        steps = timesteps.expand(B, T) if timesteps.dim() == 2 else timesteps[:, None].expand(B, T)
+        steps = steps.index_select(1, seq.frame_ids(latents.device))  # (B, T_r) this process's frames
+        temb = self.time_embed(timestep_embedding(steps.reshape(-1), c.time_embed_dim).to(dtype)).view(B, Tr, 1, -1)
+        x = (self.patch_embed(x) + temb).reshape(B, Tr * h * w, -1)  # (B, T_r * h * w, D)
+        grid = (T, h, w)
+        bias = AttentionBias(grid, self.bias_table(grid, dtype, x.device), None, None, frame_lengths)
+        text = text_embeds.to(dtype)
+        every = int(self.gradient_checkpointing)
+        for i, block in enumerate(self.blocks):
+            args = (x, seq, bias, text, text_mask, (h, w))
+            if every and i % every == 0 and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        out = self.proj_out(self.norm_out(x))  # (B, T_r * h * w, p*p*C_out)
+        Co = c.out_channels or c.in_channels
+        out = out.reshape(B, Tr, h, w, Co, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Tr, Co, H, W)
+        return out if return_local else seq.gather_frames(out, dim=1)
+
+
+PHENAKI_PRESETS: dict[str, PhenakiDiTConfig] = {
+    # Phenaki's attention at a size the default job trains on CPU: 6 heads x 8, 2 blocks, every bias and mask on
+    "phenaki-like": PhenakiDiTConfig(),
+}
