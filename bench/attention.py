@@ -5,9 +5,12 @@
 #   python bench/attention.py                      # S=16384, B1 H8 D64 fp32, cp in {1, 2, 4}
 #   python bench/attention.py --seq 4096 --cps 1,2 --repeats 2
 #
-# One thread per rank; ranks are real processes with a gloo group. Time is the slowest rank's (barrier before and
-# after). Memory is the rank's peak RSS during forward+backward minus its RSS with the inputs allocated (the
-# attention working set). Error is the max |out - reference| over 64 sampled query rows against float64.
+# One thread per rank; ranks are real processes with a gloo group. Two passes over fresh processes per cp:
+# - time: the slowest rank's (barrier before and after), glibc's default allocator (what a user gets);
+# - memory, bytes and error: the rank's peak RSS during forward+backward minus its RSS with the inputs allocated
+#   (the attention working set), with glibc told to mmap large blocks so that RSS follows live memory (that
+#   setting makes every large allocation a fresh mmap and page faults, so it is not used for timing); error is
+#   the max |out - reference| over 64 sampled query rows against float64.
 from __future__ import annotations
 
 import argparse
@@ -106,7 +109,7 @@ def _strategy_fn(name: str, plan: SequencePlan, group):
     return lambda q, k, v: context_parallel_attention(q, k, v, plan, strategy=strategy, head_chunks=head_chunks)
 
 
-def _worker(rank, world, init_file, args, strategies, result_file):
+def _worker(rank, world, init_file, args, strategies, result_file, phase):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
@@ -130,7 +133,7 @@ def _worker(rank, world, init_file, args, strategies, result_file):
         fn = _strategy_fn(strategy, plan, group)
         _run(fn, local, True)  # warm-up
         times = {"fwd": [], "fwdbwd": []}
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if phase == "time" else 0):
             for kind in ("fwd", "fwdbwd"):
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -154,8 +157,8 @@ def _worker(rank, world, init_file, args, strategies, result_file):
         row = dict(
             strategy=strategy,
             cp=world,
-            fwd=statistics.median(times["fwd"]),
-            fwdbwd=statistics.median(times["fwdbwd"]),
+            fwd=statistics.median(times["fwd"]) if times["fwd"] else 0.0,
+            fwdbwd=statistics.median(times["fwdbwd"]) if times["fwdbwd"] else 0.0,
             bytes=sent,
             analytic=analytic_bytes(strategy.partition("/")[0], world, block, args.heads) if strategy != "sdpa" else 0,
             mem=peak,
@@ -181,13 +184,28 @@ def _worker(rank, world, init_file, args, strategies, result_file):
     gc.collect()
 
 
+def _spawn(args, cp: int, strategies: list[str], phase: str) -> list[dict]:
+    env = dict(MALLOC_ENV) if phase == "memory" else {}
+    saved = {k: os.environ.pop(k, None) for k in MALLOC_ENV}
+    os.environ.update(env)  # glibc reads these when the spawned ranks start
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "rows.json"
+            mp.start_processes(_worker, args=(cp, str(Path(tmp) / "rdzv"), args, strategies, str(result), phase),
+                               nprocs=cp, start_method="spawn")  # fmt: skip
+            return json.loads(result.read_text())
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
 def run_cp(args, cp: int, strategies: list[str]) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "rows.json"
-        mp.start_processes(
-            _worker, args=(cp, str(Path(tmp) / "rdzv"), args, strategies, str(result)), nprocs=cp, start_method="spawn"
-        )
-        return json.loads(result.read_text())
+    """Time rows from a default-allocator pass; memory, bytes and error from a pass with MALLOC_ENV."""
+    timed = _spawn(args, cp, strategies, "time")
+    measured = _spawn(args, cp, strategies, "memory")
+    return [dict(m, fwd=t["fwd"], fwdbwd=t["fwdbwd"]) for t, m in zip(timed, measured, strict=True)]
 
 
 def main(argv=None) -> None:
@@ -199,15 +217,13 @@ def main(argv=None) -> None:
     p.add_argument("--cps", default="1,2,4")
     p.add_argument(
         "--strategies",
-        default="ring,ring/1,ulysses,usp,allgather,naive",
-        help="ring/1 = ring in one pass over all heads (head_chunks=1)",
+        default="ring,ring/1,ring/4,ulysses,usp,allgather,naive",
+        help="ring/N = ring in N passes over chunks of heads (head_chunks=N; `ring` is the default, 8)",
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for key, value in MALLOC_ENV.items():  # read by glibc in the spawned ranks
-        os.environ.setdefault(key, value)
     rows: list[dict] = []
     for cp in (int(c) for c in args.cps.split(",")):
         if cp == 1:

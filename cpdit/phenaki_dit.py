@@ -8,8 +8,6 @@
 # past, and sampling generates frames in order (cpdit/diffusion.py: sample_frames_in_order).
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from cpdit.attn_bias import AttentionBias, ContinuousPositionBias, alibi_slopes, alibi_table
 from cpdit.context import LocalContext, SequenceContext
 from cpdit.embeddings import timestep_embedding
+from cpdit.patch_dit import PatchVideoModel, patch_grid, patchify, unpatchify
 from cpdit.phenaki import AllHeads, PhenakiBlock
 
 
@@ -57,58 +56,35 @@ class PhenakiDiTConfig:
         return int(self.ff_mult * (2 / 3) * self.hidden_size)
 
 
-class PhenakiDiT(nn.Module):
+class PhenakiDiT(PatchVideoModel):
     """forward(latents (B, T, C, H, W), text (B, L, text_dim), timesteps (B,) or per frame (B, T)) -> (B, T, C_out,
     H, W); optional text_mask (B, L) bool and frame_lengths (B,) (padding frames of shorter clips)."""
 
     def __init__(self, config: PhenakiDiTConfig):
-        super().__init__()
-        self.config = c = config
-        d, p = c.hidden_size, c.patch_size
-        self.patch_embed = nn.Linear(c.in_channels * p * p, d)
-        self.time_embed = nn.Sequential(nn.Linear(c.time_embed_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.cpb = ContinuousPositionBias(c.cpb_dim, c.num_attention_heads, 3, c.cpb_layers) if (
-            c.continuous_position_bias) else None  # fmt: skip
+        c = config
+        super().__init__(c.in_channels, c.out_channels or c.in_channels, c.patch_size, c.hidden_size, c.time_embed_dim)
+        self.config = c
+        self.cpb = None
+        if c.continuous_position_bias:
+            self.cpb = ContinuousPositionBias(c.cpb_dim, c.num_attention_heads, 3, c.cpb_layers)
         context = c.text_embed_dim if c.cross_attention else None
+        head = (c.num_attention_heads, c.attention_head_dim)
         self.blocks = nn.ModuleList(
-            PhenakiBlock(
-                d,
-                c.num_attention_heads,
-                c.attention_head_dim,
-                context,
-                c.num_null_kv,
-                c.peg,
-                c.peg_causal,
-                c.ff_mult,
-                c.attn_scale,
-            )  # fmt: skip
+            PhenakiBlock(c.hidden_size, *head, context, c.num_null_kv, c.peg, c.peg_causal, c.ff_mult, c.attn_scale)
             for _ in range(c.num_layers)
         )
-        self.norm_out = nn.LayerNorm(d)
-        self.proj_out = nn.Linear(d, p * p * (c.out_channels or c.in_channels))
         self.context: SequenceContext = LocalContext()
         self.heads = AllHeads()  # parallel/ sets a tensor-parallel view (and the same on every attention)
-        self.gradient_checkpointing = 0
 
-    def initial_value(self, name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
-        """Deterministic full value of parameter `name` (identical on every rank)."""
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    def special_value(self, name, shape, dtype, gen):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("q_scale", "k_scale") or ("norm" in name.rsplit(".", 2)[-2] and leaf == "weight"):
+        if leaf in ("q_scale", "k_scale"):
             return torch.ones(shape, dtype=dtype)
-        if leaf == "bias":
-            return torch.zeros(shape, dtype=dtype)
         if leaf == "null_kv":
             return torch.randn(shape, generator=gen).to(dtype)
-        if name.startswith("cpb."):  # the bias MLP starts as a real function of the offsets
+        if name.startswith("cpb.") and leaf == "weight":  # the bias MLP starts as a real function of the offsets
             return (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
-        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
-
-    @torch.no_grad()
-    def init_weights(self, seed: int = 0, assign: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
-        assign = assign or (lambda param, value: param.copy_(value.to(param.device)))
-        for name, param in self.named_parameters():
-            assign(param, self.initial_value(name, param.shape, param.dtype, seed))
+        return None
 
     def bias_table(self, grid: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
         """(H_local, 2T-1, 2h-1 | 1, 2w-1 | 1) ALiBi over frame distance + the continuous position bias, or None."""
@@ -133,15 +109,11 @@ class PhenakiDiT(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         B, T, C, H, W = latents.shape
-        p = c.patch_size
-        if H % p or W % p:
-            raise ValueError(f"latent height {H} and width {W} must be divisible by patch_size={p}")
-        h, w = H // p, W // p
+        h, w = patch_grid(H, W, c.patch_size)
         seq = self.context.bind(T, h * w, 0)  # text enters through cross-attention, not the sequence
         dtype = self.patch_embed.weight.dtype
-        x = seq.shard_frames(latents.to(dtype), dim=1)  # (B, T_r, C, H, W)
+        x = patchify(seq.shard_frames(latents.to(dtype), dim=1), c.patch_size)  # (B, T_r, S, C*p*p)
         Tr = x.shape[1]
-        x = x.reshape(B, Tr, C, h, p, w, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, Tr, h * w, C * p * p)
         steps = timesteps.expand(B, T) if timesteps.dim() == 2 else timesteps[:, None].expand(B, T)
         steps = steps.index_select(1, seq.frame_ids(latents.device))  # (B, T_r) this process's frames
         temb = self.time_embed(timestep_embedding(steps.reshape(-1), c.time_embed_dim).to(dtype)).view(B, Tr, 1, -1)
@@ -157,9 +129,8 @@ class PhenakiDiT(nn.Module):
             else:
                 x = block(*args)
         out = self.proj_out(self.norm_out(x))  # (B, T_r * h * w, p*p*C_out)
-        Co = c.out_channels or c.in_channels
-        out = out.reshape(B, Tr, h, w, Co, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Tr, Co, H, W)
-        return out if return_local else seq.gather_frames(out, dim=1)
+        out = unpatchify(out.view(B, Tr, h * w, -1), c.patch_size, h, w, c.out_channels or c.in_channels)
+        return out if return_local else seq.gather_frames(out, dim=1)  # (B, T | T_r, C_out, H, W)
 
 
 PHENAKI_PRESETS: dict[str, PhenakiDiTConfig] = {

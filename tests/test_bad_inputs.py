@@ -58,6 +58,8 @@ CASES = [
     ("heads vs tp", ["model.num_attention_heads=5"], {}, "does not divide model.num_attention_heads=5"),
     ("factorized heads vs tp", ["model.preset=svd-like", "model.num_attention_heads=3"], {}, "does not divide model.num_attention_heads=3"),
     ("factorized family with LoRA", ["model.preset=svd-like", "model.lora_rank=4"], {}, "model.lora_rank is for the CogVideoX presets"),
+    ("Phenaki heads vs tp", ["model.preset=phenaki-like", "model.num_attention_heads=3"], {}, "does not divide model.num_attention_heads=3"),
+    ("Phenaki family with LoRA", ["model.preset=phenaki-like", "model.lora_rank=4"], {}, "model.lora_rank is for the CogVideoX presets"),
     # --- files ---
     ("dataset directory missing", ["data.dataset=folder", "data.path={tmp}/nowhere"], {}, "data.path='{tmp}/nowhere' is not a directory"),
     ("dataset without captions", ["data.dataset=folder", "data.path={tmp}/uncaptioned"], {}, "has a labels/<name>.txt caption"),

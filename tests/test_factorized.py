@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_helpers import run_ranks
+from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
 from cpdit.factorized import FactorizedConfig, LocalAxes, SpatialVideoTransformer
 from parallel.axis_switch import AxisSwitch, SwitchAxes, split_sizes
@@ -84,9 +85,6 @@ def test_spatial_video_transformer_under_cp_equals_single_process(world, layout,
 
 def _dit(rank, world, cp, layout, ac="none", tp=1):
     from cpdit.factorized_dit import FactorizedDiT, FactorizedDiTConfig
-    from parallel.dims import ParallelDims
-    from parallel.parallelize import materialize, parallelize
-    from parallel.state import full_tensor
 
     c = FactorizedDiTConfig(text_embed_dim=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                             time_embed_dim=16, norm_groups=4, ff_in=True)  # fmt: skip
@@ -102,20 +100,11 @@ def _dit(rank, world, cp, layout, ac="none", tp=1):
     (out_ref * w).sum().backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
-    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
-    mesh = dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = FactorizedDiT(c).to(torch.float64)
-    parallelize(model, dims, mesh, layout=layout, reduce_dtype=None, activation_checkpointing=ac)  # FSDP, axis switch
-    materialize(model, "cpu", seed=3)
-    per = B // dims.dp
-    mine = slice(dims.dp_rank(rank) * per, (dims.dp_rank(rank) + 1) * per)
+    model, dims, mesh = build_parallel(FactorizedDiT, c, world, cp, tp, layout=layout, ac=ac)  # axis switching
+    mine = dp_slice(dims, rank, B)
     out = model(x[mine], txt[mine], t[mine], return_local=True)
     bound = model.context.bind(T, (H // 2) * (W // 2), L)
-    torch.testing.assert_close(out, bound.shard_frames(out_ref[mine].detach(), 1), **TOL)
-    ((out * bound.shard_frames(w[mine], 1)).sum() * dims.dp).backward()  # mean over dp -> the global sum
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full_tensor(p.grad), ref_grads[n], rtol=1e-9, atol=1e-10, msg=n)
+    check_output_and_grads(model, dims, bound, out, out_ref[mine], w[mine], ref_grads)
     del mesh
 
 

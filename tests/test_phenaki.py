@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_helpers import run_ranks
+from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
 from cpdit.phenaki_dit import PhenakiDiT, PhenakiDiTConfig
 from parallel.frame_halo import FrameWindows
@@ -76,10 +77,6 @@ def test_phenaki_dit_is_frame_causal():
 
 
 def _dit(rank, world, cp, tp, layout, attention, ac):
-    from parallel.dims import ParallelDims
-    from parallel.parallelize import materialize, parallelize
-    from parallel.state import full_tensor
-
     c = _config()
     ref = PhenakiDiT(c).double()
     ref.init_weights(3)
@@ -88,20 +85,11 @@ def _dit(rank, world, cp, tp, layout, attention, ac):
     (out_ref * w).sum().backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
-    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
-    mesh = dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = PhenakiDiT(c).to(torch.float64)
-    parallelize(model, dims, mesh, layout=layout, attention=attention, reduce_dtype=None, activation_checkpointing=ac)
-    materialize(model, "cpu", seed=3)
-    per = x.shape[0] // dims.dp
-    mine = slice(dims.dp_rank(rank) * per, (dims.dp_rank(rank) + 1) * per)
+    model, dims, mesh = build_parallel(PhenakiDiT, c, world, cp, tp, layout=layout, attention=attention, ac=ac)
+    mine = dp_slice(dims, rank, x.shape[0])
     out = model(x[mine], txt[mine], t[mine], return_local=True, text_mask=mask[mine], frame_lengths=lengths[mine])
     bound = model.context.bind(x.shape[1], 9, 0)
-    torch.testing.assert_close(out, bound.shard_frames(out_ref[mine].detach(), 1), **TOL)
-    ((out * bound.shard_frames(w[mine], 1)).sum() * dims.dp).backward()  # mean over dp -> the global sum
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(full_tensor(p.grad), ref_grads[n], rtol=1e-9, atol=1e-10, msg=n)
+    check_output_and_grads(model, dims, bound, out, out_ref[mine], w[mine], ref_grads)
     del mesh
 
 
@@ -127,3 +115,31 @@ def test_phenaki_like_preset_trains_with_the_job(tmp_path):
     assert sorted(by_step) == [1, 2, 3, 4] and all(v == v for v in by_step.values())
     assert "cp=2" in rows[0]["layout"] and "tp=2" in rows[0]["layout"]
     assert list((tmp_path / "phenaki" / "samples").glob("*.mp4"))
+
+
+def test_frames_are_sampled_in_order():
+    """sample_frames_in_order with a frame-causal model: frame t does not depend on the noise of later frames, and
+    every frame is denoised (differs from its noise)."""
+    from cpdit.diffusion import Schedule, sample_frames_in_order
+
+    model = PhenakiDiT(_config()).double()
+    model.init_weights(1)
+    txt = torch.randn(1, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, 4, 3, 6, 6, generator=gen, dtype=torch.float64)
+    other = noise.clone()
+    other[:, 2:] = torch.randn(1, 2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def denoise(x, idx):
+        calls.append(idx.clone())
+        return model(x, txt, idx.double())
+
+    schedule = Schedule.zero_snr(1000)
+    a = sample_frames_in_order(denoise, noise, schedule, 3)
+    b = sample_frames_in_order(denoise, other, schedule, 3)
+    assert torch.equal(a[:, :2], b[:, :2]) and not torch.equal(a[:, 2:], b[:, 2:])
+    assert all((a[:, t] - noise[:, t]).abs().max() > 1e-3 for t in range(4))
+    # frame 1's steps: frame 0 fixed (timestep 0), frames 2.. pure noise (the last timestep)
+    first_of_frame1 = calls[3]
+    assert first_of_frame1[0, 0] == 0 and first_of_frame1[0, 2] == 999 and first_of_frame1[0, 3] == 999
