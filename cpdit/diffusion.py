@@ -79,7 +79,10 @@ def sampling_indices(num_steps: int, num_idx: int = 1000) -> list[int]:
 
 
 def dynamic_cfg_scale(scale: float, step: int, num_steps: int) -> float:
-    """CogVideoX's dynamic CFG: guidance grows from 1 to 1 + scale along the trajectory (cosine of progress^5)."""
+    """CogVideoX's dynamic CFG (SAT guiders.DynamicCFG, exp=5): w = 1 + scale (1 - cos(pi p^5)) / 2 with p the
+    progress along the trajectory, here step / (num_steps - 1): 1 at the first (noisiest) step, 1 + scale at the last.
+    (SAT derives p from `num_steps - timestep`, mixing a step count with a timestep value; its forks fix that to
+    the sampling step, as here.)"""
     p = step / max(num_steps - 1, 1)
     return 1.0 + scale * (1.0 - math.cos(math.pi * p**5.0)) / 2.0
 
@@ -87,16 +90,45 @@ def dynamic_cfg_scale(scale: float, step: int, num_steps: int) -> float:
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, idx (B,)) -> v_hat
 
 
+def cfg_denoiser(
+    predict: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    num_steps: int,
+    dynamic: bool = True,
+) -> Denoise:
+    """Classifier-free guidance: v = v_u + w (v_c - v_u) from `predict(x, idx) -> (v_c, v_u)`, the conditional and
+    unconditional predictions. w = `scale`, or with `dynamic` CogVideoX's ramp `dynamic_cfg_scale(scale, i, n)` where
+    i counts the calls modulo `num_steps` (the position along one trajectory; also per frame when a frame-causal model
+    generates frames one after the other)."""
+    calls = 0
+
+    def denoise(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        v_c, v_u = predict(x, idx)
+        w = dynamic_cfg_scale(scale, calls % num_steps, num_steps) if dynamic else scale
+        calls += 1
+        return v_u + w * (v_c - v_u)
+
+    return denoise
+
+
 @torch.no_grad()
 def sample(
-    denoise: Denoise, noise: torch.Tensor, schedule: Schedule, num_steps: int, sampler: str = "dpmpp_2m"
+    denoise: Denoise,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    num_steps: int,
+    sampler: str = "dpmpp_2m",
+    indices: list[int] | None = None,
 ) -> torch.Tensor:
     """Generate x_0 from `noise` with DDIM (eta = 0) or DPM-Solver++(2M) in the data-prediction form
-    (Lu et al. 2022, https://arxiv.org/abs/2211.01095). `denoise` returns the (guided) v prediction."""
+    (Lu et al. 2022, https://arxiv.org/abs/2211.01095). `denoise` returns the (guided) v prediction. The timestep
+    indices visited are `sampling_indices(num_steps)` or the decreasing `indices` given; the result is the
+    denoised prediction at the last of them."""
     if sampler not in ("ddim", "dpmpp_2m"):
         raise ValueError(f"sample.sampler={sampler!r} is not 'ddim' or 'dpmpp_2m'")
     x = noise.double()
-    idx = sampling_indices(num_steps, schedule.num_idx)
+    idx = list(indices) if indices is not None else sampling_indices(num_steps, schedule.num_idx)
     a_all = schedule.sqrt_alpha_bar.double()
     x0_prev, h_prev = None, None
     for i, t in enumerate(idx):

@@ -57,7 +57,10 @@ class T5TextEncoder(nn.Module):
         super().__init__()
         from pathlib import Path
 
-        from transformers import AutoTokenizer, T5EncoderModel
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel
+        except ImportError as err:
+            raise ImportError(f"text.encoder='t5' needs transformers ({err}): pip install 'cpdit[t5]'") from err
 
         if not Path(path, "config.json").is_file():
             raise FileNotFoundError(f"text encoder path {path!r} has no config.json (a local T5 directory is needed; "

@@ -104,11 +104,12 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Tra
         fsdp=p.fsdp,
         attention=p.attention,
         layout=p.layout,
+        head_chunks=p.ring_head_chunks,
     )
     # The text encoder's gradients reduce like the model's (parallel/fsdp.py); they pass through the model's
     # output-gradient scaling, so FSDP's plain average gives the same sum over cp / mean over dp.
-    if modules.text is not None and p.fsdp and dims.size("dp_shard_cp") > 1:
-        shard_module(modules.text, mesh["dp_shard_cp"], torch.float32)
+    if modules.text is not None and p.fsdp and (dims.size("dp_shard_cp") > 1 or dims.dp_replicate > 1):
+        shard_module(modules.text, mesh.fsdp_mesh(), torch.float32)
     elif modules.text is not None and dims.size("dp_cp") > 1:
         apply_grad_allreduce(modules.text, mesh.get_group("dp_cp"), dims.dp)
     modules.to_empty(device=device)

@@ -23,10 +23,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
-    """Named architecture (`tiny`, `cogvideox-2b`, `cogvideox-5b`: full 3D attention; `svd-like`: factorized
-    spatial/temporal blocks; `phenaki-like`: frame-causal attention with ALiBi, continuous position bias and null
-    keys/values); fields below override it when set."""
+    preset: str = "demo"
+    """Named architecture: `demo` (the default job's small model), `tiny` (the tests'), `cogvideox-2b`,
+    `cogvideox-5b` (full 3D attention); `svd-like` (factorized spatial/temporal blocks); `phenaki-like`
+    (frame-causal attention with ALiBi, continuous position bias and null keys/values). Fields below override it
+    when set."""
     num_layers: int | None = None
     """Transformer blocks (None: the preset's)."""
     num_attention_heads: int | None = None
@@ -75,6 +76,10 @@ class ParallelConfig:
     """Model replicas (HSDP); the remaining data-parallel ranks shard parameters with FSDP."""
     attention: str = "auto"
     """Context-parallel attention strategy: auto, ring, ulysses, usp or allgather."""
+    ring_head_chunks: int | None = None
+    """Ring passes per attention call, over chunks of heads (None: 8 when the local K and V take 4 MiB or more, else
+    1; capped at the heads per rank): more passes keep fewer K/V blocks in flight (memory) for more, smaller
+    messages (latency)."""
     layout: str = "contiguous"
     """How frames are split over cp ranks: contiguous, or zigzag (load balance for frame-causal)."""
     fsdp: bool = True
@@ -144,7 +149,7 @@ class DataConfig:
     """Frame width in pixels."""
     fps: float = 8.0
     """Frame rate clips are sampled at."""
-    batch_size: int = 2
+    batch_size: int = 8
     """Clips per data-parallel rank per micro-step."""
     num_samples: int = 256
     """Clips in the synthetic dataset."""
@@ -156,7 +161,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -170,6 +175,8 @@ class OptimConfig:
     """Clip the global gradient norm (across all shards) to this; 0 disables."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr x min_lr_ratio at the last step (SAT LambdaWarmUpCosineScheduler)."""
+    start_lr_ratio: float = 0.0
+    """Warm-up starts at lr x start_lr_ratio at step 0 (SAT's lr_start)."""
 
 
 @dataclass
@@ -194,8 +201,9 @@ class TrainConfig:
     """Text tokens per caption (226 for T5 as in CogVideoX)."""
     num_idx: int = 1000
     """Diffusion timesteps (DDPM discretization)."""
-    shift_scale: float = 3.0
-    """SNR shift of CogVideoX's ZeroSNRDDPMDiscretization."""
+    shift_scale: float = 1.0
+    """SNR shift of CogVideoX's ZeroSNRDDPMDiscretization (CogVideoX: 3.0 for 480x720 latents; the default job's
+    16x16 pixel frames need no shift toward noise)."""
     ucg_rate: float = 0.1
     """Probability of dropping the caption (classifier-free guidance training)."""
     max_bad_steps: int = 5
@@ -388,6 +396,7 @@ def validate(job: JobConfig) -> None:
         "train.grad_accum": job.train.grad_accum,
         "train.log_every": job.train.log_every,
         "optim.lr": job.optim.lr,
+        "optim.eps": job.optim.eps,
         "checkpoint.keep_last": job.checkpoint.keep_last,
         "sample.num_steps": job.sample.num_steps,
     }
@@ -406,6 +415,7 @@ def validate(job: JobConfig) -> None:
         "optim.grad_clip": (job.optim.grad_clip, 0.0, float("inf"), True),
         "optim.weight_decay": (job.optim.weight_decay, 0.0, float("inf"), True),
         "optim.min_lr_ratio": (job.optim.min_lr_ratio, 0.0, 1.0, True),
+        "optim.start_lr_ratio": (job.optim.start_lr_ratio, 0.0, 1.0, True),
         "sample.guidance_scale": (job.sample.guidance_scale, 0.0, float("inf"), True),
     }
     for key, (value, low, high, closed) in ranges.items():
@@ -419,6 +429,7 @@ def validate(job: JobConfig) -> None:
         "train.num_idx": (job.train.num_idx, 2),
         "train.text_max_length": (job.train.text_max_length, 1),
         "data.num_samples": (job.data.num_samples, 1),
+        "parallel.ring_head_chunks": (job.parallel.ring_head_chunks or 1, 1),
     }
     for key, (value, low) in at_least.items():
         if value < low:

@@ -16,8 +16,14 @@ from parallel.state import full_tensor
 
 
 def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int, lora: bool = False) -> None:
-    """Collective (gathers full tensors); rank 0 writes. EMA weights replace the trained ones where kept.
-    With LoRA: the base weights with adapters separately, and export/lora/ in diffusers' key layout."""
+    """Collective; rank 0 writes (its write errors are raised on rank 0 only, after every collective)."""
+    full = _gather(model, ema)
+    if rank == 0:
+        _write(model, full, out, lora)
+
+
+def _gather(model: torch.nn.Module, ema: dict | None) -> dict[str, torch.Tensor]:
+    """Collective: the full tensors on every rank. EMA weights replace the trained ones where kept."""
     source = {n: (ema[n] if ema is not None and n in ema else p) for n, p in model.named_parameters()}
     # Gathering FSDP x TP (strided) shards makes DTensor warn once per tensor that it uses two all-gathers; that
     # is expected for a one-off export, so keep the log readable.
@@ -28,8 +34,12 @@ def export_model(model: torch.nn.Module, ema: dict | None, out: Path, rank: int,
         full = {n: full_tensor(t.detach()).cpu().contiguous() for n, t in source.items()}
     finally:
         redistribute_log.setLevel(level)
-    if rank != 0:
-        return
+    return full
+
+
+def _write(model: torch.nn.Module, full: dict[str, torch.Tensor], out: Path, lora: bool) -> None:
+    """model.safetensors, and a diffusers directory for the CogVideoX family. With LoRA: the base weights with
+    adapters separately, and export/lora/ in diffusers' key layout."""
     out.mkdir(parents=True, exist_ok=True)
     adapters = {n: t for n, t in full.items() if ".lora." in n}
     full = {n: t for n, t in full.items() if ".lora." not in n}

@@ -69,11 +69,13 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(n)
 
-    def log_videos(self, step: int, paths: list[Path]) -> None:
-        if self.wandb is not None and paths:
+    def log_videos(self, step: int, videos: list[tuple[Path, str]]) -> None:
+        """Sample videos (mp4 path, prompt) to wandb at `step`, the prompt as caption."""
+        if self.wandb is not None and videos:
             import wandb
 
-            self.wandb.log({"samples": [wandb.Video(str(p), format="mp4") for p in paths]}, step=step)
+            media = [wandb.Video(str(p), caption=prompt, format="mp4") for p, prompt in videos]
+            self.wandb.log({"samples": media}, step=step)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -86,10 +86,6 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
             f"data.num_samples={d.num_samples} is less than data.batch_size={d.batch_size} x {dims.dp} data-parallel "
             "ranks; raise data.num_samples or lower data.batch_size"
         )
-    if p.dp_replicate > 1 and p.fsdp:
-        raise ConfigError(
-            f"parallel.dp_replicate={p.dp_replicate} (HSDP) is not wired into the job yet; use parallel.dp_replicate=1"
-        )
     if cfg.dist.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError(
             "dist.backend='nccl' needs CUDA, which this machine or torch build lacks; use 'auto' or 'gloo'"
@@ -116,6 +112,10 @@ def _check_files(cfg: JobConfig, command: str) -> None:
         if not any(v.stem in stems for v in (root / "videos").glob("*.mp4")):
             raise ConfigError(f"data.path={d.path!r}: no videos/<name>.mp4 has a labels/<name>.txt caption")
     if cfg.text.encoder == "t5":
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise ConfigError("text.encoder='t5' needs the transformers package: pip install 'cpdit[t5]'")
         t5 = _need_dir("text.path", cfg.text.path, "config.json", hint="point it at a local T5 encoder directory")
         try:
             width = json.loads((t5 / "config.json").read_text()).get("d_model")

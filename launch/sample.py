@@ -3,12 +3,13 @@
 # mp4 + gif + frame-grid PNG per prompt.
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from cpdit.diffusion import Schedule, dynamic_cfg_scale, sample, sample_frames_in_order, sampling_indices
+from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
 from launch.build import build_first_stage
 from launch.config import JobConfig
 from launch.env import DistEnv
@@ -49,48 +50,56 @@ def ema_weights(model: torch.nn.Module, ema: dict | None):
 
 
 @torch.no_grad()
-def sample_videos(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_dir: Path, env: DistEnv) -> list[Path]:
-    """Collective over all ranks. Returns the files this rank wrote."""
+def sample_videos(
+    cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_dir: Path, env: DistEnv
+) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Collective over all ranks. Returns ([(mp4 written by this rank, its prompt)], [write errors of this rank]).
+
+    Prompt k goes to data-parallel replica k % dp, is named `kkk_<prompt>` and starts from noise seeded by
+    (sample.seed, k), so a prompt's video does not depend on the layout. A failed write is reported and the loop
+    goes on: the other ranks are in the same forwards, and a rank that left early would desynchronise them."""
     prompts = read_prompts(cfg)
     dp_rank, dp = dims.dp_rank(env.rank), dims.dp
-    mine = prompts[dp_rank::dp]
+    mine = list(range(dp_rank, len(prompts), dp))
     per_rank = -(-len(prompts) // dp)  # every replica runs the same number of forwards (FSDP collectives)
-    mine = mine + [mine[-1] if mine else prompts[0]] * (per_rank - len(mine))
+    mine = mine + [None] * (per_rank - len(mine))
     coords = dims.coords(env.rank)
     writer = coords["cp"] == 0 and coords["tp"] == 0
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
     first_stage = build_first_stage(cfg, dims, mesh, next(modules.parameters()).device)
     d, c = cfg.data, modules.dit.config
     steps = len(sampling_indices(cfg.sample.num_steps, schedule.num_idx))
-    written: list[Path] = []
+    written: list[tuple[Path, str]] = []
+    errors: list[str] = []
     modules.eval()
     with ema_weights(modules.dit, ema):
-        for i, prompt in enumerate(mine):
+        for k in mine:
+            prompt = prompts[k if k is not None else 0]
             text = modules.encode([prompt])
-            gen = torch.Generator().manual_seed(cfg.sample.seed + 1000 * (dp_rank * per_rank + i))
+            gen = torch.Generator().manual_seed(cfg.sample.seed + 1000 * (k or 0))
             frames = 1 + (d.num_frames - 1) // first_stage.temporal_factor
             sf = first_stage.spatial_factor
             noise = torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
-            counter = {"n": 0}
 
-            def denoise(x, idx, text=text, counter=counter):
+            def predict(x, idx, text=text):  # (v_c, v_u): the conditional and unconditional branch in one batch
                 both = modules.dit(
                     torch.cat([x, x]), torch.cat([text, torch.zeros_like(text)]), torch.cat([idx, idx]).float()
                 )
-                v_c, v_u = both.chunk(2)
-                s = cfg.sample.guidance_scale
-                if cfg.sample.dynamic_cfg:  # along each trajectory (per frame when frames are generated in order)
-                    s = dynamic_cfg_scale(s, counter["n"] % steps, steps)
-                counter["n"] += 1
-                return v_u + s * (v_c - v_u)
+                return both.chunk(2)
 
+            denoise = cfg_denoiser(predict, cfg.sample.guidance_scale, steps, cfg.sample.dynamic_cfg)
             run = sample_frames_in_order if getattr(c, "frame_causal", False) else sample
             video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
-            if writer and i < len(prompts[dp_rank::dp]):
+            if writer and k is not None:
                 slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:48]
-                written += write_video(video[0], out_dir / f"{dp_rank * per_rank + i:03d}_{slug}", fps=d.fps)
+                try:
+                    files = write_video(video[0], out_dir / f"{k:03d}_{slug}", fps=d.fps)
+                    written.append((files[0], prompt))
+                except Exception as err:  # disk full, codec missing: this video is lost, the others are not
+                    errors.append(f"writing the video of prompt {k} ({prompt!r}) to {out_dir}: {type(err).__name__}: "
+                                  f"{err}")  # fmt: skip
     modules.train()
-    return written
+    return written, errors
 
 
 def sample_job(cfg: JobConfig, env: DistEnv) -> int:
@@ -114,9 +123,11 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
         optimizer = torch.optim.AdamW([q for q in modules.parameters() if q.requires_grad], lr=cfg.optim.lr)
         ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
         meta = checkpoint.load(path, modules, optimizer, ema)
-        files = sample_videos(cfg, modules, ema, dims, mesh, run_dir / "samples" / f"step_{meta['step']:08d}", env)
-        for f in files:
-            if f.suffix == ".mp4":
-                print(f"cpdit sample: wrote {f}", flush=True)
+        out = run_dir / "samples" / f"step_{meta['step']:08d}"
+        files, errors = sample_videos(cfg, modules, ema, dims, mesh, out, env)
+        for f, _ in files:
+            print(f"cpdit sample: wrote {f}", flush=True)
+        for e in errors:
+            print(f"cpdit sample: ERROR {e}", file=sys.stderr, flush=True)
         del mesh, modules, optimizer
-    return 0
+    return 1 if errors else 0

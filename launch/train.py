@@ -28,22 +28,47 @@ from launch.metrics import RunLog, plot_loss
 from launch.preemption import EXIT_PREEMPTED, StopRequest, clear_marker, under_torchelastic, write_marker
 from launch.watchdog import HangWatchdog
 from parallel.dims import ParallelDims
+from parallel.fsdp import reduce_gradients
 from parallel.loss_scale import DynamicLossScale
 from parallel.progress import PROGRESS, in_collective
 from parallel.train_utils import clip_grad_norm, ema_update
 
 
-def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """SAT's LambdaWarmUpCosineScheduler: linear warm-up from 0 to 1, then cosine down to min_ratio at `total`."""
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float, start_ratio: float = 0.0) -> float:
+    """SAT's LambdaWarmUpCosineScheduler with lr_max 1, lr_start `start_ratio`, lr_min `min_ratio` and
+    max_decay_steps `total`: linear from start_ratio at step 0 towards 1 over `warmup` steps, then cosine down to
+    min_ratio at step `total`."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (1.0 - start_ratio) / warmup * step + start_ratio
     t = min((step - warmup) / max(total - warmup, 1), 1.0)
     return min_ratio + 0.5 * (1 - min_ratio) * (1 + math.cos(math.pi * t))
 
 
-def draw_seed(seed: int, dp_rank: int, step: int, micro: int) -> int:
-    """Every random draw of a micro-step: identical on the cp x tp ranks of one replica, distinct across dp."""
-    return (((seed * 1_000_003 + dp_rank) * 1_000_033 + step) * 131 + micro) % 2**63
+FIRST_STAGE_STREAM = 1 << 20  # draw_seed indices at and above this seed the first stage's posterior samples
+
+
+def draw_seed(seed: int, dp_rank: int, step: int, index: int) -> int:
+    """The seed of a random draw of one optimizer step: identical on the cp x tp ranks of one replica, distinct
+    across data-parallel ranks, steps and `index` (a sample of the step's accumulated batch, or a stream)."""
+    return (((seed * 1_000_003 + dp_rank) * 1_000_033 + step) * 2_097_169 + index) % 2**63
+
+
+def diffusion_draws(
+    shape: torch.Size, num_idx: int, train, dp_rank: int, dp: int, step: int, first: int, frame_causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timestep indices (B,) or per frame (B, T), noise (B, ...) and the caption keep mask (B,) of a micro-batch.
+    Sample j draws from its own generator seeded by its index `first + j` in the step's accumulated batch, so
+    k micro-steps of batch b draw exactly what one step of batch k*b draws (accumulation changes nothing)."""
+    idx, noise, keep = [], [], []
+    for j in range(shape[0]):
+        g = torch.Generator().manual_seed(draw_seed(train.seed, dp_rank, step, first + j))
+        if frame_causal:  # a noise level per frame
+            idx.append(per_frame_timesteps(1, shape[1], num_idx, dp_rank, dp, g)[0])
+        else:
+            idx.append(sample_timesteps(1, num_idx, dp_rank, dp, g)[0])
+        noise.append(torch.randn(shape[1:], generator=g))
+        keep.append(torch.rand((), generator=g) >= train.ucg_rate)  # classifier-free dropout of the caption
+    return torch.stack(idx), torch.stack(noise), torch.stack(keep)
 
 
 def elastic_attempt(device: torch.device) -> int:
@@ -146,7 +171,8 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 watchdog.step_begin()
             faults.step_start(step)
             t0 = time.perf_counter()
-            lr = cfg.optim.lr * lr_multiplier(step, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+            o = cfg.optim
+            lr = o.lr * lr_multiplier(step, o.warmup_steps, cfg.train.steps, o.min_lr_ratio, o.start_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -156,19 +182,20 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 t_data = time.perf_counter()
                 video, captions = batches.next()
                 data_time += time.perf_counter() - t_data
-                gen = torch.Generator().manual_seed(draw_seed(cfg.train.seed, dp_rank, step, micro))
+                # the first stage's posterior sample: one generator per micro-step (its own stream of seeds)
+                stream = FIRST_STAGE_STREAM + micro
+                gen = torch.Generator().manual_seed(draw_seed(cfg.train.seed, dp_rank, step, stream))
                 PROGRESS.enter("first stage")
                 if cache is not None:
                     x0 = cache.encode(first_stage, video.to(device), batches.last_ids, gen).float()
                 else:
                     x0 = first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
                 B = x0.shape[0]
-                if getattr(mcfg, "frame_causal", False):  # a noise level per frame (B, T)
-                    idx = per_frame_timesteps(B, x0.shape[1], schedule.num_idx, dp_rank, dims.dp, gen)
-                else:
-                    idx = sample_timesteps(B, schedule.num_idx, dp_rank, dims.dp, gen)
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                keep = (torch.rand(B, generator=gen) >= cfg.train.ucg_rate).to(device)  # classifier-free dropout
+                idx, noise, keep = diffusion_draws(
+                    x0.shape, schedule.num_idx, cfg.train, dp_rank, dims.dp, step, micro * B,
+                    getattr(mcfg, "frame_causal", False),
+                )  # fmt: skip
+                noise, keep = noise.to(device), keep.to(device)
                 a = schedule.alpha(idx).to(device)
                 x_t = add_noise(x0, noise, a)
                 PROGRESS.enter("forward")
@@ -184,6 +211,8 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 PROGRESS.enter("backward")
                 (loss * scaler.scale if scaler is not None else loss).backward()
                 loss_sum += loss.detach().double()
+            PROGRESS.enter("gradient reduction")
+            reduce_gradients(modules)  # parallel.fsdp=false: once, after the last micro-step
             PROGRESS.enter("loss reduction")
             with in_collective("all_reduce(loss)"):
                 dist.all_reduce(loss_sum, group=dp_cp)
@@ -264,15 +293,55 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
         if watchdog is not None:
             watchdog.stop()
     PROGRESS.enter("finish")
+    failures = finish(cfg, modules, ema, dims, mesh, env, run_dir, log, cfg.train.steps)
     log.close()
-    if rank == 0:
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    if cfg.sample.at_end:
-        from launch.sample import sample_videos
+    if failures:
+        if rank == 0:
+            kept = checkpoint.find_resume(ckpt_root, "auto")
+            print(
+                f"cpdit: training finished and its checkpoint is saved ({kept}), but {failures} of the final "
+                "steps (loss plot, samples, export) failed; see the errors above",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 1
+    return 0
 
-        sample_videos(cfg, modules, ema, dims, mesh, run_dir / "samples", env)
+
+def finish(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, env: DistEnv, run_dir: Path, log, step: int) -> int:
+    """Collective. The loss plot, the samples and the export, after the final checkpoint is on disk. Each reports its
+    own error and the others still run; returns how many failed on any rank (the same number on every rank)."""
+    errors: list[str] = []
+
+    def attempt(what: str, fn) -> None:
+        try:
+            errors.extend(f"{what}: {e}" for e in fn() or [])
+        except Exception as err:  # noqa: BLE001 - reported, and the next step still runs
+            errors.append(f"{what}: {type(err).__name__}: {err}")
+
+    if env.rank == 0:
+        attempt("loss plot", lambda: plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png"))
+    if cfg.sample.at_end:
+        from launch.sample import read_prompts, sample_videos
+
+        def samples() -> list[str]:
+            out = run_dir / "samples"
+            _, write_errors = sample_videos(cfg, modules, ema, dims, mesh, out, env)
+            dist.barrier()  # every replica's videos are on disk: rank 0 logs them all, captioned with their prompt
+            if env.rank == 0:
+                prompts = read_prompts(cfg)
+                log.log_videos(step, [(f, prompts[int(f.name[:3])]) for f in sorted(out.glob("[0-9][0-9][0-9]_*.mp4"))
+                                      if int(f.name[:3]) < len(prompts)])  # fmt: skip
+            return write_errors
+
+        attempt("samples", samples)
     if cfg.train.export:
         from launch.export import export_model
 
-        export_model(modules.dit, ema, run_dir / "export", rank, lora=bool(cfg.model.lora_rank))
-    return 0
+        attempt("export", lambda: export_model(modules.dit, ema, run_dir / "export", env.rank, cfg.model.lora_rank > 0))
+    for e in errors:
+        print(f"cpdit [rank {env.rank}]: ERROR in {e}", file=sys.stderr, flush=True)
+    kinds = torch.tensor([float(any(e.startswith(k) for e in errors)) for k in ("loss plot", "samples", "export")])
+    with in_collective("all_reduce(final steps failed)"):
+        dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
+    return int(kinds.sum().item())

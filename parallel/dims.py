@@ -2,6 +2,7 @@
 # and answers "which coordinate is rank r on each axis" as a pure function (testable without processes).
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -173,6 +174,10 @@ class ParallelDims:
 
         root = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
         flat = {name: root[dims]._flatten(name) for name, dims in FLAT_DIMS.items()}
+        if self.dp_replicate > 1:  # HSDP: replicate over dp_replicate, shard over dp_shard x cp
+            with warnings.catch_warnings():  # torch deprecates slicing a flattened dim out of the root
+                warnings.simplefilter("ignore")
+                flat["hsdp"] = root["dp_replicate", "dp_shard_cp"]
         return ParallelMesh(root, flat)
 
 
@@ -195,6 +200,11 @@ class ParallelMesh:
     @property
     def device_type(self) -> str:
         return self.root.device_type
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """What FSDP2 shards over: the 1-D dp_shard x cp view, or the 2-D (dp_replicate, dp_shard x cp) mesh
+        (HSDP: parameters sharded inside a replica, gradients all-reduced across replicas) when dp_replicate > 1."""
+        return self.flat["hsdp"] if "hsdp" in self.flat else self.flat["dp_shard_cp"]
 
     def cp_mesh(self) -> DeviceMesh:
         """The 2-D (cp_ring, cp_ulysses) sub-mesh that sequence plans and attention take."""

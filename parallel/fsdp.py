@@ -8,6 +8,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from parallel.progress import in_collective
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -35,7 +38,7 @@ def apply_fsdp(
     reduce_dtype: torch.dtype | None,
     reshard_after_forward: bool = True,
 ) -> None:
-    """fully_shard each block, then the root, over `mesh` (dp_shard x cp).
+    """fully_shard each block, then the root, over `mesh` (dp_shard x cp; or (dp_replicate, dp_shard x cp): HSDP).
 
     FSDP averages over the dp x cp ranks of the mesh; cp gradients must be summed, so the output gradient is
     scaled by cp first (set_gradient_divide_factor would need ReduceOp.PREMUL_SUM, which gloo lacks)."""
@@ -52,13 +55,42 @@ def shard_module(module: nn.Module, mesh: DeviceMesh, reduce_dtype: torch.dtype 
     fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
 
 
+class GradientAllReduce:
+    """Without FSDP: after the backward of the last micro-step, every gradient is summed over dp x cp and divided
+    by dp, in one flat all-reduce per dtype, in parameter order (identical on every rank; reducing from autograd
+    hooks instead would follow each rank's own backward order, and with accumulation would reduce partial sums
+    more than once). DTensor (tensor-parallel) gradients reduce their local shards. Parameters are looked up at
+    each call: a model built on the meta device gets new parameter objects when it is materialised."""
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup, dp: int):
+        self.module = module
+        self.group, self.dp = group, dp
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        for dtype in sorted({g.dtype for g in local}, key=str):
+            bucket = [g for g in local if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum of numels,)
+            with in_collective("all_reduce(gradients)"):
+                dist.all_reduce(flat, group=self.group)
+            flat.div_(self.dp)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
 def apply_grad_allreduce(model: nn.Module, group: dist.ProcessGroup, dp: int) -> None:
-    """Without FSDP: sum each gradient over dp x cp once it is accumulated, then divide by dp."""
+    """Without FSDP: gradients are reduced by `reduce_gradients(model)` once per optimizer step."""
+    model._cpdit_grad_allreduce = GradientAllReduce(model, group, dp)
 
-    def hook(param: torch.Tensor) -> None:
-        dist.all_reduce(param.grad, group=group)
-        param.grad.div_(dp)
 
-    for p in model.parameters():
-        if p.requires_grad:
-            p.register_post_accumulate_grad_hook(hook)
+def reduce_gradients(module: nn.Module) -> None:
+    """Call once after the last backward of an optimizer step: reduces the gradients of every submodule under
+    `apply_grad_allreduce` (FSDP2 modules reduce-scatter in their backward and need nothing)."""
+    for m in module.modules():
+        reducer = m.__dict__.get("_cpdit_grad_allreduce")
+        if reducer is not None:
+            reducer()

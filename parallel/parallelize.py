@@ -58,13 +58,8 @@ def parallelize(
     if compile:
         for block in model.blocks:
             block.compile()
-    if fsdp and dims.size("dp_shard_cp") > 1:
-        if dims.dp_replicate > 1:
-            raise NotImplementedError(
-                "dp_replicate > 1 (HSDP) is not wired into parallelize yet; use dp_replicate=1 (FSDP over all "
-                "data-parallel and cp ranks)"
-            )
-        apply_fsdp(model, mesh["dp_shard_cp"], dims.cp, param_dtype, reduce_dtype)
+    if fsdp and dims.size("dp_cp") > 1 and (dims.size("dp_shard_cp") > 1 or dims.dp_replicate > 1):
+        apply_fsdp(model, mesh.fsdp_mesh(), dims.cp, param_dtype, reduce_dtype)  # FSDP2, or HSDP when replicated
     elif dims.size("dp_cp") > 1:
         apply_grad_allreduce(model, mesh.get_group("dp_cp"), dims.dp)
     return model

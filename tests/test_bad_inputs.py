@@ -18,7 +18,7 @@ CASES = [
     ("multi-node without rendezvous", ["--nnodes", "2"], {}, "--nnodes > 1 needs --rdzv-endpoint"),
     ("zero cp", ["parallel.cp_size=0"], {}, "cp_size=0 must be >= 1"),
     ("tp not dividing heads", ["--cp-size", "1", "--model-parallel-size", "4"], {}, "does not divide model.num_attention_heads=6"),
-    ("HSDP not wired", ["--nproc-per-node", "8", "parallel.dp_replicate=2"], {}, "parallel.dp_replicate=2 (HSDP)"),
+    ("HSDP replicas do not divide", ["parallel.dp_replicate=3"], {}, "dp_replicate=3 does not divide"),
     ("injected rank outside world", ["debug.fail_rank=9"], {}, "debug.fail_rank=9 is not a rank"),
     # --- launcher environments (cpdit-launch running inside torchrun / mpirun / srun) ---
     ("torchrun env without port", [], {**TORCHRUN, "MASTER_PORT": ""}, "MASTER_PORT"),

@@ -7,6 +7,7 @@ from distributed_helpers import run_ranks
 from cpdit import CPDiT, CPDiTConfig
 from cpdit.lora import add_lora
 from parallel.dims import ParallelDims
+from parallel.fsdp import reduce_gradients
 from parallel.parallelize import materialize, parallelize
 from parallel.state import full_tensor, load_full_state_dict
 
@@ -35,8 +36,8 @@ def _inputs(batch, seed):
 
 
 def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", layout="contiguous", ac="none",
-                 batch_per_rank=1, seed=0, lora=0):  # fmt: skip
-    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses)
+                 batch_per_rank=1, seed=0, lora=0, replicate=1, fsdp=True):  # fmt: skip
+    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=replicate)
     mesh = dims.build_mesh("cpu")
     cfg = _config(pos)
     ref = CPDiT(cfg).double()
@@ -57,7 +58,8 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
         model = CPDiT(cfg).to(torch.float64)
         if lora:
             add_lora(model, lora)
-    parallelize(model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None)
+    parallelize(model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None,
+                fsdp=fsdp)  # fmt: skip
     materialize(model, "cpu")
     load_full_state_dict(model, sd)
     d = dims.dp_rank(rank)
@@ -65,10 +67,12 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     out_local = model(x[mine], txt[mine], t[mine], return_local=True)
     bound = model.context.bind(T, (H // 2) * (W // 2), L)
     w_local, ref_local = bound.shard_frames(w[mine], 1), bound.shard_frames(out_ref[mine].detach(), 1)
-    what = f"rank {rank} dp={dims.dp} cp={cp} tp={tp} ulysses={ulysses} {strategy} {pos} {layout} ac={ac}"
+    what = (f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
+            f"{strategy} {pos} {layout} ac={ac}")  # fmt: skip
     torch.testing.assert_close(out_local, ref_local, **F64, msg=lambda m: f"{what} output: {m}")
     # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
     ((out_local * w_local).sum() * dims.dp / n).backward()
+    reduce_gradients(model)  # without FSDP: the explicit all-reduce over dp x cp (FSDP reduced in the backward)
     for name, p in model.named_parameters():
         if ref_grads[name] is None:
             assert p.grad is None, name
@@ -96,11 +100,15 @@ def _four(rank, world):
     check_layout(rank, world, cp=2, tp=1)  # dp=2 x cp=2
     check_layout(rank, world, cp=1, tp=2, ac="selective")  # dp=2 x tp=2
     check_layout(rank, world, cp=2, tp=2, lora=4)  # LoRA adapters under TP + CP, base frozen
+    check_layout(rank, world, cp=2, tp=1, replicate=2)  # HSDP: 2 replicas, each sharded over its cp=2 ranks
+    check_layout(rank, world, cp=2, tp=2, fsdp=False)  # no FSDP: explicit gradient all-reduce, TP DTensors
 
 
 def _eight(rank, world):
     check_layout(rank, world, cp=4, tp=2, ulysses=2, strategy="usp", pos="rope")  # usp 2 x 2, tp 2
     check_layout(rank, world, cp=2, tp=2, batch_per_rank=2)  # dp=2 x cp=2 x tp=2
+    check_layout(rank, world, cp=2, tp=2, replicate=2)  # HSDP x cp x tp
+    check_layout(rank, world, cp=2, tp=1, fsdp=False)  # no FSDP: dp=4 x cp=2
 
 
 def _one(rank, world):

@@ -45,6 +45,7 @@ def test_run_directory(uninterrupted):
                                                                             "step_00000006"]  # fmt: skip
     assert (run / "config.yaml").is_file() and (run / "loss.png").stat().st_size > 1000
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list((run / "wandb").glob("offline-run-*/files/media/videos/samples_*.mp4"))  # the samples reach wandb
     assert "api_key" not in (run / "config.yaml").read_text()
     mp4 = next((run / "samples").glob("*.mp4"))
     frames = imageio.mimread(str(mp4))
@@ -126,3 +127,16 @@ def test_lora_finetune_from_diffusers_export(uninterrupted):
     original = load_file(str(tmp / "a" / "export" / "model.safetensors"))
     assert all(torch.equal(base[k], original[k]) for k in original)  # the base stayed frozen
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # the adapters trained
+
+
+def test_a_failing_final_step_loses_nothing(tmp_path):
+    """The loss plot fails (its path is a directory): the job exits 1 naming it, but the final checkpoint, the
+    samples and the export are all written."""
+    run = tmp_path / "pf"
+    (run / "loss.png").mkdir(parents=True)
+    r = launch(tmp_path, "pf", "train.steps=2", "sample.at_end=true", "train.export=true", "sample.num_steps=2",
+               "sample.prompts=[a red circle moving left]", "debug.nan_at_step=null", check=False)  # fmt: skip
+    assert r.returncode != 0
+    assert "ERROR in loss plot" in r.stderr and "1 of the final steps" in r.stderr
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")][-1] == "step_00000002"
+    assert list((run / "samples").glob("*.mp4")) and (run / "export" / "model.safetensors").is_file()

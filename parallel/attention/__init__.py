@@ -27,6 +27,15 @@ STRATEGIES = ("auto", "ring", "ulysses", "usp", "allgather")
 # save memory: 8 passes cut the ring's in-flight buffers to an eighth for the price of 8x more (smaller) messages,
 # which at long sequences costs no time (bench/README.md: 0.29x of cp=1's working set at cp=4, as fast as 1 pass).
 DEFAULT_RING_HEAD_CHUNKS = 8
+# ...but a small model's blocks are tiny and its ring is latency-bound: below this many bytes of local K + V the
+# default is one pass (the default job's attention: 0.5 MiB; bench/attention.py's S=16384: 64 MiB).
+CHUNK_ABOVE_BYTES = 4 << 20
+
+
+def default_head_chunks(k: torch.Tensor) -> int:
+    """Ring passes when `head_chunks` is not given: DEFAULT_RING_HEAD_CHUNKS for K/V blocks of at least
+    CHUNK_ABOVE_BYTES (K + V), else 1."""
+    return DEFAULT_RING_HEAD_CHUNKS if 2 * k.numel() * k.element_size() >= CHUNK_ABOVE_BYTES else 1
 
 
 def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
@@ -128,7 +137,7 @@ def context_parallel_attention(
         scale: softmax scale (default D ** -0.5).
         head_chunks: ring strategies run the ring once per chunk of heads, so the blocks and gradient
             accumulators in flight are 1/head_chunks of the whole (same bytes on the wire, more messages).
-            Default: DEFAULT_RING_HEAD_CHUNKS (capped at the head count).
+            Default: `default_head_chunks` (8 for large blocks, 1 for small ones; capped at the head count).
         bias: additive biases and masks on global positions (cpdit/attn_bias.py): relative-position table (ALiBi,
             continuous position bias), null keys/values, text and frame padding. Its table and null_kv are
             differentiable; their gradients on each rank are partial (summed over cp like the text's).
@@ -143,7 +152,7 @@ def context_parallel_attention(
             f"{plan.num_local_frames()} frames x {plan.tokens_per_frame}); shard the sequence with plan.shard"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chunks = DEFAULT_RING_HEAD_CHUNKS if head_chunks is None else head_chunks
+    chunks = default_head_chunks(k) if head_chunks is None else head_chunks
     if chunks < 1:
         raise ValueError(f"head_chunks={chunks} must be >= 1")
     chosen = resolve_strategy(strategy, plan, q.shape[1])

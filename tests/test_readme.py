@@ -1,0 +1,55 @@
+# Every command README.md shows is run somewhere: the two set-up commands by .ci/run (in a fresh virtual
+# environment, read out of README.md), the configuration examples here (as written, shortened by overrides
+# appended after them), and each launcher line by the test file named beside it.
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from job_helpers import ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SHORT = ["train.steps=2", "sample.num_steps=2", "train.export=false", "logging.wandb=false", "checkpoint.every=0",
+         "sample.prompts=[a red circle moving left]"]  # fmt: skip
+
+
+def bash_blocks() -> list[list[str]]:
+    return [[ln for ln in b.strip().splitlines() if ln.strip()] for b in re.findall(r"```bash\n(.*?)```", README, re.S)]
+
+
+def test_ci_runs_the_two_setup_commands():
+    setup = [ln for b in bash_blocks() for ln in b if ln.startswith("(python -c 'import torch'")]
+    assert len(setup) == 2, setup
+    assert setup[0].endswith("cpdit-launch train") and setup[1].endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m venv" in ci and "grep -E \"^\\(python -c 'import torch'\" README.md" in ci
+
+
+CONFIG_EXAMPLES = [ln for b in bash_blocks() for ln in b if ln.startswith("cpdit-launch ")]
+
+
+def test_readme_has_configuration_examples():
+    assert len(CONFIG_EXAMPLES) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", CONFIG_EXAMPLES)
+def test_configuration_example_runs(tmp_path, command):
+    argv = shlex.split(command)
+    cmd = [sys.executable, "-m", "launch", *argv[1:], *SHORT, f"train.output_dir={tmp_path}"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert list(tmp_path.glob("*/samples/*.mp4")), "the example's job wrote no samples"
+
+
+def test_launcher_lines_name_their_tests():
+    """Each launcher line of the Launching section names the test file that runs it, and that file exists."""
+    section = README.split("## Launching", 1)[1].split("\n## ", 1)[0]
+    for bullet in re.findall(r"^- \*\*.*?(?=^- \*\*|\Z)", section, re.S | re.M):
+        named = re.findall(r"`(tests/test_\w+\.py)`", bullet)
+        assert named, f"README launcher line names no test: {bullet[:120]}"
+        for path in named:
+            assert (ROOT / path).is_file(), path
