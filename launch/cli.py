@@ -89,6 +89,12 @@ def torchrun_command(
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # forwarded to the workers: preemption
     ]
     if args.rdzv_endpoint:
+        host, _, port = args.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"--rdzv-endpoint={args.rdzv_endpoint!r} is not host:port with a TCP port in 1..65535 "
+                "(e.g. node1:29400)"
+            )
         cmd += [
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={args.rdzv_endpoint}",

@@ -360,6 +360,11 @@ def load_config(*yaml_paths: str | Path, overrides: list[str] | None = None) -> 
             loaded = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (model:, parallel:, train:, ...), "
+                f"not a {type(loaded).__name__.replace('Config', '').lower()}"
+            )
         cfg = _merge(cfg, loaded, str(path))
     for item in overrides or []:
         if "=" not in item:

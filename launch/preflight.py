@@ -134,8 +134,29 @@ def _check_files(cfg: JobConfig, command: str) -> None:
         _need_dir("checkpoint.resume", resume, "meta.json", hint="a complete checkpoint directory (step_XXXXXXXX)")
     if cfg.sample.checkpoint:
         _need_dir("sample.checkpoint", cfg.sample.checkpoint, "meta.json", hint="a complete checkpoint directory")
-    if cfg.sample.prompts_file and not Path(cfg.sample.prompts_file).is_file():
-        raise ConfigError(f"sample.prompts_file={cfg.sample.prompts_file!r} does not exist")
+    if cfg.sample.prompts_file:
+        prompts = Path(cfg.sample.prompts_file)
+        if not prompts.is_file():
+            raise ConfigError(f"sample.prompts_file={cfg.sample.prompts_file!r} does not exist")
+        if not any(line.strip() for line in prompts.read_text(errors="replace").splitlines()):
+            raise ConfigError(f"sample.prompts_file={cfg.sample.prompts_file!r} holds no prompt (one per line)")
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    for parent in (run_dir, *run_dir.parents):  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"train.output_dir={cfg.train.output_dir!r}: {str(parent)!r} is a file, so the run directory "
+                    f"{str(run_dir)!r} cannot be created; choose another train.output_dir or train.run_name"
+                )
+            break
+    if command == "sample" and not cfg.sample.checkpoint:
+        from launch.checkpoint import find_resume
+
+        if find_resume(run_dir / "checkpoints", "auto") is None:
+            raise ConfigError(
+                f"cpdit-launch sample: no complete checkpoint under {str(run_dir / 'checkpoints')!r}; train first "
+                "(cpdit-launch train) or set sample.checkpoint=DIR"
+            )
     if command == "sample" and not cfg.sample.prompts_file and not cfg.sample.prompts:
         raise ConfigError("no prompts: set sample.prompts or sample.prompts_file")
 

@@ -12,9 +12,14 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
 ENV.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
 
 
+# Job tests test the machinery, on the tests' `tiny` model with small batches (fast, and the tolerances below are
+# for it); the default job itself runs in .ci/run and in tests/test_readme.py. Overrides given later win.
+TEST_MODEL = ["model.preset=tiny", "data.batch_size=2"]
+
+
 def job_cmd(tmp, name, *extra, command="train", nproc=4, launcher_flags=()):
     return [sys.executable, "-m", "launch", "--nproc-per-node", str(nproc), *launcher_flags, command,
-            f"train.output_dir={tmp}", f"train.run_name={name}", *extra]  # fmt: skip
+            f"train.output_dir={tmp}", f"train.run_name={name}", *TEST_MODEL, *extra]  # fmt: skip
 
 
 def launch(tmp, name, *extra, command="train", nproc=4, check=True, launcher_flags=(), timeout=300):

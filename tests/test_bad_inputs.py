@@ -46,15 +46,15 @@ CASES = [
     ("missing config file", ["missing.yaml"], {}, "config file 'missing.yaml' does not exist"),
     ("broken YAML", ["{tmp}/broken.yaml"], {}, "not valid YAML"),
     # --- shapes ---
-    ("height vs patch size", ["data.height=17"], {}, "data.height=17 is not divisible by the patch size 2"),
+    ("height vs patch size", ["data.height=17"], {}, "data.height=17 is not divisible by the patch size 4"),
     ("fewer frames than cp ranks", ["data.num_frames=1"], {}, "data.num_frames=1 (1 latent frames) < parallel.cp_size=2"),
     ("VAE frame rule", ["first_stage.kind=vae", "data.num_frames=8"], {}, "data.num_frames=8 does not fit the VAE's frame rule 1 + 4k"),
-    ("VAE downsampling vs size", ["first_stage.kind=vae", "data.num_frames=9", "data.height=12"], {}, "use a multiple of 8"),
+    ("VAE downsampling vs size", ["first_stage.kind=vae", "data.num_frames=9", "data.height=12"], {}, "use a multiple of 16"),
     ("VAE cp size", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.cp_size=3"], {}, "first_stage.cp_size=3"),
     ("VAE checkpoint missing", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.ckpt_path={tmp}/nowhere"], {}, "first_stage.ckpt_path='{tmp}/nowhere' is not a directory"),
     ("RoPE head dim", ["model.pos_embedding=rope", "model.attention_head_dim=24"], {}, "attention_head_dim % 16"),
     ("latent channels in pixel space", ["model.in_channels=4"], {}, "model.in_channels=4, but the first stage (pixel) gives 3 channels"),
-    ("dataset smaller than a batch", ["data.num_samples=1"], {}, "data.num_samples=1 is less than data.batch_size=2"),
+    ("dataset smaller than a batch", ["data.num_samples=1"], {}, "data.num_samples=1 is less than data.batch_size=8"),
     ("heads vs tp", ["model.num_attention_heads=5"], {}, "does not divide model.num_attention_heads=5"),
     ("factorized heads vs tp", ["model.preset=svd-like", "model.num_attention_heads=3"], {}, "does not divide model.num_attention_heads=3"),
     ("factorized family with LoRA", ["model.preset=svd-like", "model.lora_rank=4"], {}, "model.lora_rank is for the CogVideoX presets"),
@@ -71,6 +71,11 @@ CASES = [
     ("resume path incomplete", ["checkpoint.resume={tmp}/empty"], {}, "has no meta.json"),
     ("pretrained missing", ["model.pretrained={tmp}/nowhere"], {}, "model.pretrained='{tmp}/nowhere' is not a directory"),
     ("prompts file missing", ["sample.prompts_file={tmp}/nope.txt"], {}, "sample.prompts_file='{tmp}/nope.txt' does not exist"),
+    ("prompts file empty", ["sample.prompts_file={tmp}/blank.txt"], {}, "holds no prompt"),
+    ("YAML top level is a list", ["{tmp}/list.yaml"], {}, "the top level must be a mapping of sections"),
+    ("output dir below a file", ["train.output_dir={tmp}/afile/runs"], {}, "is a file, so the run directory"),
+    ("rendezvous port not a number", ["--nnodes", "2", "--rdzv-endpoint", "localhost:notaport"], {}, "is not host:port"),
+    ("negative epsilon", ["optim.eps=-1e-08"], {}, "optim.eps=-1e-08 must be > 0"),
 ]  # fmt: skip
 
 
@@ -88,6 +93,9 @@ def tmp(tmp_path_factory):
     (root / "t5nobin").mkdir()
     (root / "t5nobin" / "config.json").write_text('{"d_model": 32}')
     (root / "t5nobin" / "pytorch_model.bin").write_bytes(b"pickle")
+    (root / "blank.txt").write_text("\n  \n")
+    (root / "list.yaml").write_text("- model\n- parallel\n")
+    (root / "afile").write_text("not a directory")
     return root
 
 
@@ -109,3 +117,11 @@ def test_bad_input_is_refused_fast_with_a_clear_message(name, argv, environ, mes
 
 def test_the_suite_is_large_enough():
     assert len(CASES) >= 30
+
+
+def test_sample_before_training_is_refused_by_the_launcher(tmp, capsys):
+    t0 = time.monotonic()
+    code = main(["sample", f"train.output_dir={tmp}/never-trained"], environ={})
+    err = capsys.readouterr().err
+    assert code == 2 and "no complete checkpoint under" in err and "train first" in err, err
+    assert time.monotonic() - t0 < 5

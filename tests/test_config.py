@@ -16,7 +16,7 @@ def test_every_config_file_validates(path, tmp_path):
 def test_embedded_default_is_cp2_tp2_on_four_processes():
     cfg = load_config()
     assert (cfg.parallel.cp_size, cfg.parallel.model_parallel_size, cfg.dist.nproc_per_node) == (2, 2, 4)
-    assert cfg.model.preset == "tiny" and cfg.data.dataset == "synthetic"
+    assert cfg.model.preset == "demo" and cfg.data.dataset == "synthetic"
     assert load_config("default.yaml") == cfg
 
 

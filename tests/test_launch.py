@@ -114,12 +114,12 @@ def test_mpirun_trains_is_preempted_and_resumes(tmp_path):
     """mpirun -n 4 runs the job (mpi4py agrees on the rendezvous); SIGUSR1 to mpirun is forwarded to every rank,
     which checkpoint and exit 75; the same command resumes."""
     from job_helpers import ENV as JOB_ENV
-    from job_helpers import metrics, wait_for_step
+    from job_helpers import TEST_MODEL, metrics, wait_for_step
 
     from launch.preemption import EXIT_PREEMPTED
 
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", sys.executable, "-m", "launch", "train",
-           f"train.output_dir={tmp_path}", "train.run_name=mpi", "train.steps=6", "checkpoint.every=2",
+           f"train.output_dir={tmp_path}", "train.run_name=mpi", *TEST_MODEL, "train.steps=6", "checkpoint.every=2",
            "data.num_samples=16", "logging.wandb=false", "sample.at_end=false", "train.export=false"]  # fmt: skip
     log = open(tmp_path / "mpi.log", "w")
     proc = subprocess.Popen([*cmd, "debug.step_sleep_s=0.5"], env=JOB_ENV, stdout=log, stderr=subprocess.STDOUT,

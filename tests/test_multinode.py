@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from job_helpers import ENV, launch, losses, metrics, wait_for_step
+from job_helpers import ENV, TEST_MODEL, launch, losses, metrics, wait_for_step
 from safetensors.torch import load_file
 
 RUN = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16", "logging.wandb=false",
@@ -90,7 +90,7 @@ def test_two_node_torchrun_with_elastic_restart(nodes):
     for i, ns in enumerate(names):
         cmd = ["python", "-m", "launch", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", "node1:29400",
                "--rdzv-id", "cpdit-test", "--max-restarts", "1", "train", f"train.output_dir={tmp}",
-               "train.run_name=two", *RUN, "debug.step_sleep_s=0.3"]  # fmt: skip
+               "train.run_name=two", *TEST_MODEL, *RUN, "debug.step_sleep_s=0.3"]  # fmt: skip
         log = open(tmp / f"node{i + 1}.log", "w")
         agents.append(subprocess.Popen(on_node(ns, f"node{i + 1}", hosts, cmd), env=ENV, stdout=log,
                                        stderr=subprocess.STDOUT, cwd=tmp))  # fmt: skip

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from job_helpers import ENV, losses, metrics, wait_for_step
+from job_helpers import ENV, TEST_MODEL, losses, metrics, wait_for_step
 from slurm_cluster import SlurmCluster, ensure_packages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def slurm(cluster, *cmd, timeout=300, cwd=None):
 
 
 def run_dir_args(tmp, name):
-    return [f"train.output_dir={tmp}", f"train.run_name={name}"]
+    return [f"train.output_dir={tmp}", f"train.run_name={name}", *TEST_MODEL]
 
 
 def test_sbatch_runs_the_job(cluster, tmp_path):
