@@ -123,6 +123,9 @@ def load_diffusers_state_dict(path: str | Path, subfolder: str = "transformer") 
     index = sorted(d.glob("*.safetensors.index.json"))
     if index:
         shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+        if outside:  # plain safetensors file names inside the directory, nothing else
+            raise ValueError(f"{index[0]}: shards {outside} are not *.safetensors files inside {d}; refused")
         files = [d / s for s in shards]
     else:
         files = sorted(d.glob("*.safetensors"))

@@ -5,9 +5,10 @@
 # global tensors, so a checkpoint loads under any (dp, cp, tp) layout.
 #
 # Loading verifies the manifest (each rank hashes a share of the files), refuses a checkpoint written for another
-# model architecture with the differing fields named, and never unpickles anything but DCP's metadata classes
-# (launch/ckpt_files.py). The run state (step, data position, counters, loss scale) is JSON. RNG needs no state:
-# every random draw is seeded from (seed, data-parallel rank, step), so a resumed run draws the same numbers.
+# model architecture with the differing fields named, never unpickles anything but DCP's exact metadata classes,
+# decodes non-tensor entries with weights_only=True and reads no file outside the checkpoint (launch/ckpt_files.py).
+# The run state (step, data position, counters, loss scale) is JSON. RNG needs no state: every random draw is
+# seeded from (seed, data-parallel rank, step, sample index), so a resumed run draws the same numbers.
 from __future__ import annotations
 
 import json
@@ -23,7 +24,17 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from launch.ckpt_files import META, FailingWriter, SafeReader, merge_manifest, verify_files, write_manifest_part
+from launch.ckpt_files import (
+    META,
+    CheckpointRefused,
+    FailingWriter,
+    SafeLoadPlanner,
+    SafeReader,
+    merge_manifest,
+    read_metadata,
+    verify_files,
+    write_manifest_part,
+)
 from parallel.progress import in_collective
 
 
@@ -203,9 +214,21 @@ def select_resume(root: Path, resume: str, architecture: dict) -> Path | None:
     return None
 
 
+def _causes(err: CheckpointException) -> list[BaseException]:
+    """The per-rank exceptions DCP gathered (`failures` maps rank -> (exception, traceback))."""
+    return [pair[0] if isinstance(pair, tuple) else pair for pair in err.failures.values()]
+
+
 def load(path: Path, model, optimizer, ema) -> dict:
     """Collective: load into the current (possibly differently parallelized) model, optimizer and EMA."""
     state = _state(model, optimizer, ema)
-    dcp.load(state, storage_reader=SafeReader(str(path)))
+    read_metadata(path)  # every rank, before any collective: a refused checkpoint fails all of them alike, no hang
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+    except CheckpointException as err:
+        refused = [e for e in _causes(err) if isinstance(e, CheckpointRefused)]
+        if refused:
+            raise CheckpointError(f"checkpoint {path}: {refused[0]}") from None
+        raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_meta(path)

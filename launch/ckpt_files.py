@@ -1,17 +1,21 @@
 # The files of one checkpoint directory: a manifest (size + sha256 of every file, hashed by the rank that wrote it
-# and verified on load, shared across ranks), a DCP reader that unpickles its .metadata with an allow-list (DCP
-# itself uses plain pickle.load), and a writer that can inject an I/O error for the fault tests.
+# and verified on load, shared across ranks); a DCP reader that unpickles its .metadata with an allow-list of exact
+# classes (DCP itself uses plain pickle.load) and reads only files inside the directory; a load planner that
+# decodes non-tensor entries with weights_only=True (DCP's default uses weights_only=False); and a writer that can
+# inject an I/O error for the fault tests.
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import pickle
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -66,37 +70,99 @@ def verify_files(directory: Path, rank: int, world_size: int) -> list[str]:
     return problems
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Only the classes DCP puts into .metadata: its metadata dataclasses, torch.Size, dtypes and layouts."""
+class CheckpointRefused(RuntimeError):
+    """A checkpoint file asks for something cpdit never does: run code, or read outside the checkpoint."""
 
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _EXACT = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
-    _PATHS = {("pathlib", n) for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")}
+
+# Exactly what DCP pickles into .metadata (module, qualified name): its metadata dataclasses, the filesystem
+# storage record, torch.Size, dtypes and layouts, paths. No dotted names: pickle resolves them as attribute paths,
+# which would reach every module an allowed module imports.
+_METADATA_CLASSES = {
+    *(
+        ("torch.distributed.checkpoint.metadata", n)
+        for n in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    *(("pathlib", n) for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
+}
+_DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the exact (module, name) pairs of _METADATA_CLASSES and torch dtypes."""
 
     def find_class(self, module: str, name: str):
-        if module in self._MODULES and not name.startswith("__"):
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):
-                return obj
-        elif (module, name) in self._EXACT | self._PATHS:
+        if "." not in name and ((module, name) in _METADATA_CLASSES or (module == "torch" and name in _DTYPES)):
             return super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which cpdit does not load")
 
 
+def read_metadata(directory: Path) -> Metadata:
+    """The checkpoint's .metadata through the allow-list, with every storage path a plain file name inside
+    `directory`. Raises CheckpointRefused naming the file."""
+    path = directory / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as err:
+        raise CheckpointRefused(f"{path}: refused ({err}); cpdit unpickles DCP's metadata classes only") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointRefused(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
+    for index, info in (metadata.storage_data or {}).items():
+        rel = str(getattr(info, "relative_path", ""))
+        if rel in ("", ".", "..") or "/" in rel or "\\" in rel or Path(rel).is_absolute():
+            raise CheckpointRefused(
+                f"{path}: {getattr(index, 'fqn', index)!r} is stored at {rel!r}, which is not a file name inside "
+                f"{directory}; cpdit reads nothing outside the checkpoint directory"
+            )
+    return metadata
+
+
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose .metadata goes through an allow-list unpickler; tensors load with weights_only."""
+    """FileSystemReader whose .metadata goes through `read_metadata` (allow-list unpickler, storage paths inside
+    the checkpoint); tensors load with weights_only (as FileSystemReader does)."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        metadata = read_metadata(Path(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's DefaultLoadPlanner decodes every non-tensor entry with torch.load(weights_only=False), which runs
+    whatever the bytes say. Here: an entry this job holds as a tensor but the checkpoint declares as bytes is
+    refused, and bytes decode with weights_only=True (plain numbers, strings, lists, dicts, tensors)."""
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        for fqn, md in (metadata.state_dict_metadata if metadata is not None else {}).items():
+            if isinstance(md, BytesStorageMetadata) and isinstance(self.state_dict.get(fqn), torch.Tensor):
+                raise CheckpointRefused(f"checkpoint entry {fqn!r} is a tensor here but stored as bytes; refused")
+
+    def load_bytes(self, read_item, value) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever it is, it is not plain data
+            raise CheckpointRefused(f"checkpoint entry {fqn!r} is not plain data ({type(err).__name__})") from None
+        plain = io.BytesIO()  # re-serialised from the plain object: what the default planner then loads is ours
+        torch.save(obj, plain)
+        plain.seek(0)
+        super().load_bytes(read_item, plain)
 
 
 class FailingWriter(FileSystemWriter):

@@ -140,3 +140,25 @@ def test_a_failing_final_step_loses_nothing(tmp_path):
     assert "ERROR in loss plot" in r.stderr and "1 of the final steps" in r.stderr
     assert [p.name for p in complete_checkpoints(run / "checkpoints")][-1] == "step_00000002"
     assert list((run / "samples").glob("*.mp4")) and (run / "export" / "model.safetensors").is_file()
+
+
+def test_a_tampered_checkpoint_is_refused_and_runs_nothing(uninterrupted, tmp_path):
+    """A copy of a real checkpoint whose .metadata would run code through a dotted pickle name, with its manifest
+    recomputed (whoever can write the shards can write the manifest): every rank refuses it, nothing runs."""
+    import hashlib
+    import json
+    import pickle
+
+    from test_checkpoint_safety import Touch, _nested_pickle_via_dotted_name
+
+    bad = tmp_path / "copy" / "step_00000006"
+    shutil.copytree(uninterrupted / "a" / "checkpoints" / "step_00000006", bad)
+    marker = tmp_path / "ran"
+    (bad / ".metadata").write_bytes(_nested_pickle_via_dotted_name(pickle.dumps(Touch(marker))))
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in bad.iterdir() if p.name not in ("manifest.json", "meta.json")}  # fmt: skip
+    (bad / "manifest.json").write_text(json.dumps({"files": files}))
+    r = launch(uninterrupted, "tampered", f"checkpoint.resume={bad}", check=False)
+    assert r.returncode != 0
+    assert "cpdit unpickles DCP's metadata classes only" in r.stderr and str(bad / ".metadata") in r.stderr
+    assert not marker.exists()
