@@ -35,13 +35,13 @@ def _shape_mask(shape: str, h: int, w: int, cy: float, cx: float, r: float) -> n
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Deterministic clips of one colored shape crossing a black background, captioned "a red circle moving left".
-    The shape's size and speed are fixed (radius 0.28 and travel 0.4 of the frame side, from one edge), its
-    position across the motion is random: what varies is what the caption names, plus one nuisance. Clip i depends
-    only on (seed, i)."""
+    """Clips of one colored shape crossing a black background, captioned "a red circle moving left". The caption
+    determines the clip: the shape (radius 0.35 of the frame side) starts at the edge it moves away from, centred
+    across its motion, and travels 0.3 of the frame side. Which of the 72 captions clip i shows depends only on
+    (seed, i)."""
 
-    RADIUS = 0.28
-    TRAVEL = 0.4
+    RADIUS = 0.35
+    TRAVEL = 0.3
 
     def __init__(self, num_samples: int, num_frames: int, height: int, width: int, seed: int = 0):
         self.n, self.f, self.h, self.w, self.seed = num_samples, num_frames, height, width, seed
@@ -63,8 +63,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         r = min(h, w) * self.RADIUS
         dx, dy = MOTIONS[motion]
         speed = min(h, w) * self.TRAVEL / max(f - 1, 1)
-        cy = rng.uniform(r, h - r) if dy == 0 else (h - r if dy < 0 else r)
-        cx = rng.uniform(r, w - r) if dx == 0 else (w - r if dx < 0 else r)
+        cy = h / 2 if dy == 0 else (h - r if dy < 0 else r)
+        cx = w / 2 if dx == 0 else (w - r if dx < 0 else r)
         video = np.zeros((f, 3, h, w), dtype=np.float32)
         rgb = np.asarray(COLORS[color], dtype=np.float32)[:, None]
         for t in range(f):

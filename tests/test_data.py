@@ -66,3 +66,15 @@ def test_batches_resume_exactly():
         b.next()
     c = DistributedBatches(ds, 2, 0, 2, seed=1, position=b.pos)
     assert [c.next()[1] for _ in range(3)] == seq[4:]
+
+
+def test_synthetic_clip_is_determined_by_its_caption():
+    """The default dataset maps each of its 72 captions to one clip (what the caption names is all that varies)."""
+    ds = SyntheticShapes(160, num_frames=8, height=16, width=16, seed=0)
+    seen: dict[str, torch.Tensor] = {}
+    for i in range(len(ds)):
+        video, caption = ds[i]
+        if caption in seen:
+            assert torch.equal(video, seen[caption]), caption
+        seen[caption] = video
+    assert len(seen) > 50
