@@ -7,7 +7,8 @@
 # Per clip: the background is the median of the border pixels; foreground = pixels far from it; colour = the
 # nearest dataset colour to the foreground's mean; one object = the largest 4-connected component holds >= 85% of
 # the foreground in >= 75% of the frames; shape = the best template fit (circle, square, triangle) of that component
-# over centre and size; direction = the sign of the larger axis of the centroid's displacement over the clip.
+# over centre and size, summed over the frames; direction = the sign of the larger axis of the centroid's
+# displacement over the clip.
 from __future__ import annotations
 
 import argparse
@@ -76,21 +77,19 @@ def _block_size(frames: np.ndarray) -> int:
     return 1
 
 
-def _shape_of(mask: np.ndarray) -> str:
-    """Best intersection-over-union template among the dataset's shapes, searched over centre and size."""
+def _shape_fit(mask: np.ndarray) -> dict[str, float]:
+    """Best intersection-over-union of each of the dataset's shapes, searched over centre and size."""
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
     area = mask.sum()
-    best, best_iou = "none", -1.0
+    best = dict.fromkeys(SHAPES, 0.0)
     for shape in SHAPES:
         for r in np.linspace(0.6, 1.4, 9) * np.sqrt(area / {"circle": np.pi, "square": 4.0, "triangle": 2.0}[shape]):
             for dy in np.arange(-1.0, 1.01, 0.25):
                 for dx in np.arange(-0.5, 0.51, 0.25):
                     t = _shape_mask(shape, h, w, cy + dy, cx + dx, r)
-                    iou = (t & mask).sum() / max((t | mask).sum(), 1)
-                    if iou > best_iou + 1e-9:
-                        best, best_iou = shape, iou
+                    best[shape] = max(best[shape], (t & mask).sum() / max((t | mask).sum(), 1))
     return best
 
 
@@ -108,7 +107,8 @@ def judge(frames: np.ndarray) -> Verdict:
     if fg.any():
         mean = f[fg].mean(0)
         color = min(palette, key=lambda n: float(((palette[n] - mean) ** 2).sum()))
-    one, centroids, shapes = 0, [], []
+    one, centroids = 0, []
+    fit = dict.fromkeys(SHAPES, 0.0)
     for t in range(T):
         comps = _components(fg[t])
         if not comps:
@@ -118,8 +118,8 @@ def judge(frames: np.ndarray) -> Verdict:
             one += 1
         ys, xs = np.nonzero(main)
         centroids.append((ys.mean(), xs.mean()))
-        if t in (0, T // 2, T - 1):  # the template search is the slow part: three frames vote
-            shapes.append(_shape_of(main))
+        for shape, iou in _shape_fit(main).items():  # every frame's fit counts; the best total wins
+            fit[shape] += iou
     direction = "none"
     if len(centroids) >= 2:
         dy, dx = np.subtract(centroids[-1], centroids[0])
@@ -128,7 +128,7 @@ def judge(frames: np.ndarray) -> Verdict:
     one_object, dark = one >= 0.75 * T, bool(bg.max() < 0.3)
     if not (one_object and dark):  # colour, shape and motion belong to an object: noise or several blobs have none
         return Verdict("none", "none", "none", one_object, dark)
-    shape = max(set(shapes), key=shapes.count) if shapes else "none"
+    shape = max(SHAPES, key=lambda k: fit[k])
     return Verdict(color, shape, direction, True, True)
 
 
