@@ -113,6 +113,16 @@ def run_job(command: str, cfg: JobConfig, environ: Mapping[str, str]) -> int:
     """Run `command` in this process as one rank of the job described by `environ`."""
     env = resolve_dist_env(environ)
     preflight(cfg, env.world_size, command)  # before any process group exists: no hang on bad input
+    try:
+        return _run(command, cfg, env)
+    except Exception as err:
+        from launch.failure import record
+
+        record(Path(cfg.train.output_dir) / cfg.train.run_name, env.rank, err)
+        raise
+
+
+def _run(command: str, cfg: JobConfig, env) -> int:
     if command == "train":
         from launch.jobs import train_entry
 
@@ -176,6 +186,12 @@ def run_torchrun(torchrun_args: list[str], run_dir: Path) -> int:
     except ChildFailedError as err:
         print(err.format_msg(), file=sys.stderr, flush=True)
         code = EXIT_HANG if any(f.exitcode == EXIT_HANG for f in err.failures.values()) else 1
+        from launch.failure import root_cause
+
+        cause = root_cause(run_dir, started)
+        if cause is not None:
+            print(f"cpdit-launch: the job failed: {cause}. Each rank's full log is above (prefixed [rankN]).",
+                  file=sys.stderr, flush=True)  # fmt: skip
     marker = read_marker(run_dir, started)
     if marker is not None:
         print(

@@ -78,6 +78,8 @@ def test_worker_failure_then_resume(uninterrupted):
     tmp = uninterrupted
     r = launch(tmp, "c", "debug.fail_at_step=3", "debug.fail_rank=2", check=False)
     assert r.returncode != 0 and "injected failure at step 3 on rank 2" in r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # the launcher's summary names the root cause, not a peer's gloo error
+    assert last.startswith("cpdit-launch: the job failed: rank 2 raised RuntimeError: injected failure at step 3"), last
     launch(tmp, "c")
     a, _ = losses(tmp / "a")
     c, _ = losses(tmp / "c")
