@@ -1,17 +1,23 @@
 # A real one-node SLURM cluster for the launch tests: Debian's slurmctld + slurmd + munge, installed on demand
 # (as root, with apt-get), configured from tests/slurm/slurm.conf.in with state and spool under a temporary
-# directory, started in the background and stopped by the pids in their pid files (never by name).
+# directory, started in the background and stopped by the pids in their pid files (never by name). The daemons a
+# cluster starts are listed in REGISTRY; a run killed before its teardown leaves them listed, and the next cluster
+# stops them first (each pid checked against its daemon's name in /proc before it is signalled).
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 TEMPLATE = Path(__file__).parent / "slurm" / "slurm.conf.in"
 MUNGE_PID = Path("/run/munge/munged.pid")
+REGISTRY = Path(tempfile.gettempdir()) / "cpdit-test-slurm-daemons.json"
+DAEMONS = ("slurmctld", "slurmd", "munged")
 
 
 def _free_port() -> int:
@@ -91,6 +97,26 @@ def stop_pid(pid: int | None, timeout: float = 10) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _is_daemon(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() in DAEMONS
+    except OSError:
+        return False
+
+
+def reap_stale() -> list[int]:
+    """Stop the daemons a killed earlier run left running (listed in REGISTRY); returns their pids."""
+    try:
+        pids = [int(p) for p in json.loads(REGISTRY.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+    stale = [p for p in pids if _alive(p) and _is_daemon(p)]
+    for pid in stale:
+        stop_pid(pid)
+    REGISTRY.unlink(missing_ok=True)
+    return stale
+
+
 class SlurmCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -105,6 +131,7 @@ class SlurmCluster:
         self.munge = None
 
     def start(self) -> "SlurmCluster":
+        reap_stale()
         self.munge = start_munge()
         for daemon in ("slurmctld", "slurmd"):
             r = _run([daemon, "-f", str(self.conf)], env=self.env, timeout=60)
@@ -114,8 +141,10 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             state = _run(["sinfo", "-h", "-o", "%T"], env=self.env, timeout=30).stdout.strip()
             if state == "idle":
+                self._register()  # the daemons have written their pid files by now
                 return self
             time.sleep(0.2)
+        self._register()
         raise RuntimeError(f"the SLURM node never became idle (state {state!r})\n{self.logs()}")
 
     def logs(self) -> str:
@@ -123,10 +152,15 @@ class SlurmCluster:
             p.read_text()[-2000:] for p in (self.root / "slurmctld.log", self.root / "slurmd.log") if p.is_file()
         )
 
+    def _register(self) -> None:
+        pids = [_pid(self.root / "slurmd.pid"), _pid(self.root / "slurmctld.pid"), self.munge]
+        REGISTRY.write_text(json.dumps([p for p in pids if p]))
+
     def stop(self) -> None:
         stop_pid(_pid(self.root / "slurmd.pid"))
         stop_pid(_pid(self.root / "slurmctld.pid"))
         stop_pid(self.munge)
+        REGISTRY.unlink(missing_ok=True)
 
     def job_state(self, job_id: str) -> dict:
         out = _run(["scontrol", "show", "job", job_id, "-o"], env=self.env, timeout=30).stdout

@@ -1,6 +1,7 @@
 # SLURM for real: a one-node cluster (slurmctld + slurmd + munge from Debian's packages, on 127.0.0.1) runs
 # launch/slurm.sbatch through `sbatch --wait`, a preemption by `scancel --signal=USR1` that checkpoints, exits 75,
 # is requeued by the script and resumes, and `srun --ntasks=4 python -m launch` with no torchrun in between.
+import json
 import os
 import re
 import subprocess
@@ -92,3 +93,18 @@ def test_srun_starts_the_ranks_directly(cluster, tmp_path):
     start = [e for e in metrics(tmp_path / "srun") if e.get("event") == "start"]
     assert start[0]["launcher"] == "slurm" and re.search(r"cp=2 .* tp=2", start[0]["layout"])
     print(f"srun -n4: {time.monotonic() - t0:.1f} s")
+
+
+def test_a_killed_run_leaves_no_daemons(cluster):
+    """Daemons listed by a cluster whose run was killed before its teardown are stopped by the next cluster."""
+    from slurm_cluster import REGISTRY, reap_stale
+
+    listed = json.loads(REGISTRY.read_text())
+    assert listed and all(Path(f"/proc/{p}").exists() for p in listed)  # this module's cluster registered its own
+    sleeper = subprocess.Popen(["sleep", "30"])  # a live pid that is no SLURM daemon: never signalled
+    try:
+        REGISTRY.write_text(json.dumps([sleeper.pid]))
+        assert reap_stale() == [] and sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        REGISTRY.write_text(json.dumps(listed))
