@@ -434,11 +434,12 @@ def validate(job: JobConfig) -> None:
         "train.num_idx": (job.train.num_idx, 2),
         "train.text_max_length": (job.train.text_max_length, 1),
         "data.num_samples": (job.data.num_samples, 1),
-        "parallel.ring_head_chunks": (job.parallel.ring_head_chunks or 1, 1),
     }
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
+    if job.parallel.ring_head_chunks is not None and job.parallel.ring_head_chunks < 1:
+        raise ConfigError(f"parallel.ring_head_chunks={job.parallel.ring_head_chunks} must be >= 1 (or null)")
     if job.dist.watchdog_factor <= 1 or job.dist.watchdog_min_s <= 0:
         raise ConfigError(
             f"dist.watchdog_factor={job.dist.watchdog_factor} must be > 1 and dist.watchdog_min_s="

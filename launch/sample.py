@@ -49,6 +49,17 @@ def ema_weights(model: torch.nn.Module, ema: dict | None):
                 p.copy_(saved[n])
 
 
+def video_stem(k: int, prompt: str) -> str:
+    """File stem of prompt k's video: its index and a slug of the prompt."""
+    return f"{k:03d}_" + "".join(ch if ch.isalnum() else "_" for ch in prompt)[:48]
+
+
+def written_videos(out_dir: Path, prompts: list[str]) -> list[tuple[Path, str]]:
+    """(mp4, prompt) for every prompt whose video is in out_dir (whichever replica wrote it)."""
+    found = [(out_dir / f"{video_stem(k, p)}.mp4", p) for k, p in enumerate(prompts)]
+    return [(f, p) for f, p in found if f.is_file()]
+
+
 @torch.no_grad()
 def sample_videos(
     cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_dir: Path, env: DistEnv
@@ -91,9 +102,8 @@ def sample_videos(
             run = sample_frames_in_order if getattr(c, "frame_causal", False) else sample
             video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
             if writer and k is not None:
-                slug = "".join(ch if ch.isalnum() else "_" for ch in prompt)[:48]
                 try:
-                    files = write_video(video[0], out_dir / f"{k:03d}_{slug}", fps=d.fps)
+                    files = write_video(video[0], out_dir / video_stem(k, prompt), fps=d.fps)
                     written.append((files[0], prompt))
                 except Exception as err:  # disk full, codec missing: this video is lost, the others are not
                     errors.append(f"writing the video of prompt {k} ({prompt!r}) to {out_dir}: {type(err).__name__}: "

@@ -322,16 +322,14 @@ def finish(cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, env: DistEnv,
     if env.rank == 0:
         attempt("loss plot", lambda: plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png"))
     if cfg.sample.at_end:
-        from launch.sample import read_prompts, sample_videos
+        from launch.sample import read_prompts, sample_videos, written_videos
 
         def samples() -> list[str]:
             out = run_dir / "samples"
             _, write_errors = sample_videos(cfg, modules, ema, dims, mesh, out, env)
             dist.barrier()  # every replica's videos are on disk: rank 0 logs them all, captioned with their prompt
             if env.rank == 0:
-                prompts = read_prompts(cfg)
-                log.log_videos(step, [(f, prompts[int(f.name[:3])]) for f in sorted(out.glob("[0-9][0-9][0-9]_*.mp4"))
-                                      if int(f.name[:3]) < len(prompts)])  # fmt: skip
+                log.log_videos(step, written_videos(out, read_prompts(cfg)))
             return write_errors
 
         attempt("samples", samples)

@@ -45,6 +45,7 @@ def test_merge_order_and_overrides(tmp_path):
         (["optim.betas=[0.9]"], "optim.betas"),
         (["train.steps=-1"], "train.steps=-1 must be > 0"),
         (["dist.timeout_s=0"], "dist.timeout_s=0"),
+        (["parallel.ring_head_chunks=0"], "parallel.ring_head_chunks=0 must be >= 1"),
         (["parallel.cp_size"], "is not key=value"),
     ],
 )
