@@ -10,7 +10,7 @@
 #   axis 4 (cp-1)/cp * N/cp * D * e   (two switches forward, two backward)
 #   ulysses 8 (cp-1)/cp * N/cp * D * e (q, k, v in and the output back, forward and backward)
 #   ring 6 (cp-1) * N/cp * D * e      (K/V around the ring forward; K/V again and dK/dV back in the backward)
-# so axis/ulysses = 1/2 and axis/ring = 2/(3 cp) per temporal block (and 1/(2k), 2/(3 cp k) with k = time_depth
+# so axis/ulysses = 1/2 and axis/ring = 2/(3 cp) per temporal block (and 1/(2k), 2/(3 cp k) with k = temporal_blocks
 # temporal blocks per switch). Every output is checked against cp=1 before timing is reported.
 #
 #   python bench/families.py                       # T=16 frames of 16x16 tokens, width 128, cp 1/2/4
@@ -83,9 +83,16 @@ def _worker(rank, world, init_file, mode, args, result):
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3600)
     )
-    cfg = FactorizedConfig(in_channels=args.width, num_heads=args.heads, head_dim=args.width // args.heads,
-                           context_dim=None, time_depth=args.time_depth)  # fmt: skip
-    spatial, temporal = _layer(cfg, args.time_depth)
+    cfg = FactorizedConfig(
+        in_channels=args.width,
+        num_heads=args.heads,
+        head_dim=args.width // args.heads,
+        context_dim=None,
+        temporal_blocks=args.temporal_blocks,
+        ff_in=False,
+        disable_temporal_crossattention=True,
+    )  # one cross-frame attention per temporal block
+    spatial, temporal = _layer(cfg, args.temporal_blocks)
     T, S = args.frames, args.side * args.side
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, T, S, args.width, generator=gen)
@@ -142,7 +149,7 @@ def measure(mode: str, world: int, args) -> tuple[dict, torch.Tensor]:
 def analytic(mode: str, cp: int, args) -> float:
     n_local = args.frames * args.side * args.side / cp
     per = n_local * args.width * 4  # fp32 bytes of one rank's (N/cp, D) activation
-    k = args.time_depth
+    k = args.temporal_blocks
     if mode == "axis":
         return 4 * (cp - 1) / cp * per
     if mode == "ulysses":
@@ -156,13 +163,13 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=16, help="spatial tokens per side (S = side^2)")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--time-depth", type=int, default=1)
+    ap.add_argument("--temporal-blocks", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     base, ref = measure("axis", 1, args)
     shape = f"B=1 T={args.frames} S={args.side}x{args.side} D={args.width} H={args.heads}"
-    print(f"one factorized layer (spatial + {args.time_depth} temporal block(s)), {shape}, fp32, forward+backward; "
-          f"cp=1: {base['s']:.3f} s")  # fmt: skip
+    layer = f"one factorized layer (spatial + {args.temporal_blocks} temporal block(s))"
+    print(f"{layer}, {shape}, fp32, forward+backward; cp=1: {base['s']:.3f} s")
     print()
     print(
         "| mode | cp | fwd+bwd s | speedup vs cp=1 | MiB sent/rank | analytic MiB | measured/analytic | "

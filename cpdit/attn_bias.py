@@ -8,7 +8,9 @@
 #   over frame distance only; Phenaki's continuous position bias (an MLP over log-scaled offsets) is evaluated once
 #   per offset into a table (the same numbers as evaluating it per pair, and differentiable through the gather).
 #   Text keys and text queries get no positional bias.
-# - `null_kv` (2, H, n, D): learned keys/values prepended to every attention; every query sees them, bias 0.
+# - `null_kv` (2, H, n, D): learned keys/values prepended to every attention; every query sees them, bias 0 unless
+#   `null_slopes` (H,) is set: causal ALiBi then penalises null key m of n, as phenaki-pytorch does, by
+#   -slope * (t + n - m) for a video query in frame t (the null keys sit before position 0).
 # - `text_mask` (B, L) bool: padding of the text keys (False = padding).
 # - `frame_lengths` (B,): valid frames of each sample; keys in frames >= length are padding.
 from __future__ import annotations
@@ -30,6 +32,7 @@ class AttentionBias:
     null_kv: torch.Tensor | None = None  # (2, H, n, D)
     text_mask: torch.Tensor | None = None  # (B, L) bool
     frame_lengths: torch.Tensor | None = None  # (B,) long
+    null_slopes: torch.Tensor | None = None  # (H,) ALiBi slopes of the null keys (causal attention)
 
     def __post_init__(self) -> None:
         if self.table is not None:
@@ -50,6 +53,7 @@ class AttentionBias:
             None if self.null_kv is None else self.null_kv[:, hs],
             self.text_mask,
             self.frame_lengths,
+            None if self.null_slopes is None else self.null_slopes[hs],
         )
 
 
@@ -91,6 +95,16 @@ def pair_bias(
         mask = mask[:, None, None, :]
         out = mask if out is None else out + mask.to(out.dtype)
     return out
+
+
+def null_bias(slopes: torch.Tensor | None, q_pos: torch.Tensor | None, n: int, k0: int, k1: int):
+    """(1, H, Sq, k1 - k0) ALiBi bias of video queries at `q_pos` against the null keys [k0, k1) of `n`:
+    -slope * (t + n - m). None for text queries or without slopes."""
+    if slopes is None or q_pos is None:
+        return None
+    m = torch.arange(k0, k1, device=q_pos.device)
+    dist = (q_pos[:, 0, None] + n - m[None, :]).to(slopes.dtype)  # (Sq, k1 - k0)
+    return (-slopes[:, None, None] * dist[None])[None]
 
 
 def dense_attention(
@@ -140,6 +154,10 @@ def dense_attention(
         k = torch.cat([bias.null_kv[0].expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
         v = torch.cat([bias.null_kv[1].expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
         add = F.pad(add, (n, 0))
+        if bias.null_slopes is not None and grid is not None:
+            T, h, w = grid
+            pos = video_positions(torch.arange(T, device=q.device), h, w)
+            add[:, :, L:, :n] += null_bias(bias.null_slopes, pos, n, 0, n).to(add.dtype)  # add is (B, H, S, n + S) here
     return F.scaled_dot_product_attention(q, k, v, attn_mask=add.to(q.dtype), scale=scale)
 
 

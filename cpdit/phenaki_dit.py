@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from cpdit.attn_bias import AttentionBias, ContinuousPositionBias, alibi_slopes, alibi_table
+from cpdit.attn_bias import AttentionBias, ContinuousPositionBias
 from cpdit.context import LocalContext, SequenceContext
 from cpdit.embeddings import timestep_embedding
 from cpdit.patch_dit import PatchVideoModel, patch_grid, patchify, unpatchify
@@ -31,10 +31,14 @@ class PhenakiDiTConfig:
     """6: not a power of two, so the ALiBi slopes take the seed's interleaved branch."""
     attention_head_dim: int = 8
     num_layers: int = 2
-    num_null_kv: int = 2
+    self_attn_null_kv: int = 0
+    """Null keys/values on the self-attention (phenaki-pytorch: none there; > 0 is cpdit's extension)."""
+    cross_attn_null_kv: int = 2
+    """Null keys/values on the cross-attention (phenaki-pytorch's `attn_num_null_kv`)."""
     attn_scale: float = 8.0
     """Temperature of the cosine-similarity attention."""
     alibi: bool = True
+    """ALiBi in the causal self-attention, null keys included (phenaki-pytorch always has it when causal)."""
     continuous_position_bias: bool = True
     cpb_dim: int = 32
     cpb_layers: int = 2
@@ -44,7 +48,11 @@ class PhenakiDiTConfig:
     ff_mult: float = 4.0
     time_embed_dim: int = 64
     frame_causal: bool = True
-    """Per-frame noise levels in training and frames generated in order when sampling."""
+    """Frame-causal self-attention (cpdit's video form of phenaki-pytorch's causal attention: ALiBi over frame
+    distance), per-frame noise levels in training and frames generated in order when sampling. False: full
+    attention without ALiBi, one noise level per clip."""
+    norm_bias: bool = False
+    """Trainable bias on the attention LayerNorms (phenaki-pytorch's are bias-free; True is an extension)."""
     family: str = "phenaki"
 
     @property
@@ -69,10 +77,10 @@ class PhenakiDiT(PatchVideoModel):
             self.cpb = ContinuousPositionBias(c.cpb_dim, c.num_attention_heads, 3, c.cpb_layers)
         context = c.text_embed_dim if c.cross_attention else None
         head = (c.num_attention_heads, c.attention_head_dim)
-        self.blocks = nn.ModuleList(
-            PhenakiBlock(c.hidden_size, *head, context, c.num_null_kv, c.peg, c.peg_causal, c.ff_mult, c.attn_scale)
-            for _ in range(c.num_layers)
-        )
+        layer = dict(context_dim=context, causal=c.frame_causal, alibi=c.alibi, self_null_kv=c.self_attn_null_kv,
+                     cross_null_kv=c.cross_attn_null_kv, peg=c.peg, peg_causal=c.peg_causal, ff_mult=c.ff_mult,
+                     scale=c.attn_scale, norm_bias=c.norm_bias)  # fmt: skip
+        self.blocks = nn.ModuleList(PhenakiBlock(c.hidden_size, *head, **layer) for _ in range(c.num_layers))
         self.context: SequenceContext = LocalContext()
         self.heads = AllHeads()  # parallel/ sets a tensor-parallel view (and the same on every attention)
 
@@ -87,15 +95,11 @@ class PhenakiDiT(PatchVideoModel):
         return None
 
     def bias_table(self, grid: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
-        """(H_local, 2T-1, 2h-1 | 1, 2w-1 | 1) ALiBi over frame distance + the continuous position bias, or None."""
-        c, table = self.config, None
-        if c.alibi:
-            slopes = torch.tensor(alibi_slopes(c.num_attention_heads), dtype=dtype, device=device)
-            table = alibi_table(slopes, grid[0])
-        if self.cpb is not None:
-            cpb = self.cpb(grid, dtype, device)
-            table = cpb if table is None else table + cpb
-        return None if table is None else self.heads.local(table, 0)
+        """(H_local, 2T-1, 2h-1, 2w-1) continuous position bias shared by every layer, or None (ALiBi is added by
+        each causal self-attention)."""
+        if self.cpb is None:
+            return None
+        return self.heads.local(self.cpb(grid, dtype, device), 0)
 
     def forward(
         self,
@@ -135,5 +139,6 @@ class PhenakiDiT(PatchVideoModel):
 
 PHENAKI_PRESETS: dict[str, PhenakiDiTConfig] = {
     # Phenaki's attention at a size the default job trains on CPU: 6 heads x 8, 2 blocks, every bias and mask on
-    "phenaki-like": PhenakiDiTConfig(),
+    # (null keys/values on the self-attention too: an extension)
+    "phenaki-like": PhenakiDiTConfig(self_attn_null_kv=2),
 }

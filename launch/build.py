@@ -55,7 +55,7 @@ def model_config(cfg: JobConfig) -> CPDiTConfig | FactorizedDiTConfig | PhenakiD
     overrides["out_channels"] = m.out_channels or overrides["in_channels"]
     if m.preset in FACTORIZED_PRESETS:
         del overrides["pos_embedding"]
-        for key in ("merge_strategy", "merge_factor", "time_depth", "use_spatial_context"):
+        for key in ("merge_strategy", "merge_factor", "temporal_blocks", "use_spatial_context"):
             overrides[key] = getattr(m, key)
         overrides["disable_temporal_crossattention"] = m.disable_temporal_crossattention
         return from_preset(FACTORIZED_PRESETS, "model", m.preset, overrides)

@@ -56,8 +56,8 @@ class ModelConfig:
     """svd-like: AlphaBlender of spatial and temporal outputs (fixed, learned, learned_with_images)."""
     merge_factor: float | None = None
     """svd-like: fixed alpha, or the initial logit of a learned one."""
-    time_depth: int | None = None
-    """svd-like: temporal blocks after each spatial block."""
+    temporal_blocks: int | None = None
+    """svd-like: temporal blocks after each spatial block (1 as in sgm; more is cpdit's extension)."""
     use_spatial_context: bool | None = None
     """svd-like: temporal blocks cross-attend to the text as the spatial blocks do."""
     disable_temporal_crossattention: bool | None = None

@@ -1,8 +1,8 @@
 # Context-parallel attention with the Phenaki family's biases (cpdit/attn_bias.py) vs dense single-process
 # attention with the full bias: ALiBi (6 heads: not a power of two) plus a learned continuous position bias over
-# (t, h, w), learned null keys/values, text and frame padding masks — outputs, dq/dk/dv, and the gradients of the
-# bias MLP and the null keys/values, on every rank, every strategy, causal and not, contiguous and zigzag, uneven
-# frames (7 on 2 and 4 ranks), float64.
+# (t, h, w), learned null keys/values (with ALiBi on them when causal), text and frame padding masks — outputs,
+# dq/dk/dv, and the gradients of the bias MLP and the null keys/values, on every rank, every strategy, causal and
+# not, contiguous and zigzag, uneven frames (7 on 2 and 4 ranks), float64.
 import itertools
 
 import pytest
@@ -41,22 +41,23 @@ def _inputs(L: int, seed: int, B: int = 2):
     return q, k, v, g, cpb, null, text_mask, torch.tensor([GRID[0], GRID[0] - 2])
 
 
-def _bias(cpb, null, text_mask, lengths) -> AttentionBias:
+def _bias(cpb, null, text_mask, lengths, causal) -> AttentionBias:
+    """Causal: ALiBi also on the null keys (phenaki-pytorch's causal attention)."""
     slopes = torch.tensor(alibi_slopes(H), dtype=torch.float64)
     table = cpb(GRID, torch.float64, torch.device("cpu")) + alibi_table(slopes, GRID[0])
-    return AttentionBias(GRID, table, null, text_mask, lengths)
+    return AttentionBias(GRID, table, null, text_mask, lengths, slopes if causal else None)
 
 
 def check_bias_case(rank, plan, strategy, causal, seed):
     L, cp = plan.text_len, plan.cp_size
     q, k, v, g, cpb, null, text_mask, lengths = _inputs(L, seed)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, null)]
-    ref = dense_attention(*ref_in[:3], _bias(cpb, ref_in[3], text_mask, lengths), text_len=L, causal=causal)
+    ref = dense_attention(*ref_in[:3], _bias(cpb, ref_in[3], text_mask, lengths, causal), text_len=L, causal=causal)
     params = list(cpb.parameters())
     ref_grads = torch.autograd.grad(ref, [*ref_in, *params], g)
     local = [plan._take(t, 2).requires_grad_() for t in (q, k, v)]
     null_local = null.clone().requires_grad_()
-    bias = _bias(cpb, null_local, text_mask, lengths)
+    bias = _bias(cpb, null_local, text_mask, lengths, causal)
     out = context_parallel_attention(*local, plan, causal=causal, strategy=strategy, bias=bias)
     weights = torch.arange(1, cp + 1, dtype=torch.float64) / (cp * (cp + 1) / 2)
     dout = plan._take(g, 2).clone()

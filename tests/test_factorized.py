@@ -47,8 +47,9 @@ def test_axis_switch_and_its_backward(world, layout, tmp_path):
 def _model(rank, world, layout, strategy):
     T, S, B, L = 5, 6, 2, 3
     torch.manual_seed(0)
-    c = FactorizedConfig(in_channels=8, num_heads=2, head_dim=4, depth=2, time_depth=1, context_dim=6,
-                         merge_strategy=strategy, ff_in=True, norm_groups=2)  # fmt: skip
+    # learned strategies: temporal cross-attention to the text; fixed: sgm's default, a second temporal self-attention
+    c = FactorizedConfig(in_channels=8, num_heads=2, head_dim=4, depth=2, temporal_blocks=1, context_dim=6,
+                         use_spatial_context=strategy != "fixed", merge_strategy=strategy, norm_groups=2)  # fmt: skip
     model = SpatialVideoTransformer(c).double()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, S, 8, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -48,7 +48,7 @@ def test_frame_windows_and_their_backward(world, layout, before, after, tmp_path
 
 def _config(**kw) -> PhenakiDiTConfig:
     return PhenakiDiTConfig(text_embed_dim=8, num_attention_heads=6, attention_head_dim=4, num_layers=2,
-                            time_embed_dim=16, cpb_dim=8, **kw)  # fmt: skip
+                            time_embed_dim=16, cpb_dim=8, self_attn_null_kv=2, **kw)  # fmt: skip
 
 
 def _inputs():

@@ -72,7 +72,9 @@ def _ring_spec(
 ) -> RingSpec:
     """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp", "local"."""
     tpf, L = plan.tokens_per_frame, plan.text_len
-    template = None if bias is None else AttentionBias(bias.grid, None, None, bias.text_mask, bias.frame_lengths)
+    template = None
+    if bias is not None:
+        template = AttentionBias(bias.grid, None, None, bias.text_mask, bias.frame_lengths, bias.null_slopes)
     if mode in ("ring", "local"):
         blocks = tuple(tuple(plan.local_segments(c)) for c in range(plan.cp_size))
         group, rank, size = (plan.cp_group, plan.cp_rank, plan.cp_size) if mode == "ring" else (None, 0, 1)
@@ -84,7 +86,8 @@ def _ring_spec(
             tuple(s for c in range(j * U, (j + 1) * U) for s in plan.local_segments(c)) for j in range(size)
         )  # ring member j holds the frames of its whole Ulysses group
         group, rank = (None, 0) if size == 1 else (plan.ring_group, plan.ring_rank)
-    bb = None if template is None else BlockBias(template, blocks, rank, L)
+    num_null = 0 if bias is None or bias.null_kv is None else bias.null_kv.shape[2]
+    bb = None if template is None else BlockBias(template, blocks, rank, L, num_null)
     chunks = head_chunks if size > 1 else 1
     return RingSpec(group, rank, size, blocks, L, tpf, causal, scale, chunks, bb)
 
@@ -111,6 +114,8 @@ def _check_bias(bias: AttentionBias, plan: SequencePlan, q: torch.Tensor) -> Non
         raise ValueError(f"bias table has {bias.table.shape[0]} heads, q has {q.shape[1]}")
     if bias.null_kv is not None and (bias.null_kv.shape[1] != q.shape[1] or bias.null_kv.shape[3] != q.shape[3]):
         raise ValueError(f"null_kv {tuple(bias.null_kv.shape)} must be (2, {q.shape[1]}, n, {q.shape[3]})")
+    if bias.null_slopes is not None and (bias.null_kv is None or bias.null_slopes.shape != (q.shape[1],)):
+        raise ValueError(f"null_slopes needs null_kv and one slope per head ({q.shape[1]})")
     if bias.text_mask is not None and tuple(bias.text_mask.shape) != (q.shape[0], plan.text_len):
         raise ValueError(f"text_mask {tuple(bias.text_mask.shape)} must be (B={q.shape[0]}, L={plan.text_len})")
 
@@ -174,6 +179,7 @@ def context_parallel_attention(
         hs = uspec.head_slice(uspec.rank)
         table = None if table is None else table[hs]
         null_kv = None if null_kv is None else null_kv[:, hs]
+        bias = bias.heads(hs)
     spec = _ring_spec(plan, chosen, causal, scale, chunks, bias)
     out = RingAttention.apply(qkv[0], qkv[1], qkv[2], table, null_kv, spec)
     return HeadToSeq.apply(out, uspec)

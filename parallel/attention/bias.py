@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from cpdit.attn_bias import AttentionBias, pair_bias, relative_index, video_positions
+from cpdit.attn_bias import AttentionBias, null_bias, pair_bias, relative_index, video_positions
 from parallel.attention.blocks import NULL_SOURCE, TEXT_SOURCE
 from parallel.sequence import Segment
 
@@ -25,8 +25,9 @@ class BlockBias:
     """Bias of the items of one rank. `blocks[j]`: frame segments of member j in row order; local rows are
     [text (text_len) | blocks[rank]]."""
 
-    def __init__(self, bias: AttentionBias, blocks: tuple[tuple[Segment, ...], ...], rank: int, text_len: int):
-        self.bias, self.text_len = bias, text_len
+    def __init__(self, bias: AttentionBias, blocks: tuple[tuple[Segment, ...], ...], rank: int, text_len: int,
+                 num_null: int = 0):  # fmt: skip
+        self.bias, self.text_len, self.num_null = bias, text_len, num_null
         _, h, w = bias.grid
         self.pos = [
             video_positions(torch.tensor([f for a, b in segs for f in range(a, b)], dtype=torch.long), h, w)
@@ -34,10 +35,13 @@ class BlockBias:
         ]  # (rows of member j, 3)
         self.local = self.pos[rank]
 
-    def with_tensors(self, table: torch.Tensor | None, null_kv: torch.Tensor | None) -> BlockBias:
+    def with_tensors(self, table: torch.Tensor | None, null_kv: torch.Tensor | None, hs: slice) -> BlockBias:
+        """The same positions with the tensors of one ring pass: its table and null keys/values, and the
+        null-key slopes of its heads `hs`."""
         out = object.__new__(BlockBias)
         out.__dict__.update(self.__dict__)
-        out.bias = replace(self.bias, table=table, null_kv=null_kv)
+        slopes = self.bias.null_slopes
+        out.bias = replace(self.bias, table=table, null_kv=null_kv, null_slopes=None if slopes is None else slopes[hs])
         return out
 
     @property
@@ -50,7 +54,7 @@ class BlockBias:
 
     def _device(self) -> torch.device:
         b = self.bias
-        for t in (b.table, b.text_mask, b.frame_lengths, b.null_kv):
+        for t in (b.table, b.text_mask, b.frame_lengths, b.null_kv, b.null_slopes):
             if t is not None:
                 return t.device
         return torch.device("cpu")
@@ -58,7 +62,7 @@ class BlockBias:
     def __call__(self, it, source: int) -> torch.Tensor | None:
         """(B | 1, H | 1, Sq, Sk) float32 bias of an item against the key block `source`, or None."""
         if source == NULL_SOURCE:
-            return None
+            return null_bias(self.bias.null_slopes, self._q_pos(it), self.num_null, it.k0, it.k1)
         if source == TEXT_SOURCE:
             return pair_bias(self.bias, self._q_pos(it), None, (it.k0, it.k1))
         return pair_bias(self.bias, self._q_pos(it), self.pos[source][it.k0 : it.k1].to(self._device()), None)

@@ -135,7 +135,7 @@ def _head_slices(num_heads: int, chunks: int) -> list[slice]:
 
 def bound_bias(spec: RingSpec, table, null_kv, hs: slice, batch: int, dtype: torch.dtype):
     """(BlockBias with the table of heads `hs`, null keys/values (2, B, h, n, D) in `dtype`) for one ring pass."""
-    bias = None if spec.bias is None else spec.bias.with_tensors(None if table is None else table[hs], None)
+    bias = None if spec.bias is None else spec.bias.with_tensors(None if table is None else table[hs], None, hs)
     null = None
     if null_kv is not None:
         null = null_kv[:, hs].to(dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1).contiguous()
