@@ -53,7 +53,8 @@ def _model(rank, world, layout, strategy):
     model = SpatialVideoTransformer(c).double()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, S, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    ctx = torch.randn(B, L, 6, generator=gen, dtype=torch.float64)
+    per_frame = strategy == "learned"  # a context per frame (sgm's layout): each rank takes its frames' contexts
+    ctx = torch.randn(B, *((T,) if per_frame else ()), L, 6, generator=gen, dtype=torch.float64)
     images = torch.zeros(B, T)
     images[1, 0] = 1  # the second video's first frame is an image
     w = torch.randn(B, T, S, 8, generator=gen, dtype=torch.float64)

@@ -320,6 +320,7 @@ def test_phenaki_converter_refuses_what_it_cannot_load(phenaki):
     state["layers.0.1.norm.beta"] = torch.ones(DIM)
     with pytest.raises(SeedKeyError, match="layers.0.1.norm.beta is a non-zero LayerNorm bias"):
         phenaki_transformer_to_cpdit(state)
+    assert torch.equal(phenaki_transformer_to_cpdit(state, norm_bias=True)["blocks.0.attn.norm.bias"], torch.ones(DIM))
     state["layers.0.1.norm.beta"] = torch.zeros(DIM)
     wrong = _Stack(1, context_dim=10, self_null_kv=2)  # null keys on the self-attention: not in the checkpoint
     with pytest.raises(SeedKeyError, match=r"missing \['blocks.0.attn.null_kv'\]"):
