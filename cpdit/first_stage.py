@@ -39,7 +39,7 @@ class VAEStage:
     """The CogVideoX VAE as first stage (frozen). `time` builds the time-axis seam for a clip of a given number of
     latent frames: the whole clip here (LocalTime) or its context-parallel piece (parallel/vae_stage.py)."""
 
-    def __init__(self, vae, scale_factor: float | None = None, chunk_latents: int = 0):
+    def __init__(self, vae, scale_factor: float | None = None, chunk_latents: int = 0, diffusers_batches: bool = False):
         self.vae = vae.requires_grad_(False).eval()
         c = vae.config
         self.latent_channels, self.temporal_factor, self.spatial_factor = (
@@ -49,6 +49,9 @@ class VAEStage:
         )
         self.scale = c.scaling_factor if scale_factor is None else scale_factor
         self.chunk = chunk_latents  # > 0: exact streaming over chunks of this many latent frames (bounded memory)
+        self.diffusers = (
+            diffusers_batches  # diffusers' batched encode/decode (statistics per batch; cpdit/vae/batched.py)
+        )
 
     @torch.no_grad()
     def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +59,10 @@ class VAEStage:
         from cpdit.vae import LocalTime
 
         x = video.permute(0, 2, 1, 3, 4).to(next(self.vae.parameters()).dtype)  # (B, 3, F, H, W)
-        post = self.vae.encode_chunked(x, self.chunk) if self.chunk else self.vae.encode(x, LocalTime())
+        if self.diffusers:
+            post = self.vae.encode_diffusers(x)
+        else:
+            post = self.vae.encode_chunked(x, self.chunk) if self.chunk else self.vae.encode(x, LocalTime())
         return post.mean, post.logvar
 
     def latents(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -72,7 +78,10 @@ class VAEStage:
         from cpdit.vae import LocalTime
 
         z = latents.permute(0, 2, 1, 3, 4).to(next(self.vae.parameters()).dtype) / self.scale
-        out = self.vae.decode_chunked(z, self.chunk) if self.chunk else self.vae.decode(z, LocalTime())
+        if self.diffusers:
+            out = self.vae.decode_diffusers(z)
+        else:
+            out = self.vae.decode_chunked(z, self.chunk) if self.chunk else self.vae.decode(z, LocalTime())
         return out.permute(0, 2, 1, 3, 4).clamp(-1, 1)
 
 

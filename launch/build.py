@@ -162,7 +162,7 @@ def build_first_stage(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.de
         with torch.random.fork_rng():  # the same random VAE on every rank (PyTorch's default initialisation)
             torch.manual_seed(cfg.train.seed + 11)
             vae = CogVideoXVAE(first_stage_config(cfg))
-    stage = VAEStage(vae.to(device), f.scale_factor, f.chunk_latents)
+    stage = VAEStage(vae.to(device), f.scale_factor, f.chunk_latents, diffusers_batches=f.semantics == "diffusers")
     cp = dims.cp if f.cp_size is None else f.cp_size
     if cp > 1:
         from parallel.vae_stage import ContextParallelVAE

@@ -123,6 +123,10 @@ class FirstStageConfig:
     chunk_latents: int = 0
     """VAE on one device (first_stage.cp_size=1 or no cp): stream the clip in chunks of this many latent frames,
     exactly (one pass per GroupNorm; bounded memory, slower). 0: whole clips."""
+    semantics: str = "clip"
+    """`clip`: GroupNorm statistics over the whole clip (CogVideoX's own context-parallel VAE; what cp and
+    chunk_latents compute). `diffusers`: diffusers' AutoencoderKLCogVideoX as shipped (8-frame encode and 2-latent
+    decode batches, statistics per batch), for latents precomputed with diffusers; needs first_stage.cp_size=1."""
 
 
 @dataclass
@@ -314,6 +318,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "debug.fail_save": ("crash", "io_error"),
     "first_stage.kind": ("pixel", "vae"),
     "first_stage.preset": ("tiny", "cogvideox"),
+    "first_stage.semantics": ("clip", "diffusers"),
 }
 
 
@@ -410,6 +415,13 @@ def validate(job: JobConfig) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     if job.text.encoder == "t5" and not job.text.path:
         raise ConfigError("text.encoder='t5' needs text.path (a local T5 directory with config.json and tokenizer)")
+    f = job.first_stage
+    if f.semantics == "diffusers" and (f.cp_size != 1 and job.parallel.cp_size > 1 or f.chunk_latents):
+        raise ConfigError(
+            f"first_stage.semantics=diffusers evaluates whole clips in diffusers' batches on one rank: set "
+            f"first_stage.cp_size=1 (is {f.cp_size}) and first_stage.chunk_latents=0 (is {f.chunk_latents}), or use "
+            "semantics=clip"
+        )
     if job.data.latent_cache_dir and job.first_stage.kind != "vae":
         raise ConfigError("data.latent_cache_dir needs first_stage.kind=vae (pixel space has no latents to cache)")
     if job.data.dataset == "folder" and not job.data.path:

@@ -21,7 +21,8 @@ from parallel.progress import in_collective
 def fingerprint(cfg) -> str:
     f, d = cfg.first_stage, cfg.data
     what = {
-        "first_stage": [f.kind, f.ckpt_path, f.preset, cfg.train.seed if not f.ckpt_path else None],
+        "first_stage": [f.kind, f.ckpt_path, f.preset, cfg.train.seed if not f.ckpt_path else None]
+        + (["diffusers batches"] if f.semantics == "diffusers" else []),
         "data": [d.dataset, d.path, d.num_frames, d.height, d.width, d.fps, d.random_crop, d.num_samples],
         "seed": cfg.train.seed,
     }

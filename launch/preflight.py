@@ -39,12 +39,16 @@ def _first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, int]:
         c = first_stage_config(cfg)
     except (ValueError, OSError) as err:
         raise ConfigError(f"first_stage: {err}") from None
-    r = c.temporal_compression_ratio
-    if (cfg.data.num_frames - 1) % r:
-        good = ", ".join(str(1 + r * k) for k in (2, 3, 12))
-        raise ConfigError(
-            f"data.num_frames={cfg.data.num_frames} does not fit the VAE's frame rule 1 + {r}k (e.g. {good})"
-        )
+    r, F = c.temporal_compression_ratio, cfg.data.num_frames
+    # The VAE keeps a leading odd frame apart at every 2x time step: F frames encode to 1 + (F - 1) / r latents, and
+    # those decode back to F frames only when every count on the way is odd, i.e. F = 1 + 2 r k.
+    if r > 1 and (F - 1) % (2 * r):
+        good = ", ".join(str(1 + 2 * r * k) for k in range(1, 7))
+        why = "does not fit the VAE's frame rule:"
+        if (F - 1) % r == 0:
+            latents = 1 + (F - 1) // r
+            why = f"encodes to {latents} latent frames, an even count that decodes to {r * latents} frames, not {F}:"
+        raise ConfigError(f"data.num_frames={F} {why} use 1 + {2 * r}k frames ({good}, ...)")
     return c.latent_channels, r, c.spatial_factor
 
 

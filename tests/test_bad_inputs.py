@@ -48,7 +48,9 @@ CASES = [
     # --- shapes ---
     ("height vs patch size", ["data.height=17"], {}, "data.height=17 is not divisible by the patch size 4"),
     ("fewer frames than cp ranks", ["data.num_frames=1"], {}, "data.num_frames=1 (1 latent frames) < parallel.cp_size=2"),
-    ("VAE frame rule", ["first_stage.kind=vae", "data.num_frames=8"], {}, "data.num_frames=8 does not fit the VAE's frame rule 1 + 4k"),
+    ("VAE frame rule", ["first_stage.kind=vae", "data.num_frames=8"], {}, "data.num_frames=8 does not fit the VAE's frame rule: use 1 + 8k frames (9, 17, 25"),
+    ("diffusers VAE semantics under cp", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.semantics=diffusers"], {}, "first_stage.semantics=diffusers evaluates whole clips in diffusers' batches on one rank: set first_stage.cp_size=1 (is None)"),
+    ("VAE even latent count", ["first_stage.kind=vae", "data.num_frames=13"], {}, "data.num_frames=13 encodes to 4 latent frames, an even count that decodes to 16 frames, not 13: use 1 + 8k"),
     ("VAE downsampling vs size", ["first_stage.kind=vae", "data.num_frames=9", "data.height=12"], {}, "use a multiple of 16"),
     ("VAE cp size", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.cp_size=3"], {}, "first_stage.cp_size=3"),
     ("VAE checkpoint missing", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.ckpt_path={tmp}/nowhere"], {}, "first_stage.ckpt_path='{tmp}/nowhere' is not a directory"),

@@ -66,6 +66,50 @@ def test_frame_rule():
     assert latent_partition(13, 4) == [4, 3, 3, 3] and pixel_partition([4, 3, 3, 3], 4) == [13, 12, 12, 12]
 
 
+def test_49_frames_both_semantics_against_diffusers():
+    """At CogVideoX's 49 frames / 13 latents, float64: `encode_diffusers`/`decode_diffusers` equal diffusers'
+    AutoencoderKLCogVideoX as shipped (8-frame and 2-latent batches, GroupNorm statistics per batch); cpdit's default
+    (whole-clip statistics, CogVideoX's context-parallel semantics) equals diffusers with batches that cover the
+    clip, and differs from the batched one by far more than rounding. (diffusers run in float64 still rounds somewhere
+    to float32: even the whole-clip comparison agrees to ~1e-7, not 1e-12; hence 1e-6.)"""
+    vae = tiny()
+    ref = diffusers_twin(vae).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, 49, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1
+    z = torch.randn(1, 4, 13, 4, 4, generator=gen, dtype=torch.float64)
+    f64 = dict(rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        batched_enc, batched_dec = ref.encode(x).latent_dist.mean, ref.decode(z).sample
+        torch.testing.assert_close(vae.encode_diffusers(x).mean, batched_enc, **f64)
+        torch.testing.assert_close(vae.decode_diffusers(z), batched_dec, **f64)
+        whole_enc, whole_dec = vae.encode(x).mean, vae.decode(z)
+        assert (whole_enc - batched_enc).abs().max() > 1e-2 and (whole_dec - batched_dec).abs().max() > 1e-2
+        ref.num_sample_frames_batch_size, ref.num_latent_frames_batch_size = 64, 16  # one batch: the whole clip
+        torch.testing.assert_close(whole_enc, ref.encode(x).latent_dist.mean, **f64)
+        torch.testing.assert_close(whole_dec, ref.decode(z).sample, **f64)
+    from cpdit.first_stage import VAEStage  # first_stage.semantics=diffusers
+
+    stage = VAEStage(vae, 1.0, diffusers_batches=True)
+    mean, _ = stage.moments(x.permute(0, 2, 1, 3, 4))
+    torch.testing.assert_close(mean, batched_enc, **f64)
+    torch.testing.assert_close(
+        stage.decode(z.permute(0, 2, 1, 3, 4)), batched_dec.clamp(-1, 1).permute(0, 2, 1, 3, 4), **f64
+    )
+
+
+@pytest.mark.parametrize("frames, decoded", [(9, 9), (17, 17), (13, 16), (5, 8)])
+def test_round_trip_keeps_the_length_only_for_odd_latent_counts(frames, decoded):
+    """What the launcher's frame rule (1 + 8k with 4x time compression) rests on: an even latent count decodes to 4T
+    frames (tests/test_bad_inputs.py checks the refusal)."""
+    vae = tiny()
+    assert vae.config.temporal_compression_ratio == 4
+    x = torch.randn(1, 3, frames, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = vae.encode(x, LocalTime()).mean
+        assert z.shape[2] == 1 + (frames - 1) // 4
+        assert vae.decode(z, LocalTime()).shape[2] == decoded
+
+
 def _cp_parity(rank, world, latents, which):
     torch.manual_seed(0)
     vae = tiny()

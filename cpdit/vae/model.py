@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpdit.vae.batched import run_batched
 from cpdit.vae.config import VAEConfig
 from cpdit.vae.layers import CausalConv3d, Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D
 from cpdit.vae.streaming import stream
@@ -159,6 +160,22 @@ class CogVideoXVAE(nn.Module):
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian.from_moments(moments)
+
+    @torch.no_grad()
+    def encode_diffusers(self, x: torch.Tensor, frames_per_batch: int = 8) -> DiagonalGaussian:
+        """encode() as diffusers' AutoencoderKLCogVideoX computes it: batches of 8 frames, each with its own
+        GroupNorm statistics (cpdit/vae/batched.py)."""
+        moments = run_batched(self.encoder, x, frames_per_batch)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian.from_moments(moments)
+
+    @torch.no_grad()
+    def decode_diffusers(self, z: torch.Tensor, latents_per_batch: int = 2) -> torch.Tensor:
+        """decode() as diffusers computes it: batches of 2 latent frames, each with its own statistics."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return run_batched(self.decoder, z, latents_per_batch)
 
     @torch.no_grad()
     def decode_chunked(self, z: torch.Tensor, latents_per_chunk: int) -> torch.Tensor:
