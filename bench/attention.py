@@ -1,9 +1,12 @@
 # Benchmark of context-parallel attention: time, bytes on the wire, per-rank memory and error, per strategy and
-# cp, against two baselines measured in the same run: single-process SDPA (cp=1) and a naive "all-gather K/V,
-# then local SDPA" implementation.
+# cp, against two baselines measured in the same run: single-process SDPA (cp=1) and `gather`, the strongest simple
+# all-gather design (K and V gathered with one all_gather_into_tensor, local SDPA, dK/dV reduce-scattered).
+# Every repeat is kept: times are the median and [min-max] over repeats of the slowest rank, ratios carry their
+# range, and a target counts as met only when its whole range clears it.
 #
-#   python bench/attention.py                      # S=16384, B1 H8 D64 fp32, cp in {1, 2, 4}
-#   python bench/attention.py --seq 4096 --cps 1,2 --repeats 2
+#   python bench/attention.py --json bench/results/attention.json   # S=16384, B1 H8 D64 fp32, cp 1/2/4, 3 repeats
+#   python bench/attention.py --report bench/results/attention.json # the table and targets of a saved run
+#   python bench/attention.py --seq 4096 --cps 1,2 --repeats 3
 #
 # One thread per rank; ranks are real processes with a gloo group. Two passes over fresh processes per cp:
 # - time: the slowest rank's (barrier before and after), glibc's default allocator (what a user gets);
@@ -37,30 +40,34 @@ from parallel.comm import BYTES  # noqa: E402
 from parallel.sequence import SequencePlan  # noqa: E402
 
 
-class _NaiveGatherKV(torch.autograd.Function):
-    """Baseline: all_gather_into_tensor K and V (equal shards), backward = all_reduce of the full gradient, slice."""
+class _GatherKV(torch.autograd.Function):
+    """Baseline: K and V stacked and gathered with one all_gather_into_tensor; backward: the full dK/dV stacked and
+    reduce-scattered (reduce_scatter_tensor), so each rank receives only its own shard's summed gradient. The
+    strongest simple baseline: the minimum bytes of an all-gather design, two collectives per call."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, kv, group):  # kv (2, B, H, N, D)
         world = dist.get_world_size(group)
-        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[2]
-        parts = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype)  # (cp * B, H, N, D)
-        dist.all_gather_into_tensor(parts, x.contiguous(), group=group)
-        parts = parts.view(world, *x.shape)
-        BYTES.sent += x.numel() * x.element_size() * (world - 1)  # ring all-gather: (p-1) shards per rank
-        return torch.cat(list(parts), dim=2)
+        ctx.group = group
+        parts = torch.empty((world * kv.shape[0], *kv.shape[1:]), dtype=kv.dtype)  # (cp * 2, B, H, N, D)
+        dist.all_gather_into_tensor(parts, kv.contiguous(), group=group)
+        parts = parts.view(world, *kv.shape)
+        BYTES.sent += kv.numel() * kv.element_size() * (world - 1)  # ring all-gather: (p-1) shards per rank
+        return torch.cat(list(parts), dim=3)  # (2, B, H, cp * N, D)
 
     @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
+    def backward(ctx, g):  # g (2, B, H, cp * N, D)
         world = dist.get_world_size(ctx.group)
-        dist.all_reduce(g, group=ctx.group)
-        BYTES.sent += 2 * g.numel() * g.element_size() * (world - 1) // world  # ring all-reduce
-        return g[:, :, ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n].contiguous(), None
+        shards = torch.cat(g.chunk(world, dim=3)).contiguous()  # (cp * 2, B, H, N, D): shard j at rows 2j, 2j+1
+        out = torch.empty((2, *shards.shape[1:]), dtype=g.dtype)
+        dist.reduce_scatter_tensor(out, shards, group=ctx.group)
+        BYTES.sent += out.numel() * out.element_size() * (world - 1)  # ring reduce-scatter
+        return out, None
 
 
-def naive_attention(q, k, v, group):
-    return F.scaled_dot_product_attention(q, _NaiveGatherKV.apply(k, group), _NaiveGatherKV.apply(v, group))
+def gather_attention(q, k, v, group):
+    kv = _GatherKV.apply(torch.stack([k, v]), group)
+    return F.scaled_dot_product_attention(q, kv[0], kv[1])
 
 
 def analytic_bytes(strategy: str, cp: int, block: int, heads: int) -> int:
@@ -76,8 +83,8 @@ def analytic_bytes(strategy: str, cp: int, block: int, heads: int) -> int:
     if strategy == "usp":  # ulysses over 2, ring over cp/2 on 1/2 of the heads with 2x the frames
         u, r = 2, cp // 2
         return 8 * block * (u - 1) // u + 3 * 2 * block * (r - 1)
-    if strategy == "naive":
-        return 2 * block * (cp - 1) + 2 * 2 * (cp * block) * (cp - 1) // cp
+    if strategy == "gather":  # like allgather: K/V of every other rank in, dK/dV of theirs out
+        return 2 * 2 * block * (cp - 1)
     raise ValueError(strategy)
 
 
@@ -102,8 +109,8 @@ def _strategy_fn(name: str, plan: SequencePlan, group):
     """`ring/1` is the ring with a single pass over all heads (head_chunks=1)."""
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    if name == "naive":
-        return lambda q, k, v: naive_attention(q, k, v, group)
+    if name == "gather":
+        return lambda q, k, v: gather_attention(q, k, v, group)
     strategy, _, chunks = name.partition("/")
     head_chunks = int(chunks) if chunks else None
     return lambda q, k, v: context_parallel_attention(q, k, v, plan, strategy=strategy, head_chunks=head_chunks)
@@ -157,8 +164,8 @@ def _worker(rank, world, init_file, args, strategies, result_file, phase):
         row = dict(
             strategy=strategy,
             cp=world,
-            fwd=statistics.median(times["fwd"]) if times["fwd"] else 0.0,
-            fwdbwd=statistics.median(times["fwdbwd"]) if times["fwdbwd"] else 0.0,
+            fwd=times["fwd"],
+            fwdbwd=times["fwdbwd"],
             bytes=sent,
             analytic=analytic_bytes(strategy.partition("/")[0], world, block, args.heads) if strategy != "sdpa" else 0,
             mem=peak,
@@ -169,8 +176,8 @@ def _worker(rank, world, init_file, args, strategies, result_file, phase):
         rows.append(
             dict(
                 row,
-                fwd=max(r["fwd"] for r in gathered),
-                fwdbwd=max(r["fwdbwd"] for r in gathered),
+                fwd=[max(ts) for ts in zip(*(r["fwd"] for r in gathered), strict=True)],  # slowest rank per repeat
+                fwdbwd=[max(ts) for ts in zip(*(r["fwdbwd"] for r in gathered), strict=True)],
                 mem=max(r["mem"] for r in gathered),
                 err=max(r["err"] for r in gathered),
                 bytes=max(r["bytes"] for r in gathered),
@@ -208,6 +215,69 @@ def run_cp(args, cp: int, strategies: list[str]) -> list[dict]:
     return [dict(m, fwd=t["fwd"], fwdbwd=t["fwdbwd"]) for t, m in zip(timed, measured, strict=True)]
 
 
+def _spread(ts: list[float]) -> str:
+    return f"{statistics.median(ts):.3f} [{min(ts):.3f}-{max(ts):.3f}]"
+
+
+def ratio(base: list[float], ts: list[float]) -> tuple[float, float, float]:
+    """base / ts: the median ratio and its range over the repeats (slowest-vs-fastest to fastest-vs-slowest)."""
+    return statistics.median(base) / statistics.median(ts), min(base) / max(ts), max(base) / min(ts)
+
+
+def _fmt_ratio(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
+
+
+def verdict(r: tuple[float, float, float], target: float, at_most: bool = False) -> str:
+    """A target is met only when the whole range of the ratio clears it, missed when none of it does."""
+    lo, hi = (-r[2], -r[1]) if at_most else (r[1], r[2])
+    t = -target if at_most else target
+    return "met" if lo >= t else ("not met" if hi < t else "within the spread (undecided)")
+
+
+def report(rows: list[dict], args) -> list[str]:
+    """The markdown table and the target lines, from rows (as written to --json)."""
+    base = next(r for r in rows if r["strategy"] == "sdpa")
+    gather = {r["cp"]: r for r in rows if r["strategy"] == "gather"}
+    out = [
+        f"context-parallel attention: S={args['seq']} B=1 H={args['heads']} D={args['dim']} fp32, 1 thread/rank, "
+        f"{args['cores']} cores, torch {args['torch']}, {args['repeats']} repeats (median [min-max])",
+        "",
+    ]
+    head = (
+        "| strategy | cp | fwd s | fwd+bwd s | speedup vs SDPA | vs gather | MiB sent/rank | vs analytic | "
+        "working set MiB | vs cp=1 | max err |"
+    )
+    out += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        name = "cpdit (cp=1)" if r["cp"] == 1 and r["strategy"] == "ring" else r["strategy"]
+        vs_g = _fmt_ratio(ratio(gather[r["cp"]]["fwdbwd"], r["fwdbwd"])) if r["cp"] in gather else "-"
+        vs_an = f"{r['bytes'] / r['analytic']:.3f}" if r["analytic"] else "-"
+        out.append(
+            f"| {name} | {r['cp']} | {_spread(r['fwd'])} | {_spread(r['fwdbwd'])} | "
+            f"{_fmt_ratio(ratio(base['fwdbwd'], r['fwdbwd']))} | {vs_g} | {r['bytes'] / 2**20:.1f} | {vs_an} | "
+            f"{r['mem'] / 2**20:.1f} | {r['mem'] / max(base['mem'], 1):.2f} | {r['err']:.1e} |"
+        )
+    find = {(r["strategy"], r["cp"]): r for r in rows}
+    out.append("")
+    bytes_ok = all(abs(r["bytes"] / r["analytic"] - 1) <= 0.02 for r in rows if r["analytic"])
+    out.append(f"- bytes within 2% of the analytic minimum, every strategy: {'met' if bytes_ok else 'not met'}")
+    if ("ring", 1) in find:
+        r = ratio(base["fwdbwd"], find["ring", 1]["fwdbwd"])
+        out.append(f"- cp=1 entry point within 3% of SDPA (ratio >= 0.97): {_fmt_ratio(r)}: {verdict(r, 0.97)}")
+    if ("ring", 2) in find:
+        r = ratio(base["fwdbwd"], find["ring", 2]["fwdbwd"])
+        out.append(f"- ring fwd+bwd at cp=2 >= 1.9x SDPA: {_fmt_ratio(r)}: {verdict(r, 1.9)}")
+    for cp in sorted(gather):
+        if ("ring", cp) in find:
+            r = ratio(gather[cp]["fwdbwd"], find["ring", cp]["fwdbwd"])
+            out.append(f"- ring fwd+bwd at cp={cp} >= the gather baseline (1.0x): {_fmt_ratio(r)}: {verdict(r, 1.0)}")
+    if ("ring", 4) in find:
+        share = find["ring", 4]["mem"] / max(base["mem"], 1)
+        out.append(f"- ring working set at cp=4 <= 0.30x cp=1: {share:.2f}x: {'met' if share <= 0.30 else 'not met'}")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark context-parallel attention strategies.")
     p.add_argument("--seq", type=int, default=16384)
@@ -217,13 +287,18 @@ def main(argv=None) -> None:
     p.add_argument("--cps", default="1,2,4")
     p.add_argument(
         "--strategies",
-        default="ring,ring/1,ring/4,ulysses,usp,allgather,naive",
+        default="ring,ring/4,ulysses,usp,allgather,gather",
         help="ring/N = ring in N passes over chunks of heads (head_chunks=N; `ring` is the default, 8)",
     )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--json", default=None, help="also write the raw rows (every repeat) and the run's settings here")
+    p.add_argument("--report", default=None, help="print the table of a --json file instead of measuring")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print("\n".join(report(saved["rows"], saved["settings"])))
+        return
     rows: list[dict] = []
     for cp in (int(c) for c in args.cps.split(",")):
         if cp == 1:
@@ -231,29 +306,12 @@ def main(argv=None) -> None:
         else:
             strategies = [s for s in args.strategies.split(",") if s != "usp" or cp >= 4]
         rows += run_cp(args, cp, strategies)
-    base = next(r for r in rows if r["strategy"] == "sdpa")
-    naive = {r["cp"]: r for r in rows if r["strategy"] == "naive"}
-    print(
-        f"\ncontext-parallel attention: S={args.seq} B=1 H={args.heads} D={args.dim} fp32, 1 thread/rank, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}"
-    )
-    head = (
-        "| strategy | cp | fwd s | fwd+bwd s | speedup vs SDPA | vs naive | MiB sent/rank | vs analytic | "
-        "working set MiB | vs cp=1 | max err |"
-    )
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for r in rows:
-        name = "cpdit (cp=1)" if r["cp"] == 1 and r["strategy"] == "ring" else r["strategy"]
-        vs_naive = f"{naive[r['cp']]['fwdbwd'] / r['fwdbwd']:.2f}x" if r["cp"] in naive else "-"
-        vs_an = f"{r['bytes'] / r['analytic']:.3f}" if r["analytic"] else "-"
-        print(
-            f"| {name} | {r['cp']} | {r['fwd']:.3f} | {r['fwdbwd']:.3f} | {base['fwdbwd'] / r['fwdbwd']:.2f}x | "
-            f"{vs_naive} | {r['bytes'] / 2**20:.1f} | {vs_an} | {r['mem'] / 2**20:.1f} | "
-            f"{r['mem'] / max(base['mem'], 1):.2f} | {r['err']:.1e} |"
-        )
+    settings = dict(seq=args.seq, heads=args.heads, dim=args.dim, frames=args.frames, repeats=args.repeats,
+                    cores=os.cpu_count(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    print("\n" + "\n".join(report(rows, settings)))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,9 @@ def _find_dir(path: Path, subfolder: str) -> Path:
     raise FileNotFoundError(f"{path}: no config.json (expected a diffusers {subfolder} or pipeline directory)")
 
 
-def load_diffusers_state_dict(path: str | Path, subfolder: str = "transformer") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, diffusers-keyed state dict) from a directory with config.json and safetensors weights."""
+def weight_files(path: str | Path, subfolder: str = "transformer") -> tuple[dict, list[Path]]:
+    """(config dict, the safetensors files to read) of a diffusers model or pipeline directory, without reading
+    the weights; refuses pickle-only directories and index shards outside the directory."""
     d = _find_dir(Path(path), subfolder)
     config = json.loads((d / "config.json").read_text())
     index = sorted(d.glob("*.safetensors.index.json"))
@@ -131,6 +132,12 @@ def load_diffusers_state_dict(path: str | Path, subfolder: str = "transformer") 
         files = sorted(d.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{d}: no *.safetensors weights (cpdit never unpickles .bin/.pt checkpoints)")
+    return config, files
+
+
+def load_diffusers_state_dict(path: str | Path, subfolder: str = "transformer") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, diffusers-keyed state dict) from a directory with config.json and safetensors weights."""
+    config, files = weight_files(path, subfolder)
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))

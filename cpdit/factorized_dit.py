@@ -37,6 +37,15 @@ class FactorizedDiTConfig:
     norm_groups: int = 32
     family: str = "factorized"
 
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.norm_groups:
+            raise ValueError(
+                f"num_attention_heads x attention_head_dim = {self.hidden_size} must be a multiple of "
+                f"{self.norm_groups} (the GroupNorm groups of sgm's SpatialVideoTransformer); change "
+                "model.num_attention_heads or model.attention_head_dim"
+            )
+        self.stage()  # the stage config validates its knobs (merge strategy, temporal blocks)
+
     @property
     def hidden_size(self) -> int:
         return self.num_attention_heads * self.attention_head_dim

@@ -53,6 +53,12 @@ def model_config(cfg: JobConfig) -> CPDiTConfig | FactorizedDiTConfig | PhenakiD
     channels = first_stage_config(cfg).latent_channels if cfg.first_stage.kind == "vae" else 3
     overrides["in_channels"] = m.in_channels or channels
     overrides["out_channels"] = m.out_channels or overrides["in_channels"]
+    svd_only = ("merge_strategy", "merge_factor", "temporal_blocks", "use_spatial_context",
+                "disable_temporal_crossattention")  # fmt: skip
+    stray = [k for k in svd_only if getattr(m, k) is not None]
+    if stray and m.preset not in FACTORIZED_PRESETS:
+        raise ValueError(f"model.{stray[0]} is a knob of the factorized family (model.preset=svd-like), not of "
+                         f"model.preset={m.preset!r}; remove it or choose svd-like")  # fmt: skip
     if m.preset in FACTORIZED_PRESETS:
         del overrides["pos_embedding"]
         for key in ("merge_strategy", "merge_factor", "temporal_blocks", "use_spatial_context"):

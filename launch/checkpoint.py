@@ -219,6 +219,50 @@ def _causes(err: CheckpointException) -> list[BaseException]:
     return [pair[0] if isinstance(pair, tuple) else pair for pair in err.failures.values()]
 
 
+def _flat(tree, prefix: str = "") -> dict[str, Any]:
+    """A nested state dict -> {dotted key: leaf}, the key names DCP's metadata uses."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, list | tuple):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def dump_full_state(path: Path, model, optimizer, ema) -> None:
+    """Collective (testing aid, debug.dump_resumed_state): every tensor of the model, optimizer and EMA state as
+    this layout holds it, unsharded, under DCP's key names; rank 0 writes them to `path` (safetensors)."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    flat = _flat(_state(model, optimizer, ema))
+    full = {}
+    for key in sorted(flat):  # the same order on every rank: full_tensor() is a collective
+        value = flat[key]
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if isinstance(value, torch.Tensor):
+            full[key] = value.detach().cpu().contiguous()
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(full, str(path))
+    dist.barrier()
+
+
+def read_full_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, read in this process without a process group (for tests and tools;
+    through the same safe reader as `load`)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = read_metadata(path)
+    state = {
+        key: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=True)
+    return state
+
+
 def load(path: Path, model, optimizer, ema) -> dict:
     """Collective: load into the current (possibly differently parallelized) model, optimizer and EMA."""
     state = _state(model, optimizer, ema)

@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         "srun it runs the job in-process.",
     )
     g = p.add_argument_group("launcher (used when cpdit-launch starts torchrun itself)")
-    g.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
+    g.add_argument(
+        "--nnodes",
+        default="1",
+        help="number of nodes, or MIN:MAX for an elastic job that goes on with fewer nodes when one is lost "
+        "(default 1)",
+    )
     g.add_argument(
         "--nproc-per-node",
         type=int,
@@ -70,6 +75,20 @@ def knob_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def node_range(nnodes: str) -> tuple[int, int]:
+    """--nnodes N or MIN:MAX -> (min, max)."""
+    lo, _, hi = str(nnodes).partition(":")
+    try:
+        bounds = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(
+            f"--nnodes={nnodes!r} is not a number of nodes N or a range MIN:MAX (e.g. 2 or 1:2)"
+        ) from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ConfigError(f"--nnodes={nnodes!r}: need 1 <= MIN <= MAX")
+    return bounds
+
+
 def dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
     p = cfg.parallel
     return ParallelDims(world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
@@ -102,7 +121,7 @@ def torchrun_command(
         ]
         if args.node_rank is not None:
             cmd.append(f"--node-rank={args.node_rank}")
-    elif args.nnodes > 1:
+    elif node_range(args.nnodes)[1] > 1:
         raise ConfigError("--nnodes > 1 needs --rdzv-endpoint host:port (the rendezvous on node 0)")
     else:
         cmd.append("--standalone")
@@ -147,9 +166,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if env.launcher != "single":
             return run_job(args.command, cfg, environ)
         nproc = args.nproc_per_node or cfg.dist.nproc_per_node
-        if nproc < 1 or args.nnodes < 1:
-            raise ConfigError(f"--nproc-per-node={nproc} and --nnodes={args.nnodes} must be >= 1")
-        world = args.nnodes * nproc
+        lo, hi = node_range(args.nnodes)
+        if nproc < 1:
+            raise ConfigError(f"--nproc-per-node={nproc} must be >= 1")
+        world = hi * nproc
+        for nodes in range(lo, hi):  # an elastic job may go on with any node count in the range: each must fit
+            try:
+                preflight(cfg, nodes * nproc, args.command)
+            except (ConfigError, TopologyError) as err:
+                raise ConfigError(
+                    f"--nnodes={args.nnodes}: with {nodes} node(s) ({nodes * nproc} ranks) the job cannot run: {err} "
+                    "Choose a node range whose every size fits the layout (e.g. parallel.model_parallel_size and "
+                    "parallel.cp_size that divide the ranks of one node)"
+                ) from None
         dims = preflight(cfg, world, args.command)
         if world == 1:
             return run_job(args.command, cfg, environ)

@@ -288,6 +288,9 @@ class DebugConfig:
     """Sleep this long in every step (slow runs for signal tests)."""
     every_attempt: bool = False
     """Inject in every elastic attempt (default: only the first, so a restarted job gets past the fault)."""
+    dump_resumed_state: bool = False
+    """After resuming, write the loaded model, optimizer and EMA state, unsharded, to <run>/resumed_state.safetensors
+    (the resume-matrix tests compare it with the checkpoint)."""
 
 
 @dataclass

@@ -161,10 +161,30 @@ class VideoFolder(torch.utils.data.Dataset):
 
 @dataclass
 class DataPosition:
-    """Where the sampler stands: resumable exactly (saved in checkpoints)."""
+    """Where the sampler stands, saved in checkpoints and independent of the layout: the epoch, and how many clips
+    of that epoch's permutation the data-parallel ranks have taken together. A run resumed with another number of
+    data-parallel ranks or another batch size continues with the next clip of the same permutation, so within the
+    epoch no clip is seen twice or skipped (an epoch ends when the next step's dp x batch clips do not fit; the
+    few left over are skipped, as by every layout)."""
 
     epoch: int = 0
-    index: int = 0  # batches already taken in this epoch by each data-parallel rank
+    clips: int = 0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> DataPosition:
+        """The position of a checkpoint's meta.json; older checkpoints counted batches per data-parallel rank
+        (`index`), converted with the dp size and batch size they were written with."""
+        data = meta["data"]
+        if "clips" in data:
+            return cls(int(data["epoch"]), int(data["clips"]))
+        import re
+
+        import yaml
+
+        m = re.search(r"dp_replicate=(\d+) dp_shard=(\d+)", meta.get("layout", ""))
+        dp = int(m[1]) * int(m[2]) if m else 1
+        batch = yaml.safe_load(meta.get("config", "{}") or "{}").get("data", {}).get("batch_size", 1)
+        return cls(int(data["epoch"]), int(data["index"]) * dp * int(batch))
 
 
 class DistributedBatches:
@@ -182,19 +202,20 @@ class DistributedBatches:
         self.ds, self.bs, self.dp_rank, self.dp, self.seed = dataset, batch_size, dp_rank, dp_size, seed
         self.pos = position or DataPosition()
 
-    def per_epoch(self) -> int:
-        return len(self.ds) // (self.bs * self.dp)
+    def per_step(self) -> int:
+        """Clips all data-parallel ranks take together per step."""
+        return self.bs * self.dp
 
     def next(self) -> tuple[torch.Tensor, list[str]]:
-        if self.pos.index >= self.per_epoch():
+        if self.pos.clips + self.per_step() > len(self.ds):
             self.pos = DataPosition(self.pos.epoch + 1, 0)
         perm = torch.randperm(
             len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.pos.epoch)
         )
-        start = (self.pos.index * self.dp + self.dp_rank) * self.bs
+        start = self.pos.clips + self.dp_rank * self.bs
         self.last_ids = [int(i) for i in perm[start : start + self.bs]]  # clip indices (for the latent cache)
         items = [self.ds[i] for i in self.last_ids]
-        self.pos = DataPosition(self.pos.epoch, self.pos.index + 1)
+        self.pos = DataPosition(self.pos.epoch, self.pos.clips + self.per_step())
         return torch.stack([v for v, _ in items]), [c for _, c in items]
 
 

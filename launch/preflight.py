@@ -132,7 +132,13 @@ def _check_files(cfg: JobConfig, command: str) -> None:
             raise ConfigError(f"T5 at text.path has width {width}, model.text_embed_dim is {want}; set "
                               f"model.text_embed_dim={width}")  # fmt: skip
     if cfg.model.pretrained:
-        _need_dir("model.pretrained", cfg.model.pretrained, "config.json", hint="a diffusers transformer directory")
+        _need_dir("model.pretrained", cfg.model.pretrained, hint="a diffusers transformer directory")
+        from cpdit.convert import weight_files
+
+        try:
+            weight_files(cfg.model.pretrained)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {err}") from None
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none"):
         _need_dir("checkpoint.resume", resume, "meta.json", hint="a complete checkpoint directory (step_XXXXXXXX)")

@@ -123,10 +123,12 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     resume = checkpoint.select_resume(ckpt_root, cfg.checkpoint.resume, arch)
     if resume is not None:
         meta = checkpoint.load(resume, modules, optimizer, ema)
-        start, position = meta["step"], DataPosition(**meta["data"])
+        start, position = meta["step"], DataPosition.from_meta(meta)
         counters["bad_steps_total"] = meta.get("bad_steps_total", 0)
         if scaler is not None and "loss_scale" in meta:
             scaler.load_state_dict(meta["loss_scale"])
+        if cfg.debug.dump_resumed_state:
+            checkpoint.dump_full_state(run_dir / "resumed_state.safetensors", modules, optimizer, ema)
     log = RunLog(
         run_dir, cfg.train.steps, start, cfg.logging.wandb, cfg.logging.wandb_project, to_yaml(cfg), enabled=rank == 0
     )

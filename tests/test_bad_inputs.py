@@ -58,7 +58,7 @@ CASES = [
     ("latent channels in pixel space", ["model.in_channels=4"], {}, "model.in_channels=4, but the first stage (pixel) gives 3 channels"),
     ("dataset smaller than a batch", ["data.num_samples=1"], {}, "data.num_samples=1 is less than data.batch_size=8"),
     ("heads vs tp", ["model.num_attention_heads=5"], {}, "does not divide model.num_attention_heads=5"),
-    ("factorized heads vs tp", ["model.preset=svd-like", "model.num_attention_heads=3"], {}, "does not divide model.num_attention_heads=3"),
+    ("factorized heads vs tp", ["model.preset=svd-like", "model.num_attention_heads=3", "model.attention_head_dim=32"], {}, "does not divide model.num_attention_heads=3"),
     ("factorized family with LoRA", ["model.preset=svd-like", "model.lora_rank=4"], {}, "model.lora_rank is for the CogVideoX presets"),
     ("Phenaki heads vs tp", ["model.preset=phenaki-like", "model.num_attention_heads=3"], {}, "does not divide model.num_attention_heads=3"),
     ("Phenaki family with LoRA", ["model.preset=phenaki-like", "model.lora_rank=4"], {}, "model.lora_rank is for the CogVideoX presets"),
@@ -78,6 +78,21 @@ CASES = [
     ("output dir below a file", ["train.output_dir={tmp}/afile/runs"], {}, "is a file, so the run directory"),
     ("rendezvous port not a number", ["--nnodes", "2", "--rdzv-endpoint", "localhost:notaport"], {}, "is not host:port"),
     ("negative epsilon", ["optim.eps=-1e-08"], {}, "optim.eps=-1e-08 must be > 0"),
+    ("pretrained with pickle weights only", ["model.pretrained={tmp}/binonly"], {}, "no *.safetensors weights (cpdit never unpickles"),
+    ("pretrained index pointing outside", ["model.pretrained={tmp}/outside"], {}, "are not *.safetensors files inside"),
+    ("VAE with pickle weights only", ["first_stage.kind=vae", "data.num_frames=9", "first_stage.ckpt_path={tmp}/binonly"], {}, "no *.safetensors weights"),
+    ("svd knob on another family", ["model.merge_strategy=fixed"], {}, "model.merge_strategy is a knob of the factorized family (model.preset=svd-like), not of model.preset='demo'"),
+    ("svd merge strategy", ["model.preset=svd-like", "model.merge_strategy=bogus"], {}, "merge_strategy='bogus' is not fixed, learned or learned_with_images"),
+    ("svd width vs GroupNorm", ["model.preset=svd-like", "model.num_attention_heads=3"], {}, "num_attention_heads x attention_head_dim = 48 must be a multiple of 32"),
+    ("svd temporal blocks", ["model.preset=svd-like", "model.temporal_blocks=0"], {}, "temporal_blocks=0 must be >= 1"),
+    ("node range not numbers", ["--nnodes", "two"], {}, "--nnodes='two' is not a number of nodes"),
+    ("node range reversed", ["--nnodes", "2:1", "--rdzv-endpoint", "localhost:29400"], {}, "need 1 <= MIN <= MAX"),
+    ("elastic range a node count cannot run", ["--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint", "localhost:29400"], {}, "--nnodes=1:2: with 1 node(s) (2 ranks) the job cannot run"),
+    ("num_frames zero", ["data.num_frames=0"], {}, "data.num_frames=0 must be > 0"),
+    ("keep no checkpoint", ["checkpoint.keep_last=0"], {}, "checkpoint.keep_last=0 must be > 0"),
+    ("negative weight decay", ["optim.weight_decay=-1"], {}, "optim.weight_decay=-1.0 must be in [0.0, inf]"),
+    ("resume path is a file", ["checkpoint.resume={tmp}/afile"], {}, "is not a directory; a complete checkpoint directory"),
+    ("unknown key with a suggestion", ["sample.num_frames=3"], {}, "unknown config key 'sample.num_frames'; did you mean 'data.num_frames'?"),
 ]  # fmt: skip
 
 
@@ -98,6 +113,12 @@ def tmp(tmp_path_factory):
     (root / "blank.txt").write_text("\n  \n")
     (root / "list.yaml").write_text("- model\n- parallel\n")
     (root / "afile").write_text("not a directory")
+    (root / "binonly").mkdir()
+    (root / "binonly" / "config.json").write_text("{}")
+    (root / "binonly" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    (root / "outside").mkdir()
+    (root / "outside" / "config.json").write_text("{}")
+    (root / "outside" / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../elsewhere.safetensors"}}')
     return root
 
 
@@ -118,7 +139,7 @@ def test_bad_input_is_refused_fast_with_a_clear_message(name, argv, environ, mes
 
 
 def test_the_suite_is_large_enough():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 75
 
 
 def test_sample_before_training_is_refused_by_the_launcher(tmp, capsys):

@@ -78,3 +78,55 @@ def test_synthetic_clip_is_determined_by_its_caption():
             assert torch.equal(video, seen[caption]), caption
         seen[caption] = video
     assert len(seen) > 50
+
+
+class _Ids:
+    """A dataset whose clips are their indices."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([i]), f"clip {i}"
+
+
+def _take(n_steps: int, dp: int, bs: int, position, n: int = 40):
+    """n_steps steps of every data-parallel rank from `position`: (clip ids in order of the permutation, position)."""
+    ranks = [DistributedBatches(_Ids(n), bs, r, dp, seed=5, position=position) for r in range(dp)]
+    ids = []
+    for _ in range(n_steps):
+        for b in ranks:
+            ids += b.next()[0].flatten().tolist()
+    assert len({b.pos.clips for b in ranks}) == 1
+    return ids, ranks[0].pos
+
+
+@pytest.mark.parametrize("before, after", [((2, 2), (4, 1)), ((2, 2), (1, 4)), ((1, 3), (2, 3)), ((4, 1), (1, 2))])
+def test_a_resume_under_another_dp_size_sees_every_clip_once(before, after):
+    """The data position counts clips, not per-rank batches: changing dp (or the batch size) at a checkpoint
+    continues with the next clip of the epoch's permutation; nothing is seen twice or skipped within the epoch."""
+    from launch.data import DataPosition
+
+    first, pos = _take(3, *before, DataPosition())
+    steps_left = (40 - pos.clips) // (after[0] * after[1])
+    rest, end = _take(steps_left, *after, DataPosition(**vars(pos)))
+    seen = first + rest
+    assert len(seen) == len(set(seen)) and end.epoch == 0
+    assert len(seen) > 40 - after[0] * after[1]  # at most the leftover of the epoch is skipped
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5 * 100_003)).tolist()
+    assert sorted(seen, key=perm.index) == perm[: len(seen)]  # the epoch's permutation, in order, without holes
+    nxt, _ = _take(1, *after, end)
+    assert _take(1, *after, DataPosition(1, 0))[0] == nxt  # then the next epoch starts from its beginning
+
+
+def test_old_checkpoints_data_position_is_converted():
+    """Checkpoints before the clip count stored batches per dp rank: converted with their dp and batch size."""
+    from launch.data import DataPosition
+
+    meta = {"data": {"epoch": 2, "index": 3}, "layout": "world=4 dp_replicate=1 dp_shard=2 cp=2 (ring=2 x ulysses=1) "
+            "tp=1", "config": "data:\n  batch_size: 4\n"}  # fmt: skip
+    assert DataPosition.from_meta(meta) == DataPosition(2, 24)
+    assert DataPosition.from_meta({"data": {"epoch": 1, "clips": 8}}) == DataPosition(1, 8)

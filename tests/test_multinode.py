@@ -121,3 +121,46 @@ def test_two_node_torchrun_with_elastic_restart(nodes):
     b, _ = losses(tmp / "two")
     assert b[8] == pytest.approx(a[8], rel=1e-5)
     print(f"two nodes: kill -> restart logged {restart_s:.1f} s; total {time.monotonic() - t0:.1f} s")
+
+
+ELASTIC = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16",
+           "logging.wandb=false", "sample.at_end=false", "train.export=false", "optim.warmup_steps=2",
+           "parallel.cp_size=2", "parallel.model_parallel_size=1", "debug.step_sleep_s=0.3"]  # fmt: skip
+
+
+def test_losing_a_node_the_job_goes_on_with_the_other(nodes):
+    """--nnodes 1:2 (elastic): node 2 disappears (its agent and workers killed) at step >= 3; node 1's agent
+    restarts its workers, the rendezvous admits the one node left, and the job resumes from the last checkpoint
+    as cp=2 x dp=1 (it was cp=2 x dp=2), losing at most the steps since that checkpoint, and finishes."""
+    tmp, names, hosts = nodes
+    agents = []
+    for i, ns in enumerate(names):
+        cmd = ["python", "-m", "launch", "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint",
+               "node1:29401", "--rdzv-id", "cpdit-elastic", "--max-restarts", "2", "train", f"train.output_dir={tmp}",
+               "train.run_name=elastic", *TEST_MODEL, *ELASTIC]  # fmt: skip
+        log = open(tmp / f"elastic{i + 1}.log", "w")
+        agents.append(subprocess.Popen(on_node(ns, f"node{i + 1}", hosts, cmd), env=ENV, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=tmp))  # fmt: skip
+    run = tmp / "elastic"
+    wait_for_step(run, 3, agents[0], timeout=180)
+    started = [e for e in metrics(run) if e.get("event") == "start"][0]
+    assert started["nodes"] == 2 and "world=4" in started["layout"] and "dp_shard=2" in started["layout"]
+    doomed = [agents[1].pid, *descendants(agents[1].pid)]
+    at_kill = max(r["step"] for r in metrics(run) if "loss" in r and "event" not in r)
+    for pid in doomed:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    agents[1].wait(timeout=30)
+    code = agents[0].wait(timeout=400)
+    logs = (tmp / "elastic1.log").read_text()[-4000:]
+    assert code == 0, logs
+    rows = metrics(run)
+    resumed = [e for e in rows if e.get("event") == "resume"]
+    assert resumed, logs
+    assert "world=2" in resumed[-1]["layout"] and "dp_shard=1" in resumed[-1]["layout"], resumed[-1]
+    assert resumed[-1]["step"] >= at_kill - 2, (resumed[-1], at_kill)  # nothing lost beyond the interval
+    steps = sorted({r["step"] for r in rows if "loss" in r and "event" not in r})
+    assert steps == list(range(1, 11)), steps
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)
