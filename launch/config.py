@@ -179,6 +179,9 @@ class OptimConfig:
     """Clip the global gradient norm (across all shards) to this; 0 disables."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr x min_lr_ratio at the last step (SAT LambdaWarmUpCosineScheduler)."""
+    decay_steps: int | None = None
+    """Step at which the cosine decay ends (SAT's max_decay_steps); None: train.steps. Set it to train a long
+    schedule in several shorter runs."""
     start_lr_ratio: float = 0.0
     """Warm-up starts at lr x start_lr_ratio at step 0 (SAT's lr_start)."""
 
@@ -443,6 +446,7 @@ def validate(job: JobConfig) -> None:
             raise ConfigError(f"{key}={value} must be in [{low}, {high}{']' if closed else ')'}")
     at_least = {
         "optim.warmup_steps": (job.optim.warmup_steps, 0),
+        "optim.decay_steps": (job.optim.decay_steps if job.optim.decay_steps is not None else 1, 1),
         "checkpoint.every": (job.checkpoint.every, 0),
         "model.lora_rank": (job.model.lora_rank, 0),
         "train.max_bad_steps": (job.train.max_bad_steps, 1),

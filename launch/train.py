@@ -174,7 +174,8 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
             faults.step_start(step)
             t0 = time.perf_counter()
             o = cfg.optim
-            lr = o.lr * lr_multiplier(step, o.warmup_steps, cfg.train.steps, o.min_lr_ratio, o.start_lr_ratio)
+            total = o.decay_steps or cfg.train.steps
+            lr = o.lr * lr_multiplier(step, o.warmup_steps, total, o.min_lr_ratio, o.start_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -88,6 +88,7 @@ CASES = [
     ("node range not numbers", ["--nnodes", "two"], {}, "--nnodes='two' is not a number of nodes"),
     ("node range reversed", ["--nnodes", "2:1", "--rdzv-endpoint", "localhost:29400"], {}, "need 1 <= MIN <= MAX"),
     ("elastic range a node count cannot run", ["--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint", "localhost:29400"], {}, "--nnodes=1:2: with 1 node(s) (2 ranks) the job cannot run"),
+    ("decay steps zero", ["optim.decay_steps=0"], {}, "optim.decay_steps=0 must be >= 1"),
     ("num_frames zero", ["data.num_frames=0"], {}, "data.num_frames=0 must be > 0"),
     ("keep no checkpoint", ["checkpoint.keep_last=0"], {}, "checkpoint.keep_last=0 must be > 0"),
     ("negative weight decay", ["optim.weight_decay=-1"], {}, "optim.weight_decay=-1.0 must be in [0.0, inf]"),

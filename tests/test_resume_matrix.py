@@ -19,6 +19,7 @@
 # after F the losses are a different (equally valid) trajectory; the resumed state is still exact.
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ from launch.checkpoint import checkpoint_dir, read_full_state
 pytestmark = pytest.mark.slow
 
 COMMON = ["data.num_samples=24", "checkpoint.every=2", "checkpoint.keep_last=1", "train.ema_decay=0.9",
-          "sample.at_end=false", "train.export=false", "logging.wandb=false", "optim.warmup_steps=2"]  # fmt: skip
+          "sample.at_end=false", "train.export=false", "logging.wandb=false", "optim.warmup_steps=2",
+          "optim.decay_steps=18"]  # fmt: skip  # every link on the reference run's schedule
 CHAIN = [  # name, processes, layout overrides
     ("A", 4, ["parallel.cp_size=2", "parallel.model_parallel_size=2", "data.batch_size=4"]),
     ("B", 2, ["parallel.cp_size=2", "parallel.model_parallel_size=1", "data.batch_size=4"]),
@@ -47,7 +49,8 @@ CHAIN = [  # name, processes, layout overrides
 ]  # fmt: skip
 STEPS = 2 * len(CHAIN)
 SAME_DP_AS_REFERENCE = "ABCDE"
-LOSS_RTOL = 2e-4
+LOSS_RTOL = 1e-6
+EXIT_ABORT = "terminate called without an active exception"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,15 @@ def chain(tmp_path_factory):
         if previous is not None:
             src = checkpoint_dir(tmp / previous / "checkpoints", 2 * i)
             shutil.copytree(src, checkpoint_dir(tmp / name / "checkpoints", 2 * i))
-        launch(tmp, name, *COMMON, *layout, f"train.steps={end}", "debug.dump_resumed_state=true", nproc=nproc)
+        args = (*COMMON, *layout, f"train.steps={end}", "debug.dump_resumed_state=true")
+        r = launch(tmp, name, *args, nproc=nproc, check=False)
+        if r.returncode and EXIT_ABORT in r.stderr and end in losses(tmp / name)[0]:
+            # torch 2.13 + gloo: a worker can abort in a C++ destructor at exit after the run finished (the flake
+            # the brief names); the link is rerun once from the same copied checkpoint, nothing else is retried
+            shutil.rmtree(tmp / name / "checkpoints" / checkpoint_dir(Path(), end).name, ignore_errors=True)
+            (tmp / name / "metrics.jsonl").unlink()
+            r = launch(tmp, name, *args, nproc=nproc, check=False)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
         previous = name
     return tmp
 
