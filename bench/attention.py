@@ -21,7 +21,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
+from common import MALLOC_ENV, fmt_ratio, ratio, reset_peak, rss_bytes, spread, verdict  # noqa: E402
 
 from parallel.attention import context_parallel_attention  # noqa: E402
 from parallel.comm import BYTES  # noqa: E402
@@ -215,26 +214,6 @@ def run_cp(args, cp: int, strategies: list[str]) -> list[dict]:
     return [dict(m, fwd=t["fwd"], fwdbwd=t["fwdbwd"]) for t, m in zip(timed, measured, strict=True)]
 
 
-def _spread(ts: list[float]) -> str:
-    return f"{statistics.median(ts):.3f} [{min(ts):.3f}-{max(ts):.3f}]"
-
-
-def ratio(base: list[float], ts: list[float]) -> tuple[float, float, float]:
-    """base / ts: the median ratio and its range over the repeats (slowest-vs-fastest to fastest-vs-slowest)."""
-    return statistics.median(base) / statistics.median(ts), min(base) / max(ts), max(base) / min(ts)
-
-
-def _fmt_ratio(r: tuple[float, float, float]) -> str:
-    return f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
-
-
-def verdict(r: tuple[float, float, float], target: float, at_most: bool = False) -> str:
-    """A target is met only when the whole range of the ratio clears it, missed when none of it does."""
-    lo, hi = (-r[2], -r[1]) if at_most else (r[1], r[2])
-    t = -target if at_most else target
-    return "met" if lo >= t else ("not met" if hi < t else "within the spread (undecided)")
-
-
 def report(rows: list[dict], args) -> list[str]:
     """The markdown table and the target lines, from rows (as written to --json)."""
     base = next(r for r in rows if r["strategy"] == "sdpa")
@@ -251,11 +230,11 @@ def report(rows: list[dict], args) -> list[str]:
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = "cpdit (cp=1)" if r["cp"] == 1 and r["strategy"] == "ring" else r["strategy"]
-        vs_g = _fmt_ratio(ratio(gather[r["cp"]]["fwdbwd"], r["fwdbwd"])) if r["cp"] in gather else "-"
+        vs_g = fmt_ratio(ratio(gather[r["cp"]]["fwdbwd"], r["fwdbwd"])) if r["cp"] in gather else "-"
         vs_an = f"{r['bytes'] / r['analytic']:.3f}" if r["analytic"] else "-"
         out.append(
-            f"| {name} | {r['cp']} | {_spread(r['fwd'])} | {_spread(r['fwdbwd'])} | "
-            f"{_fmt_ratio(ratio(base['fwdbwd'], r['fwdbwd']))} | {vs_g} | {r['bytes'] / 2**20:.1f} | {vs_an} | "
+            f"| {name} | {r['cp']} | {spread(r['fwd'])} | {spread(r['fwdbwd'])} | "
+            f"{fmt_ratio(ratio(base['fwdbwd'], r['fwdbwd']))} | {vs_g} | {r['bytes'] / 2**20:.1f} | {vs_an} | "
             f"{r['mem'] / 2**20:.1f} | {r['mem'] / max(base['mem'], 1):.2f} | {r['err']:.1e} |"
         )
     find = {(r["strategy"], r["cp"]): r for r in rows}
@@ -264,14 +243,14 @@ def report(rows: list[dict], args) -> list[str]:
     out.append(f"- bytes within 2% of the analytic minimum, every strategy: {'met' if bytes_ok else 'not met'}")
     if ("ring", 1) in find:
         r = ratio(base["fwdbwd"], find["ring", 1]["fwdbwd"])
-        out.append(f"- cp=1 entry point within 3% of SDPA (ratio >= 0.97): {_fmt_ratio(r)}: {verdict(r, 0.97)}")
+        out.append(f"- cp=1 entry point within 3% of SDPA (ratio >= 0.97): {fmt_ratio(r)}: {verdict(r, 0.97)}")
     if ("ring", 2) in find:
         r = ratio(base["fwdbwd"], find["ring", 2]["fwdbwd"])
-        out.append(f"- ring fwd+bwd at cp=2 >= 1.9x SDPA: {_fmt_ratio(r)}: {verdict(r, 1.9)}")
+        out.append(f"- ring fwd+bwd at cp=2 >= 1.9x SDPA: {fmt_ratio(r)}: {verdict(r, 1.9)}")
     for cp in sorted(gather):
         if ("ring", cp) in find:
             r = ratio(gather[cp]["fwdbwd"], find["ring", cp]["fwdbwd"])
-            out.append(f"- ring fwd+bwd at cp={cp} >= the gather baseline (1.0x): {_fmt_ratio(r)}: {verdict(r, 1.0)}")
+            out.append(f"- ring fwd+bwd at cp={cp} >= the gather baseline (1.0x): {fmt_ratio(r)}: {verdict(r, 1.0)}")
     if ("ring", 4) in find:
         share = find["ring", 4]["mem"] / max(base["mem"], 1)
         out.append(f"- ring working set at cp=4 <= 0.30x cp=1: {share:.2f}x: {'met' if share <= 0.30 else 'not met'}")

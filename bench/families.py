@@ -22,7 +22,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import fmt_ratio, ratio, spread, verdict  # noqa: E402
+
 from cpdit.factorized import Attention, FactorizedConfig, SpatialBlock, TemporalBlock  # noqa: E402
 from parallel.attention import context_parallel_attention  # noqa: E402
 from parallel.axis_switch import AxisSwitch  # noqa: E402
@@ -125,14 +126,14 @@ def _worker(rank, world, init_file, mode, args, result):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(times)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank, per repeat
     parts = [torch.zeros(1, len(frames[r]), S, args.width) for r in range(world)]
     dist.all_gather(parts, out) if world > 1 else parts.__setitem__(0, out)
     full = torch.cat(parts, dim=1).index_select(1, torch.tensor([f for fr in frames for f in fr]).argsort())
     if rank == 0:
         torch.save(full, Path(result).with_suffix(".pt"))
-        Path(result).write_text(json.dumps({"s": t.item(), "bytes": sent}))
+        Path(result).write_text(json.dumps({"s": t.tolist(), "bytes": sent}))
     del mesh
     dist.destroy_process_group()
     gc.collect()
@@ -157,6 +158,37 @@ def analytic(mode: str, cp: int, args) -> float:
     return 6 * (cp - 1) * per * k
 
 
+def table(rows: list[dict], settings: dict) -> list[str]:
+    """The markdown table of a run (rows as written to --json)."""
+    base = next(r for r in rows if r["cp"] == 1)
+    out = [
+        f"one factorized layer (spatial + {settings['temporal_blocks']} temporal block(s)), B=1 T={settings['frames']} "
+        f"S={settings['side']}x{settings['side']} D={settings['width']} H={settings['heads']}, fp32, forward+backward, "
+        f"{settings['repeats']} repeats (median [min-max]); cp=1: {spread(base['s'])} s",
+        "",
+        "| mode | cp | fwd+bwd s | speedup vs cp=1 | MiB sent/rank | analytic MiB | measured/analytic | "
+        "bytes vs axis | max abs diff vs cp=1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    axis = {r["cp"]: r for r in rows if r["mode"] == "axis"}
+    for r in rows:
+        if r["cp"] == 1:
+            continue
+        out.append(
+            f"| {r['mode']} | {r['cp']} | {spread(r['s'])} | {fmt_ratio(ratio(base['s'], r['s']))} | "
+            f"{r['bytes'] / 2**20:.2f} | {r['analytic'] / 2**20:.2f} | {r['bytes'] / r['analytic']:.3f} | "
+            f"{r['bytes'] / axis[r['cp']]['bytes']:.2f}x | {r['err']:.1e} |"
+        )
+    out.append("")
+    for cp in sorted(axis):
+        others = [r for r in rows if r["cp"] == cp and r["mode"] != "axis"]
+        for r in others:
+            v = verdict(ratio(r["s"], axis[cp]["s"]), 1.0)
+            out.append(f"- axis switching at least as fast as {r['mode']} at cp={cp}: "
+                       f"{fmt_ratio(ratio(r['s'], axis[cp]['s']))}: {v}")  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--frames", type=int, default=16)
@@ -165,28 +197,27 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--temporal-blocks", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None, help="also write every repeat and the settings here")
+    ap.add_argument("--report", default=None, help="print the table of a --json file instead of measuring")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print("\n".join(table(saved["rows"], saved["settings"])))
+        return
     base, ref = measure("axis", 1, args)
-    shape = f"B=1 T={args.frames} S={args.side}x{args.side} D={args.width} H={args.heads}"
-    layer = f"one factorized layer (spatial + {args.temporal_blocks} temporal block(s))"
-    print(f"{layer}, {shape}, fp32, forward+backward; cp=1: {base['s']:.3f} s")
-    print()
-    print(
-        "| mode | cp | fwd+bwd s | speedup vs cp=1 | MiB sent/rank | analytic MiB | measured/analytic | "
-        "bytes vs axis | max abs diff vs cp=1 |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [dict(mode="axis", cp=1, s=base["s"], bytes=0, analytic=0, err=0.0)]
     for cp in (2, 4):
-        rows = {}
         for mode in MODES:
             r, out = measure(mode, cp, args)
-            rows[mode] = (r, (out - ref).abs().max().item())
-        for mode in MODES:
-            r, err = rows[mode]
-            a = analytic(mode, cp, args)
-            vs_axis = r["bytes"] / rows["axis"][0]["bytes"]
-            print(f"| {mode} | {cp} | {r['s']:.3f} | {base['s'] / r['s']:.2f}x | {r['bytes'] / 2**20:.2f} | "
-                  f"{a / 2**20:.2f} | {r['bytes'] / a:.3f} | {vs_axis:.2f}x | {err:.1e} |")  # fmt: skip
+            rows.append(dict(mode=mode, cp=cp, s=r["s"], bytes=r["bytes"], analytic=analytic(mode, cp, args),
+                             err=(out - ref).abs().max().item()))  # fmt: skip
+    settings = dict(frames=args.frames, side=args.side, width=args.width, heads=args.heads, repeats=args.repeats,
+                    temporal_blocks=args.temporal_blocks, cores=os.cpu_count(), torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    print("\n".join(table(rows, settings)))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
