@@ -121,6 +121,7 @@ def test_factorized_dit_parallelized_equals_single_process(world, cp, tp, layout
     run_ranks(_dit, world, tmp_path, cp, layout, ac, tp)
 
 
+@pytest.mark.slow
 def test_svd_like_preset_trains_with_the_job(tmp_path):
     """cpdit-launch train model.preset=svd-like on the default layout: 4 ranks, cp=2 (axis switching) x tp=2, FSDP,
     samples written."""

@@ -20,6 +20,8 @@ from launch.preemption import EXIT_PREEMPTED, MARKER
 from launch.watchdog import EXIT_HANG, slow_ranks
 from parallel.loss_scale import DynamicLossScale
 
+pytestmark = pytest.mark.slow  # real jobs with injected faults
+
 COMMON = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16", "logging.wandb=false",
           "sample.at_end=false", "train.export=true", "optim.warmup_steps=2"]  # fmt: skip
 SLOW = ["debug.step_sleep_s=0.4"]

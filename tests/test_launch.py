@@ -28,6 +28,7 @@ def _run(cmd, timeout=180, cwd=None):
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cpdit_launch_starts_torchrun_with_the_knobs(tmp_path):
     exe = shutil.which("cpdit-launch") or sys.executable
     cmd = [exe] if exe.endswith("cpdit-launch") else [exe, "-m", "launch"]
@@ -86,6 +87,7 @@ def test_single_process_runs_in_process(capsys):
     assert "launcher=single" in out and "cpdit selfcheck: OK" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install '.[mpi]')")
 def test_mpirun_four_ranks(tmp_path):
     cmd = [
@@ -109,6 +111,7 @@ def test_mpirun_four_ranks(tmp_path):
     assert sorted(int(l_) for _, l_ in pairs) == [0, 1, 2, 3]  # a permutation: Open MPI 5 maps by core
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install '.[mpi]')")
 def test_mpirun_trains_is_preempted_and_resumes(tmp_path):
     """mpirun -n 4 runs the job (mpi4py agrees on the rendezvous); SIGUSR1 to mpirun is forwarded to every rank,

@@ -14,6 +14,8 @@ import torch
 from job_helpers import ENV, TEST_MODEL, launch, losses, metrics, wait_for_step
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # two network-namespace nodes
+
 RUN = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16", "logging.wandb=false",
        "sample.at_end=false", "train.export=true", "optim.warmup_steps=2"]  # fmt: skip
 

@@ -103,6 +103,7 @@ def test_phenaki_dit_parallelized_equals_single_process(world, cp, tp, layout, a
     run_ranks(_dit, world, tmp_path, cp, tp, layout, attention, ac)
 
 
+@pytest.mark.slow
 def test_phenaki_like_preset_trains_with_the_job(tmp_path):
     """cpdit-launch train model.preset=phenaki-like on the default layout: 4 ranks, cp=2 (ring with the bias) x
     tp=2, FSDP, per-frame noise levels; sampling generates the frames in order."""

@@ -12,6 +12,8 @@ import pytest
 from job_helpers import ENV, TEST_MODEL, losses, metrics, wait_for_step
 from slurm_cluster import SlurmCluster, ensure_packages
 
+pytestmark = pytest.mark.slow  # a real SLURM cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 SHORT = ["train.steps=4", "checkpoint.every=2", "data.num_samples=16", "logging.wandb=false", "sample.at_end=false",

@@ -12,6 +12,8 @@ from t5_helpers import make_tiny_t5
 
 from launch.checkpoint import complete_checkpoints, find_resume
 
+pytestmark = pytest.mark.slow  # real cpdit-launch jobs
+
 # short runs; the NaN guard fires at step index 3 in every run, so all trajectories agree
 COMMON = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "train.log_every=1", "data.num_samples=16",
           "sample.at_end=false", "train.export=false", "debug.nan_at_step=3", "optim.warmup_steps=2"]  # fmt: skip

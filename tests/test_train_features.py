@@ -19,6 +19,8 @@ from launch.checkpoint import complete_checkpoints
 from launch.train import lr_multiplier
 from parallel.train_utils import ema_update
 
+pytestmark = pytest.mark.slow  # real cpdit-launch jobs
+
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 CLIP = 0.05
 COMMON = ["train.steps=3", "data.num_samples=16", "sample.at_end=false", "train.export=true", "checkpoint.every=1",

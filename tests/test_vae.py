@@ -171,6 +171,7 @@ def test_first_stage_context_parallel_equals_single_device(world, tmp_path):
     run_ranks(_stage_parity, world, tmp_path)
 
 
+@pytest.mark.slow
 def test_training_job_on_vae_latents_with_and_without_the_latent_cache(tmp_path):
     """The job with the frozen VAE as first stage, encoding and decoding under cp=2 (9 frames -> 3 latents). With
     4 clips and batches of 2, step 3 starts the second epoch: its clips come from the latent cache, and the losses
