@@ -38,6 +38,16 @@ def default_head_chunks(k: torch.Tensor) -> int:
     return DEFAULT_RING_HEAD_CHUNKS if 2 * k.numel() * k.element_size() >= CHUNK_ABOVE_BYTES else 1
 
 
+BIAS_BLOCK_BYTES = 32 << 20  # default bound of one kernel call's bias block (and of its probabilities' recompute)
+
+
+def default_bias_rows(plan: SequencePlan, heads: int, num_null: int) -> int:
+    """Query rows per biased kernel call so that a (heads, rows, keys) fp32 block stays within BIAS_BLOCK_BYTES for
+    the largest key block of the sequence (all frames after an all-to-all; at least one frame's tokens)."""
+    keys = max(plan.num_frames * plan.tokens_per_frame, plan.text_len, num_null, 1)
+    return max(plan.tokens_per_frame, BIAS_BLOCK_BYTES // (4 * heads * keys))
+
+
 def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
     """The concrete strategy for this plan; raises ValueError naming the knob when it cannot run."""
     if strategy not in STRATEGIES:
@@ -68,7 +78,13 @@ def resolve_strategy(strategy: str, plan: SequencePlan, num_heads: int) -> str:
 
 
 def _ring_spec(
-    plan: SequencePlan, mode: str, causal: bool, scale: float, head_chunks: int = 1, bias: AttentionBias | None = None
+    plan: SequencePlan,
+    mode: str,
+    causal: bool,
+    scale: float,
+    head_chunks: int = 1,
+    bias: AttentionBias | None = None,
+    bias_rows: int = 0,
 ) -> RingSpec:
     """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp", "local"."""
     tpf, L = plan.tokens_per_frame, plan.text_len
@@ -87,7 +103,7 @@ def _ring_spec(
         )  # ring member j holds the frames of its whole Ulysses group
         group, rank = (None, 0) if size == 1 else (plan.ring_group, plan.ring_rank)
     num_null = 0 if bias is None or bias.null_kv is None else bias.null_kv.shape[2]
-    bb = None if template is None else BlockBias(template, blocks, rank, L, num_null)
+    bb = None if template is None else BlockBias(template, blocks, rank, L, num_null, bias_rows)
     chunks = head_chunks if size > 1 else 1
     return RingSpec(group, rank, size, blocks, L, tpf, causal, scale, chunks, bb)
 
@@ -131,6 +147,7 @@ def context_parallel_attention(
     scale: float | None = None,
     head_chunks: int | None = None,
     bias: AttentionBias | None = None,
+    bias_rows: int | None = None,
 ) -> torch.Tensor:
     """Attention of this rank's tokens over the whole context-parallel sequence.
 
@@ -146,6 +163,9 @@ def context_parallel_attention(
         bias: additive biases and masks on global positions (cpdit/attn_bias.py): relative-position table (ALiBi,
             continuous position bias), null keys/values, text and frame padding. Its table and null_kv are
             differentiable; their gradients on each rank are partial (summed over cp like the text's).
+        bias_rows: with a bias, query rows per kernel call (0: whole blocks). Bounds the working set of a biased
+            call — its (B, H, rows, keys) bias and the probabilities the table gradient recomputes — exactly (rows
+            are independent). Default: `default_bias_rows` (a 32 MiB block).
     Returns:
         (B, H, L + T_local * tpf, D) in q's dtype.
     """
@@ -162,17 +182,22 @@ def context_parallel_attention(
         raise ValueError(f"head_chunks={chunks} must be >= 1")
     chosen = resolve_strategy(strategy, plan, q.shape[1])
     table = null_kv = None
+    rows = 0
     if bias is not None:
         _check_bias(bias, plan, q)
         table, null_kv = bias.table, bias.null_kv
+        num_null = 0 if null_kv is None else null_kv.shape[2]
+        rows = default_bias_rows(plan, q.shape[1], num_null) if bias_rows is None else bias_rows
+        if rows < 0:
+            raise ValueError(f"bias_rows={rows} must be >= 0 (0: whole blocks)")
     if chosen == "local":
         if not causal and bias is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return RingAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "local", causal, scale, 1, bias))
+        return RingAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "local", causal, scale, 1, bias, rows))
     if chosen == "ring":
-        return RingAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "ring", causal, scale, chunks, bias))
+        return RingAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "ring", causal, scale, chunks, bias, rows))
     if chosen == "allgather":
-        return AllGatherAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "ring", causal, scale, 1, bias))
+        return AllGatherAttention.apply(q, k, v, table, null_kv, _ring_spec(plan, "ring", causal, scale, 1, bias, rows))
     uspec = _ulysses_spec(plan, chosen, q.shape[1])
     qkv = SeqToHead.apply(torch.stack([q, k, v]), uspec)  # (3, B, h_me, L + N_group, D): one all-to-all
     if bias is not None:  # this member's heads of the head-indexed tensors (their gradient: this slice's share)
@@ -180,7 +205,7 @@ def context_parallel_attention(
         table = None if table is None else table[hs]
         null_kv = None if null_kv is None else null_kv[:, hs]
         bias = bias.heads(hs)
-    spec = _ring_spec(plan, chosen, causal, scale, chunks, bias)
+    spec = _ring_spec(plan, chosen, causal, scale, chunks, bias, rows)
     out = RingAttention.apply(qkv[0], qkv[1], qkv[2], table, null_kv, spec)
     return HeadToSeq.apply(out, uspec)
 

@@ -26,8 +26,9 @@ class BlockBias:
     [text (text_len) | blocks[rank]]."""
 
     def __init__(self, bias: AttentionBias, blocks: tuple[tuple[Segment, ...], ...], rank: int, text_len: int,
-                 num_null: int = 0):  # fmt: skip
+                 num_null: int = 0, max_rows: int = 0):  # fmt: skip
         self.bias, self.text_len, self.num_null = bias, text_len, num_null
+        self.max_rows = max_rows  # query rows per kernel call (0: a whole item): bounds the bias working set
         _, h, w = bias.grid
         self.pos = [
             video_positions(torch.tensor([f for a, b in segs for f in range(a, b)], dtype=torch.long), h, w)

@@ -85,6 +85,19 @@ def null_block_items(num_null: int, text_len: int, num_frame_rows: int) -> list[
     return items + ([Item(text_len, text_len + num_frame_rows, 0, num_null, False)] if num_frame_rows else [])
 
 
+def split_rows(items: list[Item], rows: int) -> list[Item]:
+    """The same work with at most `rows` query rows per kernel call (0: unchanged). Rows are independent, so the
+    split is exact; it bounds what one call materialises with a bias: the (B, H, rows, Sk) bias and, for the bias
+    gradient, the probabilities of those rows."""
+    if rows <= 0:
+        return items
+    return [Item(a, min(a + rows, it.q1), it.k0, it.k1, it.text) for it in items for a in range(it.q0, it.q1, rows)]
+
+
+def _max_rows(bias) -> int:
+    return 0 if bias is None else getattr(bias, "max_rows", 0)
+
+
 def _rows(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return x[:, :, a:b]  # (B, H, b-a, D) view of (B, H, S, D)
 
@@ -107,7 +120,7 @@ class ForwardState:
 
     def run(self, q, k, v, items: list[Item], source: int, scale: float, bias=None) -> None:
         """`bias`: a parallel.attention.bias.BlockBias (or None): the additive bias of each item."""
-        for it in items:
+        for it in split_rows(items, _max_rows(bias)):
             b = bias(it, source) if bias is not None else None
             b = None if b is None else b.to(q.dtype)
             out, lse = block_forward(_rows(q, it.q0, it.q1), _rows(k, it.k0, it.k1), _rows(v, it.k0, it.k1), scale, b)
@@ -130,7 +143,7 @@ def backward_items(dout, q, k, v, out, lse, items: list[Item], scale: float, dq:
                    dtable: torch.Tensor | None = None) -> None:  # fmt: skip
     """Accumulate (fp32, in place) the gradients of `items`: dq over the local rows, dk/dv over the block rows,
     and — with a BlockBias whose table is learned — the table's gradient into `dtable`."""
-    for it in items:
+    for it in split_rows(items, _max_rows(bias)):
         b = bias(it, source) if bias is not None else None
         b = None if b is None else b.to(q.dtype)
         args = (
