@@ -34,7 +34,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from model import step_flops  # noqa: E402
 
 from cpdit import CPDiT, CPDiTConfig  # noqa: E402
-from parallel.attention.kernels import _cuda_flash_ok, block_backward, block_forward  # noqa: E402
+from parallel.attention.kernels import (  # noqa: E402
+    _cuda_flash_ok,
+    _math_backward,
+    _math_forward,
+    block_backward,
+    block_forward,
+)
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
 
@@ -51,17 +57,6 @@ def _bias(kind: str, shape, gen, device) -> torch.Tensor | None:
         bias[..., : Sk // 4] = float("-inf")
         bias[:, :, ::7, :] = float("-inf")
     return bias.to(device)
-
-
-def _reference(q, k, v, dout, scale, bias):
-    """float64 attention of one block: out, LSE (-inf on rows with no visible key, whose out is 0), dq, dk, dv."""
-    s = q @ k.transpose(-1, -2) * scale + (0.0 if bias is None else bias)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(lse.isneginf(), 0.0)[..., None])  # dead rows: exp(-inf) = 0
-    out = p @ v
-    dp = dout @ v.transpose(-1, -2)
-    ds = p * (dp - (dout * out).sum(-1, keepdim=True)) * scale
-    return out, lse, ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ dout
 
 
 def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,7 +80,9 @@ def check_kernels(device: torch.device, dtypes, shapes) -> list[dict]:
                                  for n in (Sq, Sk, Sk, Sq))  # fmt: skip
                 bias64 = _bias(kind, (B, H, Sq, Sk), gen, "cpu")
                 scale = D**-0.5
-                ref_out, ref_lse, *ref_d = _reference(q, k, v, dout, scale, bias64)
+                ref_out, ref_lse = _math_forward(q, k, v, scale, bias64)  # float64 in, float64 math
+                ref_d = _math_backward(dout, q, k, v, ref_out, ref_lse.masked_fill(ref_lse.isneginf(), 0.0), scale,
+                                       bias64)  # fmt: skip
                 on = [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
                 bias = None if bias64 is None else bias64.to(device=device, dtype=dtype)
                 out, lse = block_forward(*on[:3], scale, bias)

@@ -72,40 +72,28 @@ def from_preset(presets: dict, what: str, name: str, overrides: dict):
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+_TINY = CPDiTConfig(
+    num_attention_heads=6,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    time_embed_dim=64,
+    text_embed_dim=32,
+    sample_height=8,
+    sample_width=8,
+    sample_frames=9,
+    max_text_seq_length=16,
+    spatial_interpolation_scale=1.0,
+)
+
 PRESETS: dict[str, CPDiTConfig] = {
-    # Tests and the default job: 6 heads (3 per rank at model_parallel_size=2), 2 blocks.
-    "tiny": CPDiTConfig(
-        num_attention_heads=6,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        time_embed_dim=64,
-        text_embed_dim=32,
-        sample_height=8,
-        sample_width=8,
-        sample_frames=9,
-        max_text_seq_length=16,
-        spatial_interpolation_scale=1.0,
-    ),
+    # The tests': 6 heads (3 per rank at model_parallel_size=2) x 16, 2 blocks, 2x2 patches.
+    "tiny": _TINY,
     # The default job: small enough to learn the synthetic clips in minutes on 2 CPU cores with 4 ranks, shaped
-    # like the real model (full 3D attention over [text, frames], adaLN, sincos positions): 6 heads (3 per rank at
-    # model_parallel_size=2) x 32, 4 blocks, 4x4 patches (16x16 frames -> 4x4 tokens).
-    "demo": CPDiTConfig(
-        num_attention_heads=6,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=4,
-        num_layers=4,
-        patch_size=4,
-        time_embed_dim=64,
-        text_embed_dim=32,
-        sample_height=16,
-        sample_width=16,
-        sample_frames=9,
-        max_text_seq_length=16,
-        spatial_interpolation_scale=1.0,
-    ),
+    # like the real model (full 3D attention over [text, frames], adaLN, sincos positions): tiny's 6 heads, 32 wide,
+    # 4 blocks, 4x4 patches (16x16 frames -> 4x4 tokens).
+    "demo": replace(_TINY, attention_head_dim=32, num_layers=4, patch_size=4, sample_height=16, sample_width=16),
     # CogVideoX-2B: hidden 1920 = 30 heads x 64, 30 layers, 3D sin-cos positions.
     "cogvideox-2b": CPDiTConfig(),
     # CogVideoX-5B: hidden 3072 = 48 heads x 64, 42 layers, 3D RoPE.

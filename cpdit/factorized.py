@@ -260,10 +260,8 @@ class SpatialVideoTransformer(nn.Module):
         B, Tr, S, C = x.shape
         h = self.norm(x.reshape(B * Tr, S, C).transpose(1, 2)).transpose(1, 2)  # per-frame GroupNorm
         h = self.proj_in(h).reshape(B, Tr, S, -1)  # (B, T_r, S, D)
-        per_frame = [image_only_indicator.shape[1]] if image_only_indicator is not None else []
-        if context is not None and context.dim() == 4:
-            per_frame.append(context.shape[1])
-        ids = axes.frame_ids(per_frame[0], x.device) if per_frame else None  # global ids of the local frames
+        per_frame = context if context is not None and context.dim() == 4 else image_only_indicator  # (B, T, ...)
+        ids = None if per_frame is None else axes.frame_ids(per_frame.shape[1], x.device)  # the local frames' ids
         indicator = None if image_only_indicator is None else image_only_indicator.index_select(1, ids)  # (B, T_r)
         frame_ctx, time_ctx = self._spatial_context(context, Tr, ids), None
         for spatial, temporal in zip(self.transformer_blocks, self.time_stack, strict=True):

@@ -12,6 +12,8 @@
 # cp_ulysses, ring across cp_ring), allgather (allgather.py), auto (by the mesh shape and the head count).
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -88,9 +90,6 @@ def _ring_spec(
 ) -> RingSpec:
     """mode: "ring" (ring over all cp ranks), "ulysses" (a ring of one after the all-to-all), "usp", "local"."""
     tpf, L = plan.tokens_per_frame, plan.text_len
-    template = None
-    if bias is not None:
-        template = AttentionBias(bias.grid, None, None, bias.text_mask, bias.frame_lengths, bias.null_slopes)
     if mode in ("ring", "local"):
         blocks = tuple(tuple(plan.local_segments(c)) for c in range(plan.cp_size))
         group, rank, size = (plan.cp_group, plan.cp_rank, plan.cp_size) if mode == "ring" else (None, 0, 1)
@@ -102,8 +101,10 @@ def _ring_spec(
             tuple(s for c in range(j * U, (j + 1) * U) for s in plan.local_segments(c)) for j in range(size)
         )  # ring member j holds the frames of its whole Ulysses group
         group, rank = (None, 0) if size == 1 else (plan.ring_group, plan.ring_rank)
-    num_null = 0 if bias is None or bias.null_kv is None else bias.null_kv.shape[2]
-    bb = None if template is None else BlockBias(template, blocks, rank, L, num_null, bias_rows)
+    bb = None
+    if bias is not None:  # positions and masks; the table and null kv are bound per ring pass (ring.bound_bias)
+        num_null = 0 if bias.null_kv is None else bias.null_kv.shape[2]
+        bb = BlockBias(replace(bias, table=None, null_kv=None), blocks, rank, L, num_null, bias_rows)
     chunks = head_chunks if size > 1 else 1
     return RingSpec(group, rank, size, blocks, L, tpf, causal, scale, chunks, bb)
 
@@ -201,10 +202,8 @@ def context_parallel_attention(
     uspec = _ulysses_spec(plan, chosen, q.shape[1])
     qkv = SeqToHead.apply(torch.stack([q, k, v]), uspec)  # (3, B, h_me, L + N_group, D): one all-to-all
     if bias is not None:  # this member's heads of the head-indexed tensors (their gradient: this slice's share)
-        hs = uspec.head_slice(uspec.rank)
-        table = None if table is None else table[hs]
-        null_kv = None if null_kv is None else null_kv[:, hs]
-        bias = bias.heads(hs)
+        bias = bias.heads(uspec.head_slice(uspec.rank))
+        table, null_kv = bias.table, bias.null_kv
     spec = _ring_spec(plan, chosen, causal, scale, chunks, bias, rows)
     out = RingAttention.apply(qkv[0], qkv[1], qkv[2], table, null_kv, spec)
     return HeadToSeq.apply(out, uspec)

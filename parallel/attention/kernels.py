@@ -68,23 +68,26 @@ def _cuda_backward(dout, q, k, v, out, lse, scale, bias):
 
 
 def _math_forward(q, k, v, scale, bias):
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    """Unfused attention in `acc_dtype` (fp32, or fp64 for fp64 inputs): the fallback and the reference."""
+    acc = acc_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
     if bias is not None:
-        s = s + bias.float()
+        s = s + bias.to(acc)
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-    return torch.matmul(p, v.float()).to(q.dtype), lse
+    return torch.matmul(p, v.to(acc)).to(q.dtype), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, scale, bias):
-    qf, kf, vf, do = q.float(), k.float(), v.float(), dout.float()
+    acc = acc_dtype(q.dtype)
+    qf, kf, vf, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if bias is not None:
-        s = s + bias.float()
+        s = s + bias.to(acc)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # (B, H, Sq, Sk) with the global LSE
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, vf.transpose(-1, -2))
-    delta = (do * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) of the final output
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O) of the final output
     ds = p * (dp - delta) * scale
     dq = torch.matmul(ds, kf)
     dk = torch.matmul(ds.transpose(-1, -2), qf)
