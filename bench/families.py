@@ -1,6 +1,6 @@
-# Benchmark of the factorized (SVD-style) family under context parallelism: one layer = a spatial block + a
-# temporal block (cpdit/factorized.py), frames split over cp ranks (real gloo processes), forward + backward.
-# The temporal block's cross-frame attention runs three ways at the same shapes:
+# Benchmark of the factorized (SVD-style) family under context parallelism: one layer = a spatial block + a temporal
+# block (cpdit/models/factorized/layers.py), frames split over cp ranks (real gloo processes), forward + backward. The
+# temporal block's cross-frame attention runs three ways at the same shapes:
 #   axis     switch the sharded axis frames -> spatial tokens with one all-to-all, attend locally, switch back
 #            (parallel/axis_switch.py; what FactorizedDiT does under cp)
 #   ring     keep the frames sharded and run ring attention over the frame axis (every spatial position a sequence)
@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import fmt_ratio, ratio, spread, verdict  # noqa: E402
 
-from cpdit.factorized import Attention, FactorizedConfig, SpatialBlock, TemporalBlock  # noqa: E402
+from cpdit.models.factorized.layers import Attention, FactorizedConfig, SpatialBlock, TemporalBlock  # noqa: E402
 from parallel.attention import context_parallel_attention  # noqa: E402
 from parallel.axis_switch import AxisSwitch  # noqa: E402
 from parallel.comm import BYTES  # noqa: E402

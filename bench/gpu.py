@@ -4,7 +4,7 @@
 #                memory-efficient (fp32, or any bias), with and without an additive bias, with fully masked rows —
 #                forward (out and LSE) and backward (dq, dk, dv given the row's final out and LSE) against a float64
 #                reference;
-#   (b) model    the parallelized CPDiT at world size 1 under bf16 autocast at CogVideoX-2B and -5B block shapes
+#   (b) model    the parallelized CogVideoXDiT at world size 1 under bf16 autocast at CogVideoX-2B and -5B block shapes
 #                (13 latent frames of 60x90, patch 2: 1350 tokens per frame, + 226 text tokens; `--layers` blocks),
 #                forward+backward: tokens/s, TFLOP/s and MFU against `--peak-tflops`;
 #   (c) job      the default job for a few steps on one rank with dist.backend=nccl (sampling and export included).
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from model import step_flops  # noqa: E402
 
-from cpdit import CPDiT, CPDiTConfig  # noqa: E402
+from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
 from parallel.attention.kernels import (  # noqa: E402
     _cuda_flash_ok,
     _math_backward,
@@ -101,14 +101,14 @@ def check_kernels(device: torch.device, dtypes, shapes) -> list[dict]:
 
 
 def model_step(device: torch.device, preset: str, layers: int, shape, steps: int) -> dict:
-    """(b): forward+backward of the parallelized CPDiT at world size 1 (bf16 autocast on CUDA)."""
+    """(b): forward+backward of the parallelized CogVideoXDiT at world size 1 (bf16 autocast on CUDA)."""
     T, H, W, L = shape
-    cfg = CPDiTConfig.preset(preset, num_layers=layers, sample_frames=1 + 4 * (T - 1), sample_height=H,
+    cfg = CogVideoXConfig.preset(preset, num_layers=layers, sample_frames=1 + 4 * (T - 1), sample_height=H,
                              sample_width=W)  # fmt: skip
     dims = ParallelDims(1, cp_size=1, model_parallel_size=1)
     mesh = dims.build_mesh(device.type)
     with torch.device("meta"):
-        model = CPDiT(cfg)
+        model = CogVideoXDiT(cfg)
     parallelize(model, dims, mesh)
     materialize(model, device, seed=0)
     gen = torch.Generator().manual_seed(0)
@@ -194,7 +194,9 @@ def main(argv=None) -> int:
     store = tempfile.NamedTemporaryFile(delete=False)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store.name}", rank=0,
                             world_size=1, timeout=datetime.timedelta(seconds=600))  # fmt: skip
-    print("\n(b) parallelized CPDiT, world size 1, forward+backward" + ("" if args.dry_run else ", bf16 autocast"))
+    print(
+        "\n(b) parallelized CogVideoXDiT, world size 1, forward+backward" + ("" if args.dry_run else ", bf16 autocast")
+    )
     print(
         "\n| model | layers | tokens | step s | tokens/s | TFLOP/s | MFU | peak GiB | ok |\n"
         "|---|---|---|---|---|---|---|---|---|"

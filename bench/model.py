@@ -1,4 +1,4 @@
-# Benchmark of the parallelized CPDiT: forward+backward time per step, tokens/s, per-rank peak and parameter
+# Benchmark of the parallelized CogVideoXDiT: forward+backward time per step, tokens/s, per-rank peak and parameter
 # memory, FLOPs and MFU, for several (cp, tp) layouts (dp = 1, so every layout computes the same step).
 #
 #   python bench/model.py                        # tiny and mid configs, layouts up to 4 ranks, fp32 on CPU
@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
 
-from cpdit import CPDiT, CPDiTConfig  # noqa: E402
+from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
 
@@ -44,7 +44,7 @@ CONFIGS = {
 }
 
 
-def step_flops(cfg: CPDiTConfig, tokens: int, batch: int) -> float:
+def step_flops(cfg: CogVideoXConfig, tokens: int, batch: int) -> float:
     d, f = cfg.hidden_size, cfg.ff_hidden
     per_block = 2 * tokens * d * 3 * d + 2 * tokens * d * d + 4 * tokens * d * f + 4 * tokens * tokens * d
     return 3.0 * batch * cfg.num_layers * per_block
@@ -56,11 +56,11 @@ def _worker(rank, world, init_file, name, cp, tp, steps, result):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
     )
     overrides, T, H, W, L = CONFIGS[name]
-    cfg = CPDiTConfig.preset("tiny", **overrides)
+    cfg = CogVideoXConfig.preset("tiny", **overrides)
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
-        model = CPDiT(cfg)
+        model = CogVideoXDiT(cfg)
     parallelize(model, dims, mesh)
     materialize(model, "cpu", seed=0)
     with torch.no_grad():  # non-zero adaLN/output weights so every block really computes
@@ -127,7 +127,7 @@ def run(name: str, cp: int, tp: int, steps: int) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Benchmark the parallelized CPDiT training step.")
+    p = argparse.ArgumentParser(description="Benchmark the parallelized CogVideoXDiT training step.")
     p.add_argument("--configs", default="tiny,mid")
     p.add_argument("--layouts", default="1x1,2x1,1x2,4x1,2x2", help="cp x tp layouts (dp = 1)")
     p.add_argument("--steps", type=int, default=3)
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     for name in args.configs.split(","):
         for layout in args.layouts.split(","):
             cp, tp = (int(v) for v in layout.split("x"))
-            if CPDiTConfig.preset("tiny", **CONFIGS[name][0]).num_attention_heads % tp:
+            if CogVideoXConfig.preset("tiny", **CONFIGS[name][0]).num_attention_heads % tp:
                 continue
             rows.append(run(name, cp, tp, args.steps))
     print(f"\nCPDiT training step (fwd+bwd), fp32, 1 thread/rank, {os.cpu_count()} cores, torch {torch.__version__}")

@@ -1,5 +1,5 @@
 # cpdit: single-device model and diffusion code (no torch.distributed here; parallel/ applies parallelism).
-from cpdit.config import PRESETS, CPDiTConfig
-from cpdit.model import CPDiT
+from cpdit.models.cogvideox.config import PRESETS, CogVideoXConfig
+from cpdit.models.cogvideox.model import CogVideoXDiT
 
-__all__ = ["CPDiT", "CPDiTConfig", "PRESETS"]
+__all__ = ["CogVideoXDiT", "CogVideoXConfig", "PRESETS"]

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cpdit.config import CPDiTConfig
-from cpdit.convert import config_to_diffusers, state_dict_to_diffusers
 from cpdit.lora import lora_state_dict_to_diffusers
+from cpdit.models.registry import family_of
 from parallel.state import full_tensor
 
 
@@ -38,8 +37,8 @@ def _gather(model: torch.nn.Module, ema: dict | None) -> dict[str, torch.Tensor]
 
 
 def _write(model: torch.nn.Module, full: dict[str, torch.Tensor], out: Path, lora: bool) -> None:
-    """model.safetensors, and a diffusers directory for the CogVideoX family. With LoRA: the base weights with
-    adapters separately, and export/lora/ in diffusers' key layout."""
+    """model.safetensors, and a diffusers directory for a family with a diffusers format. With LoRA: the base weights
+    with adapters separately, and export/lora/ in diffusers' key layout."""
     out.mkdir(parents=True, exist_ok=True)
     adapters = {n: t for n, t in full.items() if ".lora." in n}
     full = {n: t for n, t in full.items() if ".lora." not in n}
@@ -48,9 +47,10 @@ def _write(model: torch.nn.Module, full: dict[str, torch.Tensor], out: Path, lor
         (out / "lora").mkdir(exist_ok=True)
         save_file(adapters, str(out / "lora" / "adapters.safetensors"))
         save_file(lora_state_dict_to_diffusers(adapters), str(out / "lora" / "pytorch_lora_weights.safetensors"))
-    if not isinstance(model.config, CPDiTConfig):  # the factorized and Phenaki families have no diffusers counterpart
+    fmt = family_of(model).diffusers
+    if fmt is None:  # a family without a diffusers counterpart (factorized, Phenaki)
         return
     d = out / "diffusers"
     d.mkdir(exist_ok=True)
-    save_file(state_dict_to_diffusers(full), str(d / "diffusion_pytorch_model.safetensors"))
-    (d / "config.json").write_text(json.dumps(config_to_diffusers(model.config), indent=1))
+    save_file(fmt.state_dict_to(full), str(d / "diffusion_pytorch_model.safetensors"))
+    (d / "config.json").write_text(json.dumps(fmt.config_to(model.config), indent=1))

@@ -69,16 +69,7 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
                     f"{name}={size} is not divisible by the patch size {m.patch_size} x first-stage downsampling "
                     f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
-        tp = dims.tp
-        if getattr(m, "family", "full") != "full" and cfg.model.lora_rank:
-            raise ConfigError(f"model.preset={cfg.model.preset}: model.lora_rank is for the CogVideoX presets")
-        if m.num_attention_heads % tp:
-            raise ConfigError(
-                f"parallel.model_parallel_size={tp} does not divide model.num_attention_heads="
-                f"{m.num_attention_heads}; pick a divisor of {m.num_attention_heads}"
-            )
-        if getattr(m, "ff_hidden", 0) % tp:
-            raise ConfigError(f"parallel.model_parallel_size={tp} does not divide the feed-forward width {m.ff_hidden}")
+        _check_family(cfg, m, dims.tp)
     latent_frames = 1 + (d.num_frames - 1) // tf
     if latent_frames < p.cp_size:
         raise ConfigError(
@@ -96,6 +87,33 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
         )
     if cfg.debug.fail_rank >= dims.world_size:
         raise ConfigError(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {dims.world_size}-rank job")
+
+
+def _check_family(cfg: JobConfig, m, tp: int) -> None:
+    """What the model's family supports (cpdit/models/registry.py), and whether its tensor-parallel plan splits
+    over `tp` ranks (checked on a meta-device model: no memory, no processes)."""
+    from cpdit.lora import add_lora
+    from cpdit.models.registry import FAMILIES, family_of
+    from parallel.tensor_parallel import check_tensor_parallel
+
+    family = family_of(m)
+    if cfg.model.lora_rank and not family.lora:
+        lora = " and ".join(f.title for f in FAMILIES.values() if f.lora)
+        raise ConfigError(f"model.preset={cfg.model.preset}: model.lora_rank is for the {lora} presets")
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"parallel.model_parallel_size={tp} does not divide model.num_attention_heads="
+            f"{m.num_attention_heads}; pick a divisor of {m.num_attention_heads}"
+        )
+    if tp > 1:
+        with torch.device("meta"):
+            model = family.build(m)
+            if cfg.model.lora_rank:
+                add_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha)
+        try:
+            check_tensor_parallel(model, dict(family.tp_plan), tp)
+        except ValueError as err:
+            raise ConfigError(f"parallel.{err}") from None
 
 
 def _need_dir(key: str, value: str, *children: str, hint: str) -> Path:
@@ -133,7 +151,7 @@ def _check_files(cfg: JobConfig, command: str) -> None:
                               f"model.text_embed_dim={width}")  # fmt: skip
     if cfg.model.pretrained:
         _need_dir("model.pretrained", cfg.model.pretrained, hint="a diffusers transformer directory")
-        from cpdit.convert import weight_files
+        from cpdit.diffusers_io import weight_files
 
         try:
             weight_files(cfg.model.pretrained)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
-from launch.build import build_first_stage
+from cpdit.models.registry import family_of
 from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.media import write_video
@@ -77,7 +77,7 @@ def sample_videos(
     coords = dims.coords(env.rank)
     writer = coords["cp"] == 0 and coords["tp"] == 0
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
-    first_stage = build_first_stage(cfg, dims, mesh, next(modules.parameters()).device)
+    first_stage = modules.parallel.first_stage
     d, c = cfg.data, modules.dit.config
     steps = len(sampling_indices(cfg.sample.num_steps, schedule.num_idx))
     written: list[tuple[Path, str]] = []
@@ -99,7 +99,7 @@ def sample_videos(
                 return both.chunk(2)
 
             denoise = cfg_denoiser(predict, cfg.sample.guidance_scale, steps, cfg.sample.dynamic_cfg)
-            run = sample_frames_in_order if getattr(c, "frame_causal", False) else sample
+            run = sample_frames_in_order if family_of(c).frame_causal(c) else sample
             video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
             if writer and k is not None:
                 try:

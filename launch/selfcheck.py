@@ -40,7 +40,7 @@ def selfcheck(cfg: JobConfig, env: DistEnv) -> int:
     with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
         mesh = dims.build_mesh(device.type)
         sizes = check_mesh_groups(dims, mesh, env.rank)
-        seed = dims.seed_for_rank(cfg.train.seed, env.rank)
+        seed = dims.draw_seed(cfg.train.seed, env.rank, 0, 0)  # the first draw of step 0
         coords = {k: v for k, v in dims.coords(env.rank).items() if k in MESH_DIMS}
         line = f"  rank {env.rank} (local {env.local_rank}, node {env.node_rank}): coords {coords} seed={seed}"
         lines = [None] * env.world_size

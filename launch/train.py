@@ -1,5 +1,5 @@
 # The training job behind `cpdit-launch train`: CogVideoX's v-prediction diffusion objective on a parallelized
-# CPDiT (dp x cp x tp, FSDP2), AdamW with warm-up + cosine, global-norm clipping, accumulation, EMA, NaN guard,
+# CogVideoXDiT (dp x cp x tp, FSDP2), AdamW with warm-up + cosine, global-norm clipping, accumulation, EMA, NaN guard,
 # DCP checkpoints with exact resume (also under another layout), run directory with metrics, loss curve,
 # wandb (offline) files, sample videos and a safetensors/diffusers export.
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from cpdit.diffusion import Schedule, add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
+from cpdit.models.registry import family_of
 from launch import checkpoint
-from launch.build import architecture, build, build_first_stage, new_ema
+from launch.build import architecture, build, new_ema
 from launch.config import JobConfig, to_yaml
 from launch.data import DataPosition, DistributedBatches, build_dataset
 from launch.distributed import distributed
@@ -144,13 +145,12 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
     dataset = build_dataset(cfg, cfg.train.seed)
     batches = DistributedBatches(dataset, cfg.data.batch_size, dp_rank, dims.dp, cfg.train.seed, position)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
-    first_stage = build_first_stage(cfg, dims, mesh, device)
+    par = modules.parallel
+    first_stage = par.first_stage
     cache = None
     if cfg.data.latent_cache_dir:
-        coords = dims.coords(rank)
-        group = mesh.get_group("cp") if dims.cp > 1 and (cfg.first_stage.cp_size or dims.cp) > 1 else None
-        writer = coords["cp"] == 0 and coords["tp"] == 0
-        cache = LatentCache(cfg.data.latent_cache_dir, latent_fingerprint(cfg), writer, group)
+        cache = LatentCache(cfg.data.latent_cache_dir, latent_fingerprint(cfg), par.is_writer(rank),
+                            par.first_stage_group)  # fmt: skip
     dp_cp = mesh.get_group("dp_cp")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
@@ -196,7 +196,7 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 B = x0.shape[0]
                 idx, noise, keep = diffusion_draws(
                     x0.shape, schedule.num_idx, cfg.train, dp_rank, dims.dp, step, micro * B,
-                    getattr(mcfg, "frame_causal", False),
+                    family_of(mcfg).frame_causal(mcfg),
                 )  # fmt: skip
                 noise, keep = noise.to(device), keep.to(device)
                 a = schedule.alpha(idx).to(device)
@@ -205,10 +205,8 @@ def _train(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch
                 with autocast:
                     text = modules.encode(captions) * keep[:, None, None]
                     v = modules.dit(x_t, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
-                hw = v.shape[-1] * v.shape[-2] // mcfg.patch_size**2
-                seq = modules.dit.context.bind(x0.shape[1], hw, text.shape[1])
-                a_local = seq.shard_frames(a, 1) if a.dim() == 2 else a
-                err = v_loss_terms(v.float(), seq.shard_frames(x_t, 1), seq.shard_frames(x0, 1), a_local)
+                a_local = par.local_frames(a) if a.dim() == 2 else a
+                err = v_loss_terms(v.float(), par.local_frames(x_t), par.local_frames(x0), a_local)
                 # this rank's share of its replica's mean loss (sums over cp to the replica mean; dp averaged by FSDP)
                 loss = err.sum() / (x0[0].numel() * B * cfg.train.grad_accum)
                 PROGRESS.enter("backward")

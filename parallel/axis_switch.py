@@ -92,8 +92,8 @@ class _TokensToFrames(torch.autograd.Function):
 
 
 class SwitchAxes:
-    """The axis seam of cpdit/factorized.py over a cp group: spatial blocks on frame shards, temporal blocks on
-    spatial-token shards, one all-to-all at each switch."""
+    """The axis seam of cpdit/models/factorized/layers.py over a cp group: spatial blocks on frame shards, temporal
+    blocks on spatial-token shards, one all-to-all at each switch."""
 
     def __init__(self, switch: AxisSwitch):
         self.switch = switch

@@ -153,10 +153,13 @@ class ParallelDims:
         c = self.coords(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
-    def seed_for_rank(self, seed: int, rank: int) -> int:
-        """RNG seed policy: distinct across data-parallel ranks, identical across the cp and tp ranks of
-        one replica (noise, timesteps and conditioning dropout must agree inside a cp x tp group)."""
-        return seed + 1_000_003 * self.dp_rank(rank)
+    def draw_seed(self, seed: int, rank: int, step: int, index: int) -> int:
+        """The RNG policy, the only one: the seed of random draw `index` of optimizer step `step` on `rank`. Identical
+        on the cp and tp ranks of one replica (noise, timesteps and conditioning dropout must agree inside a cp x tp
+        group), distinct across data-parallel ranks, steps and indices (a sample of the step's accumulated batch, or
+        a stream such as the first stage's posterior samples)."""
+        dp_rank = self.dp_rank(rank)
+        return (((seed * 1_000_003 + dp_rank) * 1_000_033 + step) * 2_097_169 + index) % 2**63
 
     def describe(self) -> str:
         return (

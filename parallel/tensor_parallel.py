@@ -1,8 +1,11 @@
-# Tensor parallelism of the CogVideoX blocks with DTensor: q/k/v column-parallel (heads split over tp), attention
-# output row-parallel, feed-forward column -> row. The per-head q/k LayerNorm weights are shared by all heads, so
-# each tp rank sees only its heads' share of their gradient: a copy-to-tp-region (identity forward, all-reduce
-# backward; fairscale's mappings.py) makes it whole.
+# Tensor parallelism from a family's declarative plan (cpdit/models/family.py: module name patterns -> styles) with
+# DTensor: q/k/v column-parallel (heads split over tp), attention outputs row-parallel, feed-forwards column -> row.
+# Parameters that every head uses (CogVideoX's per-head-dim q/k LayerNorms, Phenaki's q/k scales) see only this
+# rank's heads' share of their gradient: a copy-to-tp-region (identity forward, all-reduce backward; fairscale's
+# mappings.py) makes it whole.
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.distributed as dist
@@ -48,62 +51,56 @@ def _share_norm(norm: nn.LayerNorm, group: dist.ProcessGroup) -> None:
     norm.tp_group = group
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shard every block of a CPDiT over `tp_mesh` (in place)."""
-    tp = tp_mesh.size()
+def plan_matches(model: nn.Module, plan: dict[str, str]) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, style) for every module of `model` whose name matches a pattern of `plan` (`*` is one dotted
+    component; "" is the model itself), in module order."""
+    rules = [(re.compile(r"\.".join("[^.]+" if c == "*" else re.escape(c) for c in k.split("."))), v)
+             for k, v in plan.items()]  # fmt: skip
+    out = []
+    for name, module in model.named_modules():
+        style = next((v for r, v in rules if r.fullmatch(name)), None)
+        if style is not None:
+            out.append((name, module, style))
+    return out
+
+
+def check_tensor_parallel(model: nn.Module, plan: dict[str, str], tp: int) -> None:
+    """Raise ValueError naming the knob when `tp` ranks cannot split `model` by `plan` (model may be on meta)."""
     heads = model.config.num_attention_heads
     if heads % tp:
         raise ValueError(
             f"model_parallel_size={tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
         )
-    if model.config.ff_hidden % tp:
-        raise ValueError(f"model_parallel_size={tp} does not divide the feed-forward width {model.config.ff_hidden}")
+    for name, module, style in plan_matches(model, plan):
+        width = {"colwise": "out_features", "rowwise": "in_features"}.get(style)
+        if width and getattr(module, width) % tp:
+            raise ValueError(
+                f"model_parallel_size={tp} does not divide the width {getattr(module, width)} of {name} "
+                f"({style}-parallel); choose a divisor of it"
+            )
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str]) -> None:
+    """Shard `model` over `tp_mesh` by its family's plan (in place)."""
+    check_tensor_parallel(model, plan, tp_mesh.size())
     group = tp_mesh.get_group()
-    plan = {
-        "attn.to_q": ColwiseParallel(),
-        "attn.to_k": ColwiseParallel(),
-        "attn.to_v": ColwiseParallel(),
-        "attn.to_out": RowwiseParallel(),
-        "ff.proj_in": ColwiseParallel(),
-        "ff.proj_out": RowwiseParallel(),
-    }
-    lora_plan = {  # adapters follow their layer: column-parallel up-projection, row-parallel down-projection
-        "attn.lora.to_q.lora_B": ColwiseParallel(),
-        "attn.lora.to_k.lora_B": ColwiseParallel(),
-        "attn.lora.to_v.lora_B": ColwiseParallel(),
-        "attn.lora.to_out.lora_A": RowwiseParallel(),
-    }
-    for block in model.blocks:
-        parallelize_module(block, tp_mesh, {**plan, **(lora_plan if hasattr(block.attn, "lora") else {})})
-        _share_norm(block.attn.norm_q, group)
-        _share_norm(block.attn.norm_k, group)
-
-
-def apply_factorized_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shard the spatial and temporal blocks of a FactorizedDiT over `tp_mesh`: q/k/v and the feed-forward value
-    and gate by columns (heads), the attention output and feed-forward output by rows; everything else (norms,
-    projections in and out, the time embedding, the blender) is replicated and sees replicated activations."""
-    tp = tp_mesh.size()
-    c = model.config
-    if c.num_attention_heads % tp:
-        raise ValueError(
-            f"model_parallel_size={tp} does not divide num_attention_heads={c.num_attention_heads}; choose a divisor"
-        )
-    plan = {}
-    for attn in ("attn1", "attn2"):
-        plan.update({f"{attn}.to_q": ColwiseParallel(), f"{attn}.to_k": ColwiseParallel()})
-        plan.update({f"{attn}.to_v": ColwiseParallel(), f"{attn}.to_out": RowwiseParallel()})
-    for ff in ("ff", "ff_in"):
-        plan.update({f"{ff}.proj": ColwiseParallel(), f"{ff}.gate": ColwiseParallel(), f"{ff}.out": RowwiseParallel()})
-    for stage in model.blocks:
-        for block in [*stage.transformer_blocks, *(b for stack in stage.time_stack for b in stack)]:
-            present = {k: v for k, v in plan.items() if isinstance(getattr(block, k.split(".")[0], None), nn.Module)}
-            parallelize_module(block, tp_mesh, present)
+    heads = TPHeads(group) if "heads" in plan.values() else None
+    for _, module, style in plan_matches(model, plan):
+        if style == "colwise":
+            parallelize_module(module, tp_mesh, ColwiseParallel())
+        elif style == "rowwise":
+            parallelize_module(module, tp_mesh, RowwiseParallel())
+        elif style == "shared_norm":
+            _share_norm(module, group)
+        elif style == "heads":
+            module.heads = heads
+        else:
+            raise ValueError(f"unknown tensor-parallel style {style!r} in the plan")
 
 
 class TPHeads:
-    """The tensor-parallel answer to cpdit/phenaki.py's `heads` seam: this rank's slice of per-head tensors, and
-    shared parameters whose gradient is summed over tp (each rank's covers only its heads)."""
+    """The tensor-parallel answer to the `heads` seam of cpdit/models/phenaki/layers.py: this rank's slice of per-head
+    tensors, and shared parameters whose gradient is summed over tp (each rank's covers only its heads)."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group, self.rank, self.size = group, dist.get_rank(group), dist.get_world_size(group)
@@ -114,31 +111,3 @@ class TPHeads:
 
     def shared(self, t: torch.Tensor) -> torch.Tensor:
         return copy_to_tp(t, self.group)
-
-
-def apply_phenaki_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shard a PhenakiDiT over `tp_mesh`: q/k/v and the feed-forward value and gate by columns (heads), outputs by
-    rows. Head-indexed tensors (the ALiBi + position-bias table, null keys/values) are sliced to this rank's heads
-    and the q/k scales shared by all heads are summed over tp in the backward (`TPHeads`). The PEG, norms and the
-    bias MLP are replicated and see replicated activations."""
-    tp = tp_mesh.size()
-    c = model.config
-    if c.num_attention_heads % tp:
-        raise ValueError(
-            f"model_parallel_size={tp} does not divide num_attention_heads={c.num_attention_heads}; choose a divisor"
-        )
-    inner = model.blocks[0].ff.proj.out_features
-    if inner % tp:
-        raise ValueError(f"model_parallel_size={tp} does not divide the feed-forward width {inner}")
-    heads = TPHeads(tp_mesh.get_group())
-    plan = {"ff.proj": ColwiseParallel(), "ff.gate": ColwiseParallel(), "ff.out": RowwiseParallel()}
-    for attn in ("attn", "cross"):
-        plan.update({f"{attn}.to_q": ColwiseParallel(), f"{attn}.to_k": ColwiseParallel()})
-        plan.update({f"{attn}.to_v": ColwiseParallel(), f"{attn}.to_out": RowwiseParallel()})
-    for block in model.blocks:
-        present = {k: v for k, v in plan.items() if isinstance(getattr(block, k.split(".")[0], None), nn.Module)}
-        parallelize_module(block, tp_mesh, present)
-        for attn in (block.attn, block.cross):
-            if attn is not None:
-                attn.heads = heads
-    model.heads = heads

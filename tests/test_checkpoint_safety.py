@@ -122,7 +122,7 @@ def test_pretrained_shards_are_safetensors_files_inside_the_directory(tmp_path, 
 
     from safetensors.torch import save_file
 
-    from cpdit.convert import load_diffusers_state_dict
+    from cpdit.diffusers_io import load_diffusers_state_dict
 
     d = tmp_path / "pretrained"
     d.mkdir()

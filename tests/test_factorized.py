@@ -9,7 +9,7 @@ import torch.distributed as dist
 from distributed_helpers import run_ranks
 from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
-from cpdit.factorized import FactorizedConfig, LocalAxes, SpatialVideoTransformer
+from cpdit.models.factorized.layers import FactorizedConfig, LocalAxes, SpatialVideoTransformer
 from parallel.axis_switch import AxisSwitch, SwitchAxes, split_sizes
 from parallel.sequence import frame_partition
 
@@ -86,7 +86,7 @@ def test_spatial_video_transformer_under_cp_equals_single_process(world, layout,
 
 
 def _dit(rank, world, cp, layout, ac="none", tp=1):
-    from cpdit.factorized_dit import FactorizedDiT, FactorizedDiTConfig
+    from cpdit.models.factorized.model import FactorizedDiT, FactorizedDiTConfig
 
     c = FactorizedDiTConfig(text_embed_dim=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                             time_embed_dim=16, norm_groups=4, ff_in=True)  # fmt: skip
@@ -105,7 +105,7 @@ def _dit(rank, world, cp, layout, ac="none", tp=1):
     model, dims, mesh = build_parallel(FactorizedDiT, c, world, cp, tp, layout=layout, ac=ac)  # axis switching
     mine = dp_slice(dims, rank, B)
     out = model(x[mine], txt[mine], t[mine], return_local=True)
-    bound = model.context.bind(T, (H // 2) * (W // 2), L)
+    bound = model.sequence.bind(T, (H // 2) * (W // 2), L)
     check_output_and_grads(model, dims, bound, out, out_ref[mine], w[mine], ref_grads)
     del mesh
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cpdit import CPDiT, CPDiTConfig
-from cpdit.convert import config_from_diffusers, state_dict_from_diffusers, state_dict_to_diffusers
+from cpdit import CogVideoXConfig, CogVideoXDiT
+from cpdit.models.cogvideox.convert import config_from_diffusers, state_dict_from_diffusers, state_dict_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,7 +43,7 @@ def _pipeline_rope(model, height, width, frames):
 def test_diffusers_parity(tmp_path, rope, size):
     ref = _diffusers_model(rope)
     ref.save_pretrained(tmp_path)  # config.json + diffusion_pytorch_model.safetensors
-    ours = CPDiT.from_diffusers(tmp_path).eval()
+    ours = CogVideoXDiT.from_diffusers(tmp_path).eval()
     assert ours.config.pos_embedding == ("rope" if rope else "sincos")
     H, W = size
     gen = torch.Generator().manual_seed(1)
@@ -73,37 +73,56 @@ def test_state_dict_round_trip_and_config():
 
 
 def test_presets_and_errors(tmp_path):
-    tiny = CPDiTConfig.preset("tiny")
-    assert CPDiTConfig.preset("cogvideox-2b").hidden_size == 1920
-    five = CPDiTConfig.preset("cogvideox-5b")
+    tiny = CogVideoXConfig.preset("tiny")
+    assert CogVideoXConfig.preset("cogvideox-2b").hidden_size == 1920
+    five = CogVideoXConfig.preset("cogvideox-5b")
     assert (five.hidden_size, five.num_layers, five.pos_embedding) == (3072, 42, "rope")
-    assert CPDiTConfig.preset("tiny", num_layers=3, attention_head_dim=None).num_layers == 3
+    assert CogVideoXConfig.preset("tiny", num_layers=3, attention_head_dim=None).num_layers == 3
     with pytest.raises(ValueError, match="model preset 'huge' is unknown"):
-        CPDiTConfig.preset("huge")
-    with pytest.raises(ValueError, match="unknown CPDiTConfig field"):
-        CPDiTConfig.preset("tiny", n_layers=3)
-    model = CPDiT(tiny)
+        CogVideoXConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown CogVideoXConfig field"):
+        CogVideoXConfig.preset("tiny", n_layers=3)
+    model = CogVideoXDiT(tiny)
     model.init_weights(0)
     with pytest.raises(ValueError, match="divisible by patch_size=2"):
         model(torch.randn(1, 2, 4, 7, 8), torch.randn(1, 3, 32), torch.tensor([1]))
     with pytest.raises(ValueError, match="in_channels=4"):
         model(torch.randn(1, 2, 3, 8, 8), torch.randn(1, 3, 32), torch.tensor([1]))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        CPDiT.from_diffusers(tmp_path)
+        CogVideoXDiT.from_diffusers(tmp_path)
 
 
-def test_gradient_checkpointing_matches():
+@pytest.mark.parametrize("preset", ["tiny", "svd-like", "phenaki-like"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_matches(preset, mode):
+    """AC applied from outside (parallel/parallelize.py) recomputes the chosen blocks in the backward (each of
+    them runs forward twice) and changes no gradient and no parameter name."""
+    import copy
+
+    from cpdit.models.registry import family_of_preset
+    from parallel.parallelize import apply_activation_checkpointing
+
+    family = family_of_preset(preset)
     torch.manual_seed(0)
-    model = CPDiT(CPDiTConfig.preset("tiny", pos_embedding="rope"))
+    model = family.build(family.presets[preset])
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
-    x, txt, t = torch.randn(1, 3, 4, 8, 8), torch.randn(1, 5, 32), torch.tensor([7])
-    grads = []
-    for ckpt in (False, True):
-        model.zero_grad()
-        model.gradient_checkpointing = ckpt
-        model(x, txt, t).square().mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+    C = model.config.in_channels
+    x, txt, t = torch.randn(1, 3, C, 8, 8), torch.randn(1, 5, model.config.text_embed_dim), torch.tensor([7])
+    checkpointed = copy.deepcopy(model)
+    apply_activation_checkpointing(checkpointed, mode)
+    assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in model.named_parameters()]
+    grads, calls = [], []
+    for m in (model, checkpointed):
+        count = [0] * len(m.blocks)
+        for i, block in enumerate(m.blocks):
+            block.register_forward_pre_hook(lambda *_, i=i, count=count: count.__setitem__(i, count[i] + 1))
+        m(x, txt, t).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+        calls.append(count)
+    every = {"full": 1, "selective": 2}[mode]
+    assert calls[0] == [1] * len(model.blocks)
+    assert calls[1] == [2 if i % every == 0 else 1 for i in range(len(model.blocks))]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)

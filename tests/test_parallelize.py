@@ -1,10 +1,10 @@
-# Whole-model parity: a parallelized CPDiT (dp x cp x tp, FSDP2) vs the single-process model in float64 —
+# Whole-model parity: a parallelized CogVideoXDiT (dp x cp x tp, FSDP2) vs the single-process model in float64 —
 # outputs, every parameter gradient after one backward, and parameters after one AdamW step, on every rank.
 import pytest
 import torch
 from distributed_helpers import run_ranks
 
-from cpdit import CPDiT, CPDiTConfig
+from cpdit import CogVideoXConfig, CogVideoXDiT
 from cpdit.lora import add_lora
 from parallel.dims import ParallelDims
 from parallel.fsdp import reduce_gradients
@@ -17,7 +17,7 @@ T, H, W, L = 13, 6, 10, 7  # 13 latent frames (uneven over cp), odd patch grid 3
 
 def _config(pos):
     # 6 heads: 3 per rank at tp=2, 2/2/1/1 at ulysses 4
-    return CPDiTConfig.preset("tiny", num_attention_heads=6, attention_head_dim=16, text_embed_dim=16,
+    return CogVideoXConfig.preset("tiny", num_attention_heads=6, attention_head_dim=16, text_embed_dim=16,
                               time_embed_dim=24, pos_embedding=pos, sample_height=6, sample_width=10)  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=replicate)
     mesh = dims.build_mesh("cpu")
     cfg = _config(pos)
-    ref = CPDiT(cfg).double()
+    ref = CogVideoXDiT(cfg).double()
     if lora:
         add_lora(ref, lora)
     sd = _weights(ref, seed)
@@ -55,7 +55,7 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
         assert all((g is None) == (".lora." not in k) for k, g in ref_grads.items())
 
     with torch.device("meta"):
-        model = CPDiT(cfg).to(torch.float64)
+        model = CogVideoXDiT(cfg).to(torch.float64)
         if lora:
             add_lora(model, lora)
     parallelize(model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None,
@@ -65,7 +65,7 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     d = dims.dp_rank(rank)
     mine = slice(d * batch_per_rank, (d + 1) * batch_per_rank)
     out_local = model(x[mine], txt[mine], t[mine], return_local=True)
-    bound = model.context.bind(T, (H // 2) * (W // 2), L)
+    bound = model.sequence.bind(T, (H // 2) * (W // 2), L)
     w_local, ref_local = bound.shard_frames(w[mine], 1), bound.shard_frames(out_ref[mine].detach(), 1)
     what = (f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
             f"{strategy} {pos} {layout} ac={ac}")  # fmt: skip
@@ -137,11 +137,12 @@ def _diffusers_parallel(rank, world, tmp):
         want = ref(latents, text, t, image_rotary_emb=_pipeline_rope(ref, 6, 10, 5), return_dict=False)[0]
     dims = ParallelDims(world, cp_size=2, model_parallel_size=2)
     mesh = dims.build_mesh("cpu")
-    from cpdit.convert import config_from_diffusers, load_diffusers_state_dict, state_dict_from_diffusers
+    from cpdit.diffusers_io import load_diffusers_state_dict
+    from cpdit.models.cogvideox.convert import config_from_diffusers, state_dict_from_diffusers
 
     config, sd = load_diffusers_state_dict(tmp)
     with torch.device("meta"):
-        model = CPDiT(config_from_diffusers(config))
+        model = CogVideoXDiT(config_from_diffusers(config))
     parallelize(model, dims, mesh)
     materialize(model, "cpu")
     load_full_state_dict(model, state_dict_from_diffusers(sd))

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from distributed_helpers import run_ranks
 from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
-from cpdit.phenaki_dit import PhenakiDiT, PhenakiDiTConfig
+from cpdit.models.phenaki.model import PhenakiDiT, PhenakiDiTConfig
 from parallel.frame_halo import FrameWindows
 from parallel.sequence import frame_partition
 
@@ -88,7 +88,7 @@ def _dit(rank, world, cp, tp, layout, attention, ac):
     model, dims, mesh = build_parallel(PhenakiDiT, c, world, cp, tp, layout=layout, attention=attention, ac=ac)
     mine = dp_slice(dims, rank, x.shape[0])
     out = model(x[mine], txt[mine], t[mine], return_local=True, text_mask=mask[mine], frame_lengths=lengths[mine])
-    bound = model.context.bind(x.shape[1], 9, 0)
+    bound = model.sequence.bind(x.shape[1], 9, 0)
     check_output_and_grads(model, dims, bound, out, out_ref[mine], w[mine], ref_grads)
     del mesh
 

@@ -1,7 +1,7 @@
 # cpdit's factorized and Phenaki modules against the code they come from (the seeds, loaded at test time by
-# tests/seed_modules.py; skipped where ../shared/seeds is absent): the seed module is built with random weights,
-# its state dict goes through cpdit/convert_seed.py into cpdit's module, and outputs, input gradients and every
-# parameter gradient (the seed's gradients through the same converter) agree in float64.
+# tests/seed_modules.py; skipped where ../shared/seeds is absent): the seed module is built with random weights, its
+# state dict goes through the family's converter (cpdit/models/*/convert.py) into cpdit's module, and outputs, input
+# gradients and every parameter gradient (the seed's gradients through the same converter) agree in float64.
 #
 # The grid includes every case the families once got wrong: Phenaki keys/values from the un-normed input, null keys
 # normalised and scaled, ALiBi on the null keys, non-causal self-attention, separate null counts; SVD's ff_in
@@ -15,17 +15,12 @@ import torch.nn as nn
 from seed_modules import phenaki_namespace, sgm_namespace
 
 from cpdit.attn_bias import AttentionBias, ContinuousPositionBias, relative_index, video_positions
-from cpdit.context import LocalContext
-from cpdit.convert_seed import (
-    SeedKeyError,
-    load_strict,
-    phenaki_attention_to_cpdit,
-    phenaki_cpb_to_cpdit,
-    phenaki_transformer_to_cpdit,
-    svd_to_cpdit,
-)
-from cpdit.factorized import FactorizedConfig, SpatialVideoTransformer
-from cpdit.phenaki import Attention, PhenakiBlock
+from cpdit.models.factorized.convert import svd_to_cpdit
+from cpdit.models.factorized.layers import FactorizedConfig, SpatialVideoTransformer
+from cpdit.models.phenaki.convert import phenaki_attention_to_cpdit, phenaki_cpb_to_cpdit, phenaki_transformer_to_cpdit
+from cpdit.models.phenaki.layers import Attention, PhenakiBlock
+from cpdit.models.seed_weights import SeedKeyError, load_strict
+from cpdit.sequence import LocalSequence
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 ERRORS: dict[str, float] = {}  # case -> max abs error over outputs and gradients (printed by -s)
@@ -234,7 +229,7 @@ def test_phenaki_attention_equals_phenaki_pytorch(phenaki, case):
     if cross:
         out = mine(x2, context=ctx2, context_mask=mask)
     else:
-        seq = LocalContext().bind(grid[0], grid[1] * grid[2], 0)
+        seq = LocalSequence().bind(grid[0], grid[1] * grid[2], 0)
         out = mine(x2, seq, AttentionBias(grid, table, None, None, lengths))
     out.backward(g)
     pairs = [("output", out, ref), ("dx", x2.grad, x.grad)]
@@ -292,7 +287,7 @@ def test_phenaki_transformer_equals_phenaki_pytorch(phenaki, case):
                context=text, cross_attn_context_mask=mask)  # fmt: skip
     ref.backward(g)
     x2 = x.detach().clone().requires_grad_()
-    out = mine(x2, LocalContext().bind(T, h * w, 0), AttentionBias(grid, table), text, mask, (h, w))
+    out = mine(x2, LocalSequence().bind(T, h * w, 0), AttentionBias(grid, table), text, mask, (h, w))
     out.backward(g)
     pairs = [("output", out, ref), ("dx", x2.grad, x.grad)]
     pairs += _param_grads(seed, phenaki_transformer_to_cpdit, mine)

@@ -49,7 +49,7 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VAEConfig:
-        from cpdit.config import from_preset
+        from cpdit.models.preset import from_preset
 
         return from_preset(VAE_PRESETS, "VAE", name, overrides)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from cpdit.convert import load_diffusers_state_dict
+from cpdit.diffusers_io import load_diffusers_state_dict
 from cpdit.vae.config import VAEConfig
 from cpdit.vae.model import CogVideoXVAE
 

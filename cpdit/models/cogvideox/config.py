@@ -1,11 +1,13 @@
 # Architecture of a CogVideoX-style DiT. Field names follow diffusers' CogVideoXTransformer3DModel config.
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
+
+from cpdit.models.preset import from_preset
 
 
 @dataclass(frozen=True)
-class CPDiTConfig:
+class CogVideoXConfig:
     num_attention_heads: int = 30
     attention_head_dim: int = 64
     in_channels: int = 16
@@ -54,25 +56,12 @@ class CPDiTConfig:
         return self.ff_inner_dim or 4 * self.hidden_size
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> CPDiTConfig:
+    def preset(cls, name: str, **overrides) -> CogVideoXConfig:
         """A named architecture with optional field overrides (None values are ignored)."""
         return from_preset(PRESETS, "model", name, overrides)
 
 
-def from_preset(presets: dict, what: str, name: str, overrides: dict):
-    """presets[name] with the non-None `overrides` applied; unknown names and fields are errors that list the
-    choices."""
-    if name not in presets:
-        raise ValueError(f"{what} preset {name!r} is unknown; choose one of {', '.join(presets)}")
-    base = presets[name]
-    known = {f.name for f in fields(base)}
-    bad = [k for k in overrides if k not in known]
-    if bad:
-        raise ValueError(f"unknown {type(base).__name__} field(s) {bad}; known: {sorted(known)}")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-_TINY = CPDiTConfig(
+_TINY = CogVideoXConfig(
     num_attention_heads=6,
     attention_head_dim=16,
     in_channels=4,
@@ -87,7 +76,7 @@ _TINY = CPDiTConfig(
     spatial_interpolation_scale=1.0,
 )
 
-PRESETS: dict[str, CPDiTConfig] = {
+PRESETS: dict[str, CogVideoXConfig] = {
     # The tests': 6 heads (3 per rank at model_parallel_size=2) x 16, 2 blocks, 2x2 patches.
     "tiny": _TINY,
     # The default job: small enough to learn the synthetic clips in minutes on 2 CPU cores with 4 ranks, shaped
@@ -95,7 +84,9 @@ PRESETS: dict[str, CPDiTConfig] = {
     # 4 blocks, 4x4 patches (16x16 frames -> 4x4 tokens).
     "demo": replace(_TINY, attention_head_dim=32, num_layers=4, patch_size=4, sample_height=16, sample_width=16),
     # CogVideoX-2B: hidden 1920 = 30 heads x 64, 30 layers, 3D sin-cos positions.
-    "cogvideox-2b": CPDiTConfig(),
+    "cogvideox-2b": CogVideoXConfig(),
     # CogVideoX-5B: hidden 3072 = 48 heads x 64, 42 layers, 3D RoPE.
-    "cogvideox-5b": CPDiTConfig(num_attention_heads=48, num_layers=42, pos_embedding="rope"),
+    "cogvideox-5b": CogVideoXConfig(num_attention_heads=48, num_layers=42, pos_embedding="rope"),
 }
+
+CPDiTConfig = CogVideoXConfig  # the name before the model families; kept as an alias for one release

@@ -1,19 +1,18 @@
-# A diffusion model of the factorized spatial/temporal family (model.preset=svd-like): patchified latent frames,
-# a timestep embedding added to every token, `depth` SpatialVideoTransformer stages (cpdit/factorized.py) with
-# cross-attention to the text, and a linear head back to patches. Same interface and seams as CPDiT, so the job,
-# parallelize (context parallelism by switching the sharded axis, FSDP) and checkpoints treat it alike.
+# A diffusion model of the factorized spatial/temporal family (model.preset=svd-like): patchified latent frames, a
+# timestep embedding added to every token, `depth` SpatialVideoTransformer stages (cpdit/models/factorized/layers.py)
+# with cross-attention to the text, and a linear head back to patches. Same interface and seams as CogVideoXDiT, so the
+# job, parallelize (context parallelism by switching the sharded axis, FSDP) and checkpoints treat it alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from cpdit.context import LocalContext, SequenceContext
 from cpdit.embeddings import timestep_embedding
-from cpdit.factorized import FactorizedConfig, SpatialVideoTransformer
-from cpdit.patch_dit import PatchVideoModel, patch_grid, patchify, unpatchify
+from cpdit.models.factorized.layers import FactorizedConfig, SpatialVideoTransformer
+from cpdit.models.patch import PatchVideoModel, patch_grid, patchify, unpatchify
+from cpdit.sequence import LocalSequence, SequenceSeam
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class FactorizedDiT(PatchVideoModel):
         super().__init__(c.in_channels, c.out_channels or c.in_channels, c.patch_size, c.hidden_size, c.time_embed_dim)
         self.config = c
         self.blocks = nn.ModuleList(SpatialVideoTransformer(c.stage()) for _ in range(c.num_layers))
-        self.context: SequenceContext = LocalContext()
+        self.sequence: SequenceSeam = LocalSequence()
 
     def special_value(self, name, shape, dtype, gen):
         return torch.full(shape, self.config.merge_factor, dtype=dtype) if name.endswith("mix_factor") else None
@@ -86,19 +85,15 @@ class FactorizedDiT(PatchVideoModel):
         c = self.config
         B, T, C, H, W = latents.shape
         h, w = patch_grid(H, W, c.patch_size)
-        seq = self.context.bind(T, h * w, text_embeds.shape[1])
+        seq = self.sequence.bind(T, h * w, text_embeds.shape[1])
         dtype = self.patch_embed.weight.dtype
         x = patchify(seq.shard_frames(latents.to(dtype), dim=1), c.patch_size)  # (B, T_r, S, C*p*p)
         temb = self.time_embed(timestep_embedding(timesteps, c.time_embed_dim).to(dtype))  # (B, D)
         x = self.patch_embed(x) + temb[:, None, None]  # (B, T_r, S, D)
         axes = seq.axes(h * w)
         text = text_embeds.to(dtype)
-        every = int(self.gradient_checkpointing)
-        for i, block in enumerate(self.blocks):
-            if every and i % every == 0 and torch.is_grad_enabled():  # recompute the stage in the backward
-                x = checkpoint(block, x, text, None, axes, use_reentrant=False)
-            else:
-                x = block(x, text, None, axes)
+        for block in self.blocks:
+            x = block(x, text, None, axes)
         out = self.proj_out(self.norm_out(x))  # (B, T_r, S, p*p*C_out)
         out = unpatchify(out, c.patch_size, h, w, c.out_channels or c.in_channels)  # (B, T_r, C_out, H, W)
         return out if return_local else seq.gather_frames(out, dim=1)

@@ -2,7 +2,7 @@
 # learned per-dimension q/k scales and a fixed temperature, learned null keys/values, causal self-attention with
 # ALiBi (the null keys included), an additive position bias from outside (the continuous position bias,
 # cpdit/attn_bias.py), cross-attention to the text with a padding mask, a positional-encoding generator (PEG: a
-# depthwise 3D convolution, optionally causal in time) and a GEGLU feed-forward. cpdit/convert_seed.py loads
+# depthwise 3D convolution, optionally causal in time) and a GEGLU feed-forward. cpdit/models/phenaki/convert.py loads
 # phenaki-pytorch weights. Activations are (B, T_r * h * w, D): this process's frames, row-major.
 #
 # Two seams: `seq` (the bound sequence context: attention over all frames, frame windows for the PEG) and `heads`

@@ -211,7 +211,7 @@ def time_embedding(frames: torch.Tensor, dim: int, max_period: float = 10000.0) 
 class SpatialVideoTransformer(nn.Module):
     """sgm's SpatialVideoTransformer. x (B, T_r, S, C) -> same shape: GroupNorm per frame, project in, `depth` x
     (spatial block, time positional embedding + temporal block(s), AlphaBlender), project out, residual. (sgm's
-    1x1-convolution and linear projections are the same map: cpdit/convert_seed.py loads either.)"""
+    1x1-convolution and linear projections are the same map: cpdit/models/factorized/convert.py loads either.)"""
 
     def __init__(self, c: FactorizedConfig):
         super().__init__()

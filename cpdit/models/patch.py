@@ -40,7 +40,6 @@ class PatchVideoModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.norm_out = nn.LayerNorm(hidden)
         self.proj_out = nn.Linear(hidden, p * p * out_channels)
-        self.gradient_checkpointing = 0
 
     def special_value(self, name: str, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator):
         """A family's own initial value for `name`, or None for the default."""

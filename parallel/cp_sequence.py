@@ -1,4 +1,4 @@
-# The context-parallel implementation of cpdit's sequence seam (cpdit/context.py): frames split over the cp ranks
+# The context-parallel implementation of cpdit's sequence seam (cpdit/sequence.py): frames split over the cp ranks
 # with SequencePlan, attention by context_parallel_attention. One plan per input shape, cached.
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from parallel.sequence import SequencePlan
 
 
 class _CPBound:
-    def __init__(self, tokens: SequencePlan, frames: SequencePlan, owner: ContextParallel):
+    def __init__(self, tokens: SequencePlan, frames: SequencePlan, owner: ContextParallelSequence):
         self.tokens, self.frames, self.owner = tokens, frames, owner
         self._axes: dict[int, SwitchAxes] = {}
         self._windows: dict[tuple[int, int], FrameWindows] = {}
@@ -51,7 +51,7 @@ class _CPBound:
                                           head_chunks=o.head_chunks, bias=bias)  # fmt: skip
 
 
-class ContextParallel:
+class ContextParallelSequence:
     """Sequence context over a (cp_ring, cp_ulysses) mesh.
 
     Args:
@@ -81,3 +81,6 @@ class ContextParallel:
             frames = SequencePlan(num_frames, 1, 0, self.cp_mesh, self.layout)  # same partition, one row per frame
             self._plans[key] = _CPBound(tokens, frames, self)
         return self._plans[key]
+
+    def frames(self, num_frames: int) -> _CPBound:
+        return self.bind(num_frames, 1, 0)  # the partition depends on the frame count only

@@ -1,7 +1,7 @@
-# A diffusion model of the Phenaki family (model.preset=phenaki-like): patchified latent frames, a per-frame
-# timestep embedding (each frame may carry its own noise level: the frame-causal objective), `num_layers`
-# PhenakiBlocks (cpdit/phenaki.py) whose self-attention is frame-causal with ALiBi + a continuous position bias over
-# (t, h, w) and null keys/values, cross-attention to the text, and a linear head back to patches.
+# A diffusion model of the Phenaki family (model.preset=phenaki-like): patchified latent frames, a per-frame timestep
+# embedding (each frame may carry its own noise level: the frame-causal objective), `num_layers` PhenakiBlocks
+# (cpdit/models/phenaki/layers.py) whose self-attention is frame-causal with ALiBi + a continuous position bias over (t,
+# h, w) and null keys/values, cross-attention to the text, and a linear head back to patches.
 #
 # Frame-causal: the output of frame t depends only on frames <= t (attention, PEG and embeddings are all causal),
 # so training with independent per-frame noise levels teaches the model to denoise a frame given its (cleaner)
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from cpdit.attn_bias import AttentionBias, ContinuousPositionBias
-from cpdit.context import LocalContext, SequenceContext
 from cpdit.embeddings import timestep_embedding
-from cpdit.patch_dit import PatchVideoModel, patch_grid, patchify, unpatchify
-from cpdit.phenaki import AllHeads, PhenakiBlock
+from cpdit.models.patch import PatchVideoModel, patch_grid, patchify, unpatchify
+from cpdit.models.phenaki.layers import AllHeads, PhenakiBlock
+from cpdit.sequence import LocalSequence, SequenceSeam
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class PhenakiDiT(PatchVideoModel):
                      cross_null_kv=c.cross_attn_null_kv, peg=c.peg, peg_causal=c.peg_causal, ff_mult=c.ff_mult,
                      scale=c.attn_scale, norm_bias=c.norm_bias)  # fmt: skip
         self.blocks = nn.ModuleList(PhenakiBlock(c.hidden_size, *head, **layer) for _ in range(c.num_layers))
-        self.context: SequenceContext = LocalContext()
+        self.sequence: SequenceSeam = LocalSequence()
         self.heads = AllHeads()  # parallel/ sets a tensor-parallel view (and the same on every attention)
 
     def special_value(self, name, shape, dtype, gen):
@@ -114,7 +113,7 @@ class PhenakiDiT(PatchVideoModel):
         c = self.config
         B, T, C, H, W = latents.shape
         h, w = patch_grid(H, W, c.patch_size)
-        seq = self.context.bind(T, h * w, 0)  # text enters through cross-attention, not the sequence
+        seq = self.sequence.bind(T, h * w, 0)  # text enters through cross-attention, not the sequence
         dtype = self.patch_embed.weight.dtype
         x = patchify(seq.shard_frames(latents.to(dtype), dim=1), c.patch_size)  # (B, T_r, S, C*p*p)
         Tr = x.shape[1]
@@ -125,13 +124,8 @@ class PhenakiDiT(PatchVideoModel):
         grid = (T, h, w)
         bias = AttentionBias(grid, self.bias_table(grid, dtype, x.device), None, None, frame_lengths)
         text = text_embeds.to(dtype)
-        every = int(self.gradient_checkpointing)
-        for i, block in enumerate(self.blocks):
-            args = (x, seq, bias, text, text_mask, (h, w))
-            if every and i % every == 0 and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
+        for block in self.blocks:
+            x = block(x, seq, bias, text, text_mask, (h, w))
         out = self.proj_out(self.norm_out(x))  # (B, T_r * h * w, p*p*C_out)
         out = unpatchify(out.view(B, Tr, h * w, -1), c.patch_size, h, w, c.out_channels or c.in_channels)
         return out if return_local else seq.gather_frames(out, dim=1)  # (B, T | T_r, C_out, H, W)

@@ -1,5 +1,5 @@
-# CPDiT: the CogVideoX transformer (diffusers' CogVideoXTransformer3DModel / SAT's DiffusionTransformer) as
-# single-device code. `self.context` is the seam parallel/ replaces: which frames are computed here and how
+# CogVideoXDiT: the CogVideoX transformer (diffusers' CogVideoXTransformer3DModel / SAT's DiffusionTransformer) as
+# single-device code. `self.sequence` is the seam parallel/ replaces: which frames are computed here and how
 # attention over the joint sequence runs.
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from cpdit.blocks import Block
-from cpdit.config import CPDiTConfig
-from cpdit.context import LocalContext, SequenceContext
 from cpdit.embeddings import PatchEmbed, TimestepMLP, rope_3d, sincos_3d, timestep_embedding
+from cpdit.models.cogvideox.blocks import Block
+from cpdit.models.cogvideox.config import CogVideoXConfig
+from cpdit.sequence import LocalSequence, SequenceSeam
 
 
 class AdaLayerNormOut(nn.Module):
@@ -31,13 +30,13 @@ class AdaLayerNormOut(nn.Module):
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
-class CPDiT(nn.Module):
+class CogVideoXDiT(nn.Module):
     """CogVideoX-style 3D full-attention diffusion transformer.
 
     forward(latents (B, T, C, H, W), text_embeds (B, L, text_dim), timesteps (B,)) -> (B, T, C_out, H, W).
     """
 
-    def __init__(self, config: CPDiTConfig):
+    def __init__(self, config: CogVideoXConfig):
         super().__init__()
         c = self.config = config
         d = c.hidden_size
@@ -59,9 +58,7 @@ class CPDiT(nn.Module):
         self.norm_final = nn.LayerNorm(d, eps=c.norm_eps)
         self.norm_out = AdaLayerNormOut(c.time_embed_dim, d, c.norm_eps)
         self.proj_out = nn.Linear(d, c.patch_size**2 * c.out_channels)
-        self.context: SequenceContext = LocalContext()
-        # Activation checkpointing: False/0 none, True/1 every block, n every n-th block ("selective").
-        self.gradient_checkpointing: bool | int = False
+        self.sequence: SequenceSeam = LocalSequence()
 
     def initial_value(self, name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
         """The initial full tensor of parameter `name`: xavier-uniform weights, zero biases, unit norm scales;
@@ -92,9 +89,10 @@ class CPDiT(nn.Module):
             assign(param, self.initial_value(name, param.shape, param.dtype, seed))
 
     @classmethod
-    def from_diffusers(cls, path, dtype: torch.dtype | None = None) -> CPDiT:
+    def from_diffusers(cls, path, dtype: torch.dtype | None = None) -> CogVideoXDiT:
         """Load a diffusers CogVideoXTransformer3DModel directory (config.json + safetensors, sharded too)."""
-        from cpdit.convert import config_from_diffusers, load_diffusers_state_dict, state_dict_from_diffusers
+        from cpdit.diffusers_io import load_diffusers_state_dict
+        from cpdit.models.cogvideox.convert import config_from_diffusers, state_dict_from_diffusers
 
         config, sd = load_diffusers_state_dict(path)
         model = cls(config_from_diffusers(config))
@@ -119,7 +117,7 @@ class CPDiT(nn.Module):
             raise ValueError(f"latents have {C} channels, the model expects in_channels={c.in_channels}")
         h, w = H // p, W // p
         L = text_embeds.shape[1]
-        seq = self.context.bind(T, h * w, L)
+        seq = self.sequence.bind(T, h * w, L)
         dtype = self.patch_embed.proj.weight.dtype
         temb = self.time_embed(timestep_embedding(timesteps, c.hidden_size, c.flip_sin_to_cos, c.freq_shift).to(dtype))
         local = seq.shard_frames(latents.to(dtype), dim=1)  # (B, T_local, C, H, W)
@@ -134,13 +132,12 @@ class CPDiT(nn.Module):
             video = video + pos.to(dtype)
         else:
             rope = rope_3d(frame_ids, h, w, c.attention_head_dim, c.sample_height // p, c.sample_width // p)
-        every = int(self.gradient_checkpointing)
-        for i, block in enumerate(self.blocks):
-            if every and i % every == 0 and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, temb, seq, rope, use_reentrant=False)
-            else:
-                video, text = block(video, text, temb, seq, rope)
+        for block in self.blocks:
+            video, text = block(video, text, temb, seq, rope)
         video = self.proj_out(self.norm_out(self.norm_final(video), temb))  # (B, T_local*h*w, p*p*C_out)
         out = video.reshape(B, -1, h, w, c.out_channels, p, p)
         out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, -1, c.out_channels, H, W)  # (B, T_local, C_out, H, W)
         return out if return_local else seq.gather_frames(out, dim=1)
+
+
+CPDiT = CogVideoXDiT  # the name before the model families; kept as an alias for one release

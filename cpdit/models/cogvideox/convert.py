@@ -1,15 +1,12 @@
-# diffusers <-> cpdit: config and state-dict conversion for CogVideoXTransformer3DModel checkpoints, and loading
-# config.json + *.safetensors (single file or sharded index). Weights never go through pickle.
+# diffusers <-> cpdit: config and state-dict conversion for CogVideoXTransformer3DModel checkpoints (files are read
+# by cpdit/diffusers_io.py; weights never go through pickle).
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from cpdit.config import CPDiTConfig
+from cpdit.models.cogvideox.config import CogVideoXConfig
 
 # (cpdit pattern, diffusers pattern); {i} is a block index.
 _KEYS = [
@@ -64,7 +61,7 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return _rename(sd, _KEYS, "cpdit state dict")
 
 
-# Config fields that mean the same in diffusers' CogVideoXTransformer3DModel and CPDiTConfig.
+# Config fields that mean the same in diffusers' CogVideoXTransformer3DModel and CogVideoXConfig.
 _SHARED_FIELDS = (
     "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "time_embed_dim",
     "text_embed_dim", "patch_size", "flip_sin_to_cos", "freq_shift", "attention_bias", "norm_eps", "sample_height",
@@ -79,8 +76,8 @@ _UNSUPPORTED = {
 }
 
 
-def config_from_diffusers(cfg: dict) -> CPDiTConfig:
-    """CPDiTConfig from a diffusers CogVideoXTransformer3DModel config.json dict."""
+def config_from_diffusers(cfg: dict) -> CogVideoXConfig:
+    """CogVideoXConfig from a diffusers CogVideoXTransformer3DModel config.json dict."""
     for key, ok in _UNSUPPORTED.items():
         if cfg.get(key, ok) != ok:
             raise ValueError(f"diffusers config {key}={cfg[key]!r} is not supported by cpdit (needs {ok!r})")
@@ -90,10 +87,10 @@ def config_from_diffusers(cfg: dict) -> CPDiTConfig:
         raise ValueError("norm_elementwise_affine=False is not supported")
     kwargs = {n: cfg[n] for n in _SHARED_FIELDS if n in cfg and cfg[n] is not None}
     kwargs["pos_embedding"] = "rope" if cfg.get("use_rotary_positional_embeddings") else "sincos"
-    return CPDiTConfig(**kwargs)
+    return CogVideoXConfig(**kwargs)
 
 
-def config_to_diffusers(config: CPDiTConfig) -> dict:
+def config_to_diffusers(config: CogVideoXConfig) -> dict:
     """A diffusers CogVideoXTransformer3DModel config.json dict for `config`."""
     out = {n: getattr(config, n) for n in _SHARED_FIELDS}
     out.update(
@@ -106,39 +103,3 @@ def config_to_diffusers(config: CPDiTConfig) -> dict:
         patch_bias=True,
     )
     return out
-
-
-def _find_dir(path: Path, subfolder: str) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    if (path / subfolder / "config.json").is_file():  # a whole pipeline directory
-        return path / subfolder
-    raise FileNotFoundError(f"{path}: no config.json (expected a diffusers {subfolder} or pipeline directory)")
-
-
-def weight_files(path: str | Path, subfolder: str = "transformer") -> tuple[dict, list[Path]]:
-    """(config dict, the safetensors files to read) of a diffusers model or pipeline directory, without reading
-    the weights; refuses pickle-only directories and index shards outside the directory."""
-    d = _find_dir(Path(path), subfolder)
-    config = json.loads((d / "config.json").read_text())
-    index = sorted(d.glob("*.safetensors.index.json"))
-    if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-        outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
-        if outside:  # plain safetensors file names inside the directory, nothing else
-            raise ValueError(f"{index[0]}: shards {outside} are not *.safetensors files inside {d}; refused")
-        files = [d / s for s in shards]
-    else:
-        files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{d}: no *.safetensors weights (cpdit never unpickles .bin/.pt checkpoints)")
-    return config, files
-
-
-def load_diffusers_state_dict(path: str | Path, subfolder: str = "transformer") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, diffusers-keyed state dict) from a directory with config.json and safetensors weights."""
-    config, files = weight_files(path, subfolder)
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    return config, sd

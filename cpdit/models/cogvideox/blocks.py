@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpdit.context import BoundSequence
 from cpdit.embeddings import apply_rope
+from cpdit.sequence import BoundSequence
 
 
 class LayerNormZero(nn.Module):

@@ -1,6 +1,6 @@
 # The seam between the single-device model and parallelism: which frames this process computes, how attention
 # over the joint [text | video] sequence is evaluated, and how local frames return to the full video.
-# `LocalContext` is the single-device answer; parallel/ supplies a context-parallel one. The model never
+# `LocalSequence` is the single-device answer; parallel/ supplies a context-parallel one. The model never
 # knows about ranks.
 from __future__ import annotations
 
@@ -35,12 +35,17 @@ class BoundSequence(Protocol):
         neighbouring frames (zeros outside the video): the input of a temporal convolution."""
 
     def axes(self, num_tokens: int):
-        """The frames <-> spatial-tokens seam of factorized models (cpdit/factorized.py) for frames of
+        """The frames <-> spatial-tokens seam of factorized models (cpdit/models/factorized/layers.py) for frames of
         `num_tokens` tokens."""
 
 
-class SequenceContext(Protocol):
-    def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> BoundSequence: ...
+class SequenceSeam(Protocol):
+    def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> BoundSequence:
+        """The model's sequence: `num_frames` frames of `tokens_per_frame` tokens after `text_len` text tokens."""
+
+    def frames(self, num_frames: int) -> BoundSequence:
+        """The frame partition alone (frame_ids, shard_frames, gather_frames): the same frames as any `bind` with
+        `num_frames`, for tensors beside the model's activations (loss targets, per-frame noise levels)."""
 
 
 class _LocalBound:
@@ -68,13 +73,16 @@ class _LocalBound:
         return [torch.cat([pad[0], x, pad[1]], dim=1)]
 
     def axes(self, num_tokens: int):
-        from cpdit.factorized import LocalAxes
+        from cpdit.models.factorized.layers import LocalAxes
 
         return LocalAxes()
 
 
-class LocalContext:
+class LocalSequence:
     """Single device: every frame is local, attention is SDPA."""
 
     def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> BoundSequence:
         return _LocalBound(num_frames, tokens_per_frame, text_len)
+
+    def frames(self, num_frames: int) -> BoundSequence:
+        return _LocalBound(num_frames)

@@ -1,0 +1,1 @@
+# Model families: one folder each (cogvideox/, factorized/, phenaki/), declared in registry.py.
