@@ -1,4 +1,4 @@
-# A judge of sample videos for the synthetic moving-shapes vocabulary (launch/data.py): does a clip show ONE
+# A judge of sample videos for the synthetic moving-shapes vocabulary (launch/job/data.py): does a clip show ONE
 # object of the prompted colour and shape, moving in the prompted direction, on a dark background?
 #
 #   python bench/judge.py runs/default/samples            # every *.gif under it, prompt read from the file name
@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.data import COLORS, MOTIONS, SHAPES, SyntheticShapes, _shape_mask  # noqa: E402
+from launch.job.data import COLORS, MOTIONS, SHAPES, SyntheticShapes, _shape_mask  # noqa: E402
 
 FG_THRESHOLD = 0.25  # max-channel distance from the background (colours in [0, 1])
 ONE_OBJECT_SHARE = 0.85
@@ -68,7 +68,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _block_size(frames: np.ndarray) -> int:
-    """The nearest-upscaling factor of written samples (launch/media.py), so the judge works at model resolution."""
+    """The nearest-upscaling factor of written samples (launch/job/media.py), so the judge works at model resolution."""
     for s in (16, 8, 4, 2):
         if frames.shape[1] % s == 0 and frames.shape[2] % s == 0:
             small = frames[:, ::s, ::s]

@@ -193,14 +193,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def run_torchrun(torchrun_args: list[str], run_dir: Path) -> int:
     """torchrun's elastic agent, in this process (signals from SLURM or the shell reach it directly). SIGTERM and
-    SIGUSR1 are forwarded to the workers, which checkpoint and stop (launch/preemption.py); the exit code says
+    SIGUSR1 are forwarded to the workers, which checkpoint and stop (launch/job/preemption.py); the exit code says
     what happened: 0 done, EXIT_PREEMPTED checkpointed after a signal, EXIT_HANG hang detected, 1 failed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    from launch.preemption import EXIT_PREEMPTED, read_marker
-    from launch.watchdog import EXIT_HANG
+    from launch.job.preemption import EXIT_PREEMPTED, read_marker
+    from launch.job.watchdog import EXIT_HANG
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # torch 2.13: with the rendezvous TCP store shared with the workers, an elastic restart reads the previous

@@ -6,12 +6,12 @@ from launch.env import DistEnv
 
 
 def train_entry(cfg: JobConfig, env: DistEnv) -> int:
-    from launch.train import train
+    from launch.job.train import train
 
     return train(cfg, env)
 
 
 def sample_entry(cfg: JobConfig, env: DistEnv) -> int:
-    from launch.sample import sample_job
+    from launch.job.sample import sample_job
 
     return sample_job(cfg, env)

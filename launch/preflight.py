@@ -13,7 +13,7 @@ from parallel.dims import ParallelDims
 
 
 def _model(cfg: JobConfig):
-    from launch.build import model_config
+    from launch.job.build import model_config
 
     try:
         return model_config(cfg)
@@ -33,7 +33,7 @@ def _first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, int]:
             f"first_stage.cp_size={f.cp_size}: the VAE splits frames over the model's cp group "
             f"(parallel.cp_size={dims.cp}) or not at all; use null or 1"
         )
-    from launch.build import first_stage_config
+    from launch.job.build import first_stage_config
 
     try:
         c = first_stage_config(cfg)
@@ -178,7 +178,7 @@ def _check_files(cfg: JobConfig, command: str) -> None:
                 )
             break
     if command == "sample" and not cfg.sample.checkpoint:
-        from launch.checkpoint import find_resume
+        from launch.job.checkpoint import find_resume
 
         if find_resume(run_dir / "checkpoints", "auto") is None:
             raise ConfigError(

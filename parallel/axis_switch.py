@@ -9,11 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cpdit.partition import even_split
 from parallel.comm import all_to_all_tensors
-
-
-def split_sizes(n: int, parts: int) -> list[int]:
-    return [n // parts + (r < n % parts) for r in range(parts)]
 
 
 class AxisSwitch:
@@ -23,7 +20,7 @@ class AxisSwitch:
         self.frames, self.group = frames, group
         self.size = len(frames)
         self.rank = dist.get_rank(group) if group is not None else 0
-        self.tokens = split_sizes(num_tokens, self.size)
+        self.tokens = even_split(num_tokens, self.size)
         if min(self.tokens) < 1:
             raise ValueError(f"{num_tokens} spatial tokens cannot be split over {self.size} ranks")
         order = [f for fr in frames for f in fr]  # frames in the order the all-to-all delivers them

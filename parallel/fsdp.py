@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from parallel.progress import in_collective
+from parallel.comm import all_reduce
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -73,8 +73,7 @@ class GradientAllReduce:
         for dtype in sorted({g.dtype for g in local}, key=str):
             bucket = [g for g in local if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum of numels,)
-            with in_collective("all_reduce(gradients)"):
-                dist.all_reduce(flat, group=self.group)
+            all_reduce(flat, self.group, "gradients")
             flat.div_(self.dp)
             offset = 0
             for g in bucket:

@@ -1,6 +1,6 @@
 # Where this rank is: the training step, the phase inside it, and the collective it is waiting in. The training
 # loop and the communication helpers write it (plain attribute stores, no locks: one writer, and a reader that
-# only needs a recent snapshot); the hang watchdog (launch/watchdog.py) reads it from its own thread when a step
+# only needs a recent snapshot); the hang watchdog (launch/job/watchdog.py) reads it from its own thread when a step
 # takes far too long, to name the slow rank and the last collective every rank entered.
 from __future__ import annotations
 

@@ -13,30 +13,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from cpdit.partition import Segment, frame_partition
 from parallel.comm import all_to_all_tensors
 
-Segment = tuple[int, int]  # global frames [start, end)
-
-
-def frame_partition(num_frames: int, cp_size: int, layout: str = "contiguous") -> list[list[Segment]]:
-    """Frames of each cp rank as ordered global ranges. 13 frames on 4 ranks: contiguous -> 4,3,3,3 frames;
-    zigzag -> rank r gets chunks r and 2*cp-1-r of 2*cp near-equal chunks (balanced frame-causal work)."""
-    if num_frames < cp_size:
-        raise ValueError(
-            f"num_frames={num_frames} < cp_size={cp_size}: every context-parallel rank needs at least one "
-            f"(latent) frame; lower cp_size or use more frames"
-        )
-    if layout == "contiguous":
-        n = [num_frames // cp_size + (r < num_frames % cp_size) for r in range(cp_size)]
-        starts = [sum(n[:r]) for r in range(cp_size)]
-        return [[(starts[r], starts[r] + n[r])] for r in range(cp_size)]
-    if layout == "zigzag":
-        c = 2 * cp_size
-        n = [num_frames // c + (i < num_frames % c) for i in range(c)]
-        starts = [sum(n[:i]) for i in range(c)]
-        chunks = [(starts[i], starts[i] + n[i]) for i in range(c)]
-        return [[s for s in (chunks[r], chunks[c - 1 - r]) if s[1] > s[0]] for r in range(cp_size)]
-    raise ValueError(f"layout={layout!r} is not 'contiguous' or 'zigzag'")
+__all__ = ["Segment", "SequencePlan", "frame_partition"]
 
 
 def _frames(segs: list[Segment]) -> list[int]:

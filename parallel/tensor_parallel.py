@@ -14,25 +14,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Identity forward; backward sums the gradient over the tensor-parallel group."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _CopyToTP.apply(x, group)
+from parallel.comm import copy_to_group
 
 
 class TPSharedLayerNorm(nn.LayerNorm):
@@ -41,8 +23,8 @@ class TPSharedLayerNorm(nn.LayerNorm):
     tp_group: dist.ProcessGroup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = copy_to_tp(self.weight, self.tp_group) if self.weight is not None else None
-        b = copy_to_tp(self.bias, self.tp_group) if self.bias is not None else None
+        w = copy_to_group(self.weight, self.tp_group) if self.weight is not None else None
+        b = copy_to_group(self.bias, self.tp_group) if self.bias is not None else None
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
@@ -107,7 +89,7 @@ class TPHeads:
 
     def local(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         n = t.shape[dim] // self.size
-        return copy_to_tp(t, self.group).narrow(dim, self.rank * n, n)
+        return copy_to_group(t, self.group).narrow(dim, self.rank * n, n)
 
     def shared(self, t: torch.Tensor) -> torch.Tensor:
-        return copy_to_tp(t, self.group)
+        return copy_to_group(t, self.group)

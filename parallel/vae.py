@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from cpdit.vae.time import double_counts, halve_counts, latent_partition, pixel_partition
-from parallel.progress import in_collective
+from parallel.comm import all_gather_equal, all_reduce_sum, shift_next
 
 __all__ = [
     "CPTime",
@@ -31,55 +31,6 @@ __all__ = [
 def shard_time(x: torch.Tensor, counts: list[int], rank: int, dim: int = 2) -> torch.Tensor:
     start = sum(counts[:rank])
     return x.narrow(dim, start, counts[rank])
-
-
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        out = x.contiguous().clone()
-        with in_collective("all_reduce(VAE GroupNorm statistics)"):
-            dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        with in_collective("all_reduce(VAE GroupNorm statistics backward)"):
-            dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _p2p(send: torch.Tensor | None, to: int | None, recv: torch.Tensor | None, frm: int | None, group) -> None:
-    ops = []
-    if send is not None and to is not None:
-        ops.append(dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, to), group))
-    if recv is not None and frm is not None:
-        ops.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, frm), group))
-    if ops:
-        with in_collective("P2P (VAE halo)"):
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-
-
-class _ShiftNext(torch.autograd.Function):
-    """Send `send` to the next rank of the group and return what the previous rank sent (shape `recv_shape`;
-    0 frames on rank 0). Backward: the received tensor's gradient goes back to the previous rank."""
-
-    @staticmethod
-    def forward(ctx, send: torch.Tensor, recv_shape: tuple[int, ...], group: dist.ProcessGroup) -> torch.Tensor:
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        ctx.group, ctx.send_shape, ctx.rank, ctx.size = group, send.shape, rank, size
-        recv = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
-        _p2p(send if rank + 1 < size else None, rank + 1, recv if rank > 0 else None, rank - 1, group)
-        return recv
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        rank, size = ctx.rank, ctx.size
-        g_send = torch.zeros(ctx.send_shape, dtype=grad.dtype, device=grad.device)
-        _p2p(grad if rank > 0 else None, rank - 1, g_send if rank + 1 < size else None, rank + 1, ctx.group)
-        return g_send, None, None
 
 
 class CPTime:
@@ -125,7 +76,7 @@ class CPTime:
             got = [need] + send[:-1]
             have = [have[0]] + [got[r] + self.counts[r] for r in range(1, self.size)]
             shape = (*x.shape[:2], got[self.rank] if self.rank > 0 else 0, *x.shape[3:])
-            recv = _ShiftNext.apply(known[:, :, known.shape[2] - send[self.rank] :], shape, self.group)
+            recv = shift_next(known[:, :, known.shape[2] - send[self.rank] :], shape, self.group)
             # rank 0 receives 0 frames; keeping them in the graph makes every rank run the same backward P2P ops
             known = torch.cat([recv, x] if self.rank > 0 else [recv, known], dim=2)
         return known[:, :, known.shape[2] - need - x.shape[2] :]
@@ -135,9 +86,9 @@ class CPTime:
         G = norm.num_groups
         xg = x.reshape(B, G, -1)  # (B, G, C/G * T_local * H * W)
         n = xg.shape[-1] // x.shape[2] * self.total  # elements per group over the whole time axis
-        mean = _AllReduceSum.apply(xg.sum(-1), self.group) / n  # (B, G)
+        mean = all_reduce_sum(xg.sum(-1), self.group, "VAE GroupNorm statistics") / n  # (B, G)
         d = xg - mean[..., None]
-        var = _AllReduceSum.apply((d * d).sum(-1), self.group) / n
+        var = all_reduce_sum((d * d).sum(-1), self.group, "VAE GroupNorm statistics") / n
         y = (d * torch.rsqrt(var + norm.eps)[..., None]).reshape(x.shape)
         if norm.weight is not None:
             shape = (1, C) + (1,) * (x.dim() - 2)
@@ -154,7 +105,5 @@ def gather_time(x: torch.Tensor, counts: list[int], group: dist.ProcessGroup, di
     pad = list(x.shape)
     pad[dim] = longest - x.shape[dim]
     padded = torch.cat([x.detach(), x.new_zeros(pad)], dim=dim).contiguous()
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    with in_collective("all_gather(VAE frames)"):
-        dist.all_gather(parts, padded, group=group)
+    parts = all_gather_equal(padded, group, "VAE frames")
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, counts, strict=True)], dim=dim)

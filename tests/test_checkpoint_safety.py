@@ -1,6 +1,6 @@
 # Loading a checkpoint never runs code and never reads outside the checkpoint directory. Each case crafts a
 # checkpoint whose payload would create a marker file; a control shows the payload does run where DCP's defaults
-# or plain pickle would load it, and cpdit's loader (launch/ckpt_files.py) refuses it with the file named and the
+# or plain pickle would load it, and cpdit's loader (launch/job/ckpt_files.py) refuses it with the file named and the
 # marker never appears. Single process (DCP without a process group); the job-level refusal is in test_train.py.
 import pickle
 import shutil
@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from launch.ckpt_files import CheckpointRefused, SafeLoadPlanner, SafeReader, read_metadata
+from launch.job.ckpt_files import CheckpointRefused, SafeLoadPlanner, SafeReader, read_metadata
 
 
 class Touch:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch.data import DistributedBatches, SyntheticShapes, VideoFolder
+from launch.job.data import DistributedBatches, SyntheticShapes, VideoFolder
 
 
 def test_synthetic_is_deterministic_and_captioned():
@@ -108,7 +108,7 @@ def _take(n_steps: int, dp: int, bs: int, position, n: int = 40):
 def test_a_resume_under_another_dp_size_sees_every_clip_once(before, after):
     """The data position counts clips, not per-rank batches: changing dp (or the batch size) at a checkpoint
     continues with the next clip of the epoch's permutation; nothing is seen twice or skipped within the epoch."""
-    from launch.data import DataPosition
+    from launch.job.data import DataPosition
 
     first, pos = _take(3, *before, DataPosition())
     steps_left = (40 - pos.clips) // (after[0] * after[1])
@@ -124,7 +124,7 @@ def test_a_resume_under_another_dp_size_sees_every_clip_once(before, after):
 
 def test_old_checkpoints_data_position_is_converted():
     """Checkpoints before the clip count stored batches per dp rank: converted with their dp and batch size."""
-    from launch.data import DataPosition
+    from launch.job.data import DataPosition
 
     meta = {"data": {"epoch": 2, "index": 3}, "layout": "world=4 dp_replicate=1 dp_shard=2 cp=2 (ring=2 x ulysses=1) "
             "tp=1", "config": "data:\n  batch_size: 4\n"}  # fmt: skip

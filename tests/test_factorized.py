@@ -10,7 +10,8 @@ from distributed_helpers import run_ranks
 from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
 from cpdit.models.factorized.layers import FactorizedConfig, LocalAxes, SpatialVideoTransformer
-from parallel.axis_switch import AxisSwitch, SwitchAxes, split_sizes
+from cpdit.partition import even_split
+from parallel.axis_switch import AxisSwitch, SwitchAxes
 from parallel.sequence import frame_partition
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -28,7 +29,7 @@ def _switch(rank, world, layout):
     frames = _frames(T, world, layout)
     sw = AxisSwitch(frames, S, dist.group.WORLD)
     mine = torch.tensor(frames[rank])
-    tok = slice(sum(split_sizes(S, world)[:rank]), sum(split_sizes(S, world)[: rank + 1]))
+    tok = slice(sum(even_split(S, world)[:rank]), sum(even_split(S, world)[: rank + 1]))
     x_local = x.index_select(1, mine).clone().requires_grad_()
     y = sw.frames_to_tokens(x_local)
     torch.testing.assert_close(y, x[:, :, tok], **TOL)

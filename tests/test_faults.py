@@ -14,11 +14,11 @@ import torch
 from job_helpers import alive, children, launch, losses, metrics, start, wait_for_step
 from safetensors.torch import load_file
 
-from launch.checkpoint import complete_checkpoints
-from launch.ckpt_files import CheckpointRefused, SafeReader, verify_files
-from launch.preemption import EXIT_PREEMPTED, MARKER
-from launch.watchdog import EXIT_HANG, slow_ranks
-from parallel.loss_scale import DynamicLossScale
+from launch.job.checkpoint import complete_checkpoints
+from launch.job.ckpt_files import CheckpointRefused, SafeReader, verify_files
+from launch.job.loss_scale import DynamicLossScale
+from launch.job.preemption import EXIT_PREEMPTED, MARKER
+from launch.job.watchdog import EXIT_HANG, slow_ranks
 
 pytestmark = pytest.mark.slow  # real jobs with injected faults
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from bench.judge import ground_truth, judge, noise, read_frames, score
-from launch.media import write_video
+from launch.job.media import write_video
 
 
 def test_ground_truth_clips_are_all_right():

@@ -119,7 +119,7 @@ def test_mpirun_trains_is_preempted_and_resumes(tmp_path):
     from job_helpers import ENV as JOB_ENV
     from job_helpers import TEST_MODEL, metrics, wait_for_step
 
-    from launch.preemption import EXIT_PREEMPTED
+    from launch.job.preemption import EXIT_PREEMPTED
 
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", sys.executable, "-m", "launch", "train",
            f"train.output_dir={tmp_path}", "train.run_name=mpi", *TEST_MODEL, "train.steps=6", "checkpoint.every=2",

@@ -26,7 +26,7 @@ import torch
 from job_helpers import launch, losses, metrics
 from safetensors.torch import load_file
 
-from launch.checkpoint import checkpoint_dir, read_full_state
+from launch.job.checkpoint import checkpoint_dir, read_full_state
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from job_helpers import losses
 from safetensors.torch import load_file
 from t5_helpers import make_tiny_t5
 
-from launch.checkpoint import complete_checkpoints, find_resume
+from launch.job.checkpoint import complete_checkpoints, find_resume
 
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 

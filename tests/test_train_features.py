@@ -15,9 +15,9 @@ import torch
 from job_helpers import launch, losses
 from safetensors.torch import load_file
 
-from launch.checkpoint import complete_checkpoints
-from launch.train import lr_multiplier
-from parallel.train_utils import ema_update
+from launch.job.checkpoint import complete_checkpoints
+from launch.job.ema import ema_update
+from launch.job.step import lr_multiplier
 
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 

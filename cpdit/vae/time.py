@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cpdit.partition import even_split
+
 
 class LocalTime:
     """All frames of the video are here."""
@@ -34,7 +36,7 @@ def latent_partition(num_latent_frames: int, cp: int) -> list[int]:
     """Latent frames per rank, contiguous, earlier ranks get the remainder (13 on 4 -> 4, 3, 3, 3)."""
     if num_latent_frames < cp:
         raise ValueError(f"{num_latent_frames} latent frames < cp_size={cp}: every VAE rank needs at least one")
-    return [num_latent_frames // cp + (r < num_latent_frames % cp) for r in range(cp)]
+    return even_split(num_latent_frames, cp)
 
 
 def pixel_partition(latent_counts: list[int], temporal_ratio: int) -> list[int]:

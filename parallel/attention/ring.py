@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cpdit.partition import split_ranges
 from parallel.attention.bias import BlockBias
 from parallel.attention.blocks import (
     NULL_SOURCE,
@@ -127,10 +128,7 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None, bi
 
 
 def _head_slices(num_heads: int, chunks: int) -> list[slice]:
-    chunks = max(1, min(chunks, num_heads))
-    sizes = [num_heads // chunks + (i < num_heads % chunks) for i in range(chunks)]
-    starts = [sum(sizes[:i]) for i in range(chunks)]
-    return [slice(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+    return [slice(a, b) for a, b in split_ranges(num_heads, max(1, min(chunks, num_heads)))]
 
 
 def bound_bias(spec: RingSpec, table, null_kv, hs: slice, batch: int, dtype: torch.dtype):

@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cpdit.partition import even_split
 from parallel.comm import all_to_all_tensors
-
-
-def head_split(num_heads: int, size: int) -> list[int]:
-    return [num_heads // size + (j < num_heads % size) for j in range(size)]
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class UlyssesSpec:
 
     @property
     def heads(self) -> list[int]:
-        return head_split(self.num_heads, self.size)
+        return even_split(self.num_heads, self.size)
 
     def head_slice(self, j: int) -> slice:
         h = self.heads

@@ -8,30 +8,54 @@ from cpdit.models.preset import from_preset
 
 @dataclass(frozen=True)
 class CogVideoXConfig:
+    """The CogVideoX transformer's architecture; defaults are CogVideoX-2B's."""
+
     num_attention_heads: int = 30
+    """Attention heads (hidden size = heads x head dim); tensor parallelism splits them."""
     attention_head_dim: int = 64
+    """Width of one head."""
     in_channels: int = 16
+    """Latent channels in (the VAE's latent channels; 3 in pixel space)."""
     out_channels: int = 16
+    """Channels predicted (v-prediction: the same as in_channels)."""
     num_layers: int = 30
+    """Transformer blocks."""
     time_embed_dim: int = 512
+    """Width of the timestep embedding that drives adaLN."""
     text_embed_dim: int = 4096
+    """Width of the text encoder's output (T5-XXL: 4096)."""
     patch_size: int = 2
-    pos_embedding: str = "sincos"  # "sincos" (CogVideoX-2B) or "rope" (CogVideoX-5B)
+    """Spatial patch size: frames of h x w latents become (h/p) x (w/p) tokens."""
+    pos_embedding: str = "sincos"
+    """"sincos" (3D sin-cos added to the tokens: CogVideoX-2B) or "rope" (3D RoPE on q and k: CogVideoX-5B)."""
     flip_sin_to_cos: bool = True
+    """Timestep embedding as [cos, sin] (diffusers' flip_sin_to_cos)."""
     freq_shift: int = 0
+    """Timestep embedding frequency shift (diffusers' freq_shift)."""
     attention_bias: bool = True
+    """Bias on the q, k, v projections."""
     norm_eps: float = 1e-5
+    """LayerNorm epsilon of the blocks and the output norm."""
     qk_norm_eps: float = 1e-6
-    ff_inner_dim: int | None = None  # None: 4 x hidden
-    # Reference video size (latent height/width; pixel frames). Sets the RoPE crop grid as CogVideoX does.
+    """Epsilon of the per-head q/k LayerNorms."""
+    ff_inner_dim: int | None = None
+    """Feed-forward width (None: 4 x hidden)."""
     sample_height: int = 60
+    """Reference latent height: sets the RoPE crop grid as CogVideoX does."""
     sample_width: int = 90
+    """Reference latent width (RoPE crop grid)."""
     sample_frames: int = 49
+    """Reference pixel frames (diffusers config field; positions come from the frame ids)."""
     temporal_compression_ratio: int = 4
+    """The VAE's temporal compression (diffusers config field)."""
     max_text_seq_length: int = 226
+    """Text tokens the model was trained with (diffusers config field; any length runs)."""
     spatial_interpolation_scale: float = 1.875
+    """Sin-cos positions: spatial coordinates are divided by this."""
     temporal_interpolation_scale: float = 1.0
+    """Sin-cos positions: frame coordinates are divided by this."""
     extra: dict = field(default_factory=dict, compare=False)
+    """Free-form annotations of a config; not part of the architecture (checkpoints and equality ignore it)."""
 
     def __post_init__(self) -> None:
         if self.pos_embedding not in ("sincos", "rope"):

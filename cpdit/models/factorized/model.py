@@ -17,24 +17,40 @@ from cpdit.sequence import LocalSequence, SequenceSeam
 
 @dataclass(frozen=True)
 class FactorizedDiTConfig:
+    """The factorized (SVD-style) model's architecture: a stack of sgm SpatialVideoTransformer stages on patches."""
+
     in_channels: int = 3
+    """Channels in (RGB in pixel space, the VAE's latent channels otherwise)."""
     out_channels: int | None = None
+    """Channels predicted (None: in_channels)."""
     patch_size: int = 2
+    """Spatial patch size."""
     text_embed_dim: int = 32
+    """Width of the text encoder's output (the cross-attention context)."""
     num_attention_heads: int = 4
+    """Attention heads of every spatial and temporal block."""
     attention_head_dim: int = 16
+    """Width of one head."""
     num_layers: int = 2
     """SpatialVideoTransformer stages."""
     temporal_blocks: int = 1
     """Temporal blocks after each spatial block (above 1: cpdit's extension, see FactorizedConfig)."""
     merge_strategy: str = "learned_with_images"
+    """AlphaBlender of the spatial and temporal outputs: fixed, learned or learned_with_images."""
     merge_factor: float = 0.5
+    """The fixed alpha, or the initial logit of a learned one."""
     use_spatial_context: bool = True
+    """Temporal blocks cross-attend to the text as the spatial blocks do (sgm's use_spatial_context)."""
     disable_temporal_crossattention: bool = False
+    """No cross-attention in the temporal blocks (their attn2 is then absent)."""
     ff_in: bool = True
+    """A GEGLU feed-forward in front of each temporal block (sgm always has it; False is cpdit's extension)."""
     time_embed_dim: int = 64
+    """Width of the sinusoidal timestep embedding."""
     norm_groups: int = 32
+    """GroupNorm groups of each stage's input norm (sgm: 32; fewer for narrow models is cpdit's extension)."""
     family: str = "factorized"
+    """The family's name, recorded in checkpoints' architecture."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.norm_groups:

@@ -22,14 +22,22 @@ from cpdit.sequence import LocalSequence, SequenceSeam
 
 @dataclass(frozen=True)
 class PhenakiDiTConfig:
+    """The Phenaki-family model's architecture: PhenakiBlocks (phenaki-pytorch's Transformer layers) on patches."""
+
     in_channels: int = 3
+    """Channels in (RGB in pixel space, the VAE's latent channels otherwise)."""
     out_channels: int | None = None
+    """Channels predicted (None: in_channels)."""
     patch_size: int = 2
+    """Spatial patch size."""
     text_embed_dim: int = 32
+    """Width of the text encoder's output (the cross-attention context)."""
     num_attention_heads: int = 6
-    """6: not a power of two, so the ALiBi slopes take the seed's interleaved branch."""
+    """Attention heads. 6: not a power of two, so the ALiBi slopes take the seed's interleaved branch."""
     attention_head_dim: int = 8
+    """Width of one head."""
     num_layers: int = 2
+    """PhenakiBlocks."""
     self_attn_null_kv: int = 0
     """Null keys/values on the self-attention (phenaki-pytorch: none there; > 0 is cpdit's extension)."""
     cross_attn_null_kv: int = 2
@@ -39,13 +47,21 @@ class PhenakiDiTConfig:
     alibi: bool = True
     """ALiBi in the causal self-attention, null keys included (phenaki-pytorch always has it when causal)."""
     continuous_position_bias: bool = True
+    """An MLP of the (t, h, w) offsets gives every head an additive bias, shared by all layers."""
     cpb_dim: int = 32
+    """Hidden width of the continuous-position-bias MLP."""
     cpb_layers: int = 2
+    """Layers of the continuous-position-bias MLP."""
     peg: bool = True
+    """A positional-encoding generator (depthwise 3D convolution) in front of each block."""
     peg_causal: bool = True
+    """The PEG sees only past frames in time."""
     cross_attention: bool = True
+    """Cross-attention to the text in every block."""
     ff_mult: float = 4.0
+    """Feed-forward width multiplier (GEGLU inner width = ff_mult x 2/3 x hidden)."""
     time_embed_dim: int = 64
+    """Width of the sinusoidal timestep embedding (one per frame)."""
     frame_causal: bool = True
     """Frame-causal self-attention (cpdit's video form of phenaki-pytorch's causal attention: ALiBi over frame
     distance), per-frame noise levels in training and frames generated in order when sampling. False: full
@@ -53,6 +69,7 @@ class PhenakiDiTConfig:
     norm_bias: bool = False
     """Trainable bias on the attention LayerNorms (phenaki-pytorch's are bias-free; True is an extension)."""
     family: str = "phenaki"
+    """The family's name, recorded in checkpoints' architecture."""
 
     @property
     def hidden_size(self) -> int:

@@ -1,5 +1,5 @@
 # The `debug` config section: faults injected on purpose so the tests can prove what a real failure does. By
-# default a fault fires only in the first elastic attempt (launch/train.py: elastic_attempt), so a restarted job
+# default a fault fires only in the first elastic attempt (launch/job/train.py: elastic_attempt), so a restarted job
 # gets past it as it would past a transient failure.
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_ord
 from cpdit.models.registry import family_of
 from launch.config import JobConfig
 from launch.env import DistEnv
-from launch.media import write_video
+from launch.job.media import write_video
 from parallel.dims import ParallelDims
 
 
@@ -114,9 +114,10 @@ def sample_videos(
 
 def sample_job(cfg: JobConfig, env: DistEnv) -> int:
     """`cpdit-launch sample`: load a checkpoint of the training job and sample its prompts."""
-    from launch import checkpoint
-    from launch.build import architecture, build, new_ema
     from launch.distributed import distributed
+    from launch.job import checkpoint
+    from launch.job.build import architecture, build
+    from launch.job.ema import new_ema
 
     p = cfg.parallel
     dims = ParallelDims(env.world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)

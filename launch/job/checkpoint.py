@@ -6,7 +6,7 @@
 #
 # Loading verifies the manifest (each rank hashes a share of the files), refuses a checkpoint written for another
 # model architecture with the differing fields named, never unpickles anything but DCP's exact metadata classes,
-# decodes non-tensor entries with weights_only=True and reads no file outside the checkpoint (launch/ckpt_files.py).
+# decodes non-tensor entries with weights_only=True and reads no file outside the checkpoint (launch/job/ckpt_files.py).
 # The run state (step, data position, counters, loss scale) is JSON. RNG needs no state: every random draw is
 # seeded from (seed, data-parallel rank, step, sample index), so a resumed run draws the same numbers.
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from launch.ckpt_files import (
+from launch.job.ckpt_files import (
     META,
     CheckpointRefused,
     FailingWriter,

@@ -1,15 +1,13 @@
-# Training helpers that must know how parameters are sharded: the global gradient norm (for clipping and the
-# NaN guard) and the EMA update. Parameters may be plain tensors, FSDP2 DTensors (1-D) or FSDP2 x TP (2-D).
+# The global gradient norm (for clipping, the fp16 loss scale and the NaN guard) over sharded parameters: plain
+# tensors, FSDP2 DTensors (1-D) or FSDP2 x TP (2-D).
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from parallel.progress import in_collective
+from parallel.comm import all_reduce
 
 
 @torch.no_grad()
@@ -24,17 +22,18 @@ def global_grad_norm(params: list[torch.Tensor]) -> float:
             continue
         if isinstance(g, DTensor):
             sharded = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial())
-            entry = groups.setdefault((id(g.device_mesh), sharded), [g.device_mesh, sharded, 0.0])
+            mesh = g.device_mesh  # keyed by its ranks: the same order on every rank and in every run
+            key = (sharded, tuple(mesh.mesh_dim_names or ()), tuple(mesh.mesh.flatten().tolist()))
+            entry = groups.setdefault(key, [mesh, sharded, 0.0])
             entry[2] = entry[2] + g.to_local().double().pow(2).sum().cpu()
         else:
             plain += g.double().pow(2).sum().cpu()
     total = plain
-    for key in sorted(groups, key=lambda k: (k[1], k[0])):  # same order on every rank
+    for key in sorted(groups):
         mesh, sharded, s = groups[key]
         s = torch.as_tensor(s, dtype=torch.float64).to(mesh.device_type)
         for d in sharded:
-            with in_collective(f"all_reduce(grad norm, mesh dim {d})"):
-                dist.all_reduce(s, group=mesh.get_group(d))
+            all_reduce(s, mesh.get_group(d), f"grad norm, mesh dim {d}")
         total = total + s.cpu()
     return math.sqrt(total.item()) if torch.isfinite(total) else float("nan")
 
@@ -55,12 +54,3 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, inv_scale: float
             if p.grad is not None:
                 p.grad.mul_(coef)
     return norm
-
-
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * param for the parameters in `ema` (the trainable ones), shard by shard
-    (EMA tensors share the parameters' sharding)."""
-    for name, p in model.named_parameters():
-        if name in ema:
-            ema[name].lerp_(p.detach(), 1.0 - decay)

@@ -1,5 +1,5 @@
 # Dynamic loss scaling for fp16 autocast. The overflow test is the global gradient norm, which is already reduced
-# over every shard (parallel/train_utils.py), so all ranks take the same decision without an extra collective —
+# over every shard (parallel/grad_norm.py), so all ranks take the same decision without an extra collective —
 # the job of torch's ShardedGradScaler, for FSDP2 x TP DTensors and plain tensors alike.
 from __future__ import annotations
 

@@ -32,11 +32,6 @@ class Trainable(nn.Module):
         return self.text(captions) if self.text is not None else self.frozen_text(captions)
 
 
-def new_ema(model: nn.Module) -> dict[str, torch.Tensor]:
-    """EMA copies of the trainable parameters (same sharding)."""
-    return {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
-
-
 SHARED_KNOBS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "text_embed_dim")
 
 

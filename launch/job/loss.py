@@ -1,0 +1,63 @@
+# The diffusion objective of one micro-batch (CogVideoX's v-prediction on zero-SNR noise levels): the first stage's
+# latents, the step's random draws (RNG policy: ParallelDims.draw_seed), the forward on this rank's frames and its
+# share of the replica's mean loss.
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cpdit.diffusion import add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
+from parallel.progress import PROGRESS
+
+FIRST_STAGE_STREAM = 1 << 20  # draw indices at and above this seed the first stage's posterior samples
+
+
+def diffusion_draws(
+    shape: torch.Size, num_idx: int, run, step: int, first: int, frame_causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Timestep indices (B,) or per frame (B, T), noise (B, ...) and the caption keep mask (B,) of a micro-batch.
+    Sample j draws from its own generator seeded by its index `first + j` in the step's accumulated batch, so
+    k micro-steps of batch b draw exactly what one step of batch k*b draws (accumulation changes nothing)."""
+    dims, rank, train = run.dims, run.env.rank, run.cfg.train
+    dp_rank = dims.dp_rank(rank)
+    idx, noise, keep = [], [], []
+    for j in range(shape[0]):
+        g = torch.Generator().manual_seed(dims.draw_seed(train.seed, rank, step, first + j))
+        if frame_causal:  # a noise level per frame
+            idx.append(per_frame_timesteps(1, shape[1], num_idx, dp_rank, dims.dp, g)[0])
+        else:
+            idx.append(sample_timesteps(1, num_idx, dp_rank, dims.dp, g)[0])
+        noise.append(torch.randn(shape[1:], generator=g))
+        keep.append(torch.rand((), generator=g) >= train.ucg_rate)  # classifier-free dropout of the caption
+    return torch.stack(idx), torch.stack(noise), torch.stack(keep)
+
+
+def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
+    """(this rank's share of its replica's mean loss over the step's accumulated batch, data seconds). The share
+    sums over cp to the replica's mean; FSDP (or the plain all-reduce) averages over dp."""
+    cfg, device = run.cfg, run.device
+    PROGRESS.enter("data")
+    t_data = time.perf_counter()
+    video, captions = run.batches.next()
+    data_time = time.perf_counter() - t_data
+    # the first stage's posterior sample: one generator per micro-step (its own stream of seeds)
+    seed = run.dims.draw_seed(cfg.train.seed, run.env.rank, step, FIRST_STAGE_STREAM + micro)
+    gen = torch.Generator().manual_seed(seed)
+    PROGRESS.enter("first stage")
+    if run.cache is not None:
+        x0 = run.cache.encode(run.first_stage, video.to(device), run.batches.last_ids, gen).float()
+    else:
+        x0 = run.first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
+    B = x0.shape[0]
+    idx, noise, keep = diffusion_draws(x0.shape, run.schedule.num_idx, run, step, micro * B, run.frame_causal)
+    noise, keep = noise.to(device), keep.to(device)
+    a = run.schedule.alpha(idx).to(device)  # (B,) or per frame (B, T)
+    x_t = add_noise(x0, noise, a)
+    PROGRESS.enter("forward")
+    with run.autocast:
+        text = run.modules.encode(captions) * keep[:, None, None]
+        v = run.modules.dit(x_t, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
+    local = run.parallel.local_frames
+    err = v_loss_terms(v.float(), local(x_t), local(x0), local(a) if a.dim() == 2 else a)
+    return err.sum() / (x0[0].numel() * B * cfg.train.grad_accum), data_time

@@ -1,0 +1,134 @@
+# Everything one training run builds before its first step, in the order the ranks must build it: the modules
+# (parallelized), the optimizer, the state (resumed from a checkpoint when there is one), the run log, the data,
+# the latent cache and the hang watchdog.
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cpdit.diffusion import Schedule
+from cpdit.models.registry import family_of
+from launch.config import JobConfig, to_yaml
+from launch.env import DistEnv
+from launch.job import checkpoint
+from launch.job.build import Trainable, architecture, build
+from launch.job.data import DistributedBatches, build_dataset
+from launch.job.ema import new_ema
+from launch.job.faults import Faults
+from launch.job.latent_cache import LatentCache
+from launch.job.latent_cache import fingerprint as latent_fingerprint
+from launch.job.loss_scale import DynamicLossScale
+from launch.job.metrics import RunLog
+from launch.job.preemption import StopRequest, clear_marker
+from launch.job.state import TrainState
+from launch.job.watchdog import HangWatchdog
+from parallel.dims import ParallelDims, ParallelMesh
+from parallel.parallelize import Parallelized
+from parallel.progress import PROGRESS, in_collective
+
+
+@dataclass
+class Run:
+    cfg: JobConfig
+    env: DistEnv
+    dims: ParallelDims
+    mesh: ParallelMesh
+    device: torch.device
+    stop: StopRequest
+    run_dir: Path
+    faults: Faults
+    modules: Trainable
+    parallel: Parallelized
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    ema: dict[str, torch.Tensor] | None
+    state: TrainState
+    arch: dict
+    log: RunLog
+    dataset: object
+    batches: DistributedBatches
+    schedule: Schedule
+    first_stage: object
+    cache: LatentCache | None
+    autocast: torch.autocast
+    frame_causal: bool
+    tokens: int
+    """Tokens per sample (text + latent frames x patches), for tokens/s."""
+    watchdog: HangWatchdog | None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def elastic_attempt(device: torch.device) -> int:
+    """Collective. How many times torchrun restarted this job's workers: the largest TORCHELASTIC_RESTART_COUNT of
+    any rank (agents on other nodes restart their workers without counting it when a peer node fails)."""
+    attempt = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], device=device)
+    with in_collective("all_reduce(elastic attempt)"):
+        dist.all_reduce(attempt, op=dist.ReduceOp.MAX)
+    return int(attempt.item())
+
+
+def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch.device, stop: StopRequest) -> Run:
+    """Collective. Build, resume and open the run; the watchdog is started last."""
+    rank = env.rank
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    attempt = elastic_attempt(device)
+    faults = Faults(cfg.debug, rank, attempt)
+    PROGRESS.enter("build")
+    modules = build(cfg, dims, mesh, device)
+    params = [q for q in modules.parameters() if q.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
+    fp16 = cfg.train.mixed_precision == "fp16"
+    state = TrainState(loss_scale=DynamicLossScale(cfg.train.loss_scale, cfg.train.loss_scale_window) if fp16 else None)
+    arch = architecture(cfg, modules.dit.config)
+    PROGRESS.enter("resume")
+    resume = checkpoint.select_resume(run_dir / "checkpoints", cfg.checkpoint.resume, arch)
+    if resume is not None:
+        state.load_meta(checkpoint.load(resume, modules, optimizer, ema))
+        if cfg.debug.dump_resumed_state:
+            checkpoint.dump_full_state(run_dir / "resumed_state.safetensors", modules, optimizer, ema)
+    log = RunLog(run_dir, cfg.train.steps, state.step, cfg.logging.wandb, cfg.logging.wandb_project, to_yaml(cfg),
+                 enabled=rank == 0)  # fmt: skip
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.event(event="start", launcher=env.launcher, nodes=env.num_nodes, layout=dims.describe(), step=state.step)
+        if attempt:
+            log.event(event="restart", attempt=attempt, step=state.step)
+        if resume is not None:
+            log.event(event="resume", from_checkpoint=str(resume), step=state.step, layout=dims.describe())
+    if env.local_rank == 0:
+        clear_marker(run_dir)
+    dataset = build_dataset(cfg, cfg.train.seed)
+    batches = DistributedBatches(dataset, cfg.data.batch_size, dims.dp_rank(rank), dims.dp, cfg.train.seed,
+                                 state.position)  # fmt: skip
+    par = modules.parallel
+    cache = None
+    if cfg.data.latent_cache_dir:
+        cache = LatentCache(cfg.data.latent_cache_dir, latent_fingerprint(cfg), par.is_writer(rank),
+                            par.first_stage_group)  # fmt: skip
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    mcfg = modules.dit.config
+    stage = par.first_stage
+    sf, frames = stage.spatial_factor, 1 + (cfg.data.num_frames - 1) // stage.temporal_factor
+    tokens = cfg.train.text_max_length + frames * (cfg.data.height // sf // mcfg.patch_size) * (
+        cfg.data.width // sf // mcfg.patch_size
+    )
+    d = cfg.dist
+    watchdog = None
+    if d.watchdog:
+        watchdog = HangWatchdog(run_dir / "hang", rank, env.world_size, d.watchdog_factor, d.watchdog_min_s,
+                                d.watchdog_warmup_s).start()  # fmt: skip
+    return Run(
+        cfg, env, dims, mesh, device, stop, run_dir, faults, modules, par, params, optimizer, ema, state, arch, log,
+        dataset, batches, Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale), stage, cache,
+        torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
+        family_of(mcfg).frame_causal(mcfg), tokens, watchdog,
+    )  # fmt: skip
