@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -28,12 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import MALLOC_ENV, fmt_ratio, ratio, reset_peak, rss_bytes, spread, verdict  # noqa: E402
 
+from launch.spawn import spawn_ranks  # noqa: E402
 from parallel.attention import context_parallel_attention  # noqa: E402
 from parallel.comm import BYTES  # noqa: E402
 from parallel.sequence import SequencePlan  # noqa: E402
@@ -115,11 +114,7 @@ def _strategy_fn(name: str, plan: SequencePlan, group):
     return lambda q, k, v: context_parallel_attention(q, k, v, plan, strategy=strategy, head_chunks=head_chunks)
 
 
-def _worker(rank, world, init_file, args, strategies, result_file, phase):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
-    )
+def _worker(rank, world, args, strategies, result_file, phase):
     mesh = None
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -186,8 +181,6 @@ def _worker(rank, world, init_file, args, strategies, result_file, phase):
     if rank == 0:
         Path(result_file).write_text(json.dumps(rows))
     del mesh, plan, group
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def _spawn(args, cp: int, strategies: list[str], phase: str) -> list[dict]:
@@ -197,8 +190,7 @@ def _spawn(args, cp: int, strategies: list[str], phase: str) -> list[dict]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "rows.json"
-            mp.start_processes(_worker, args=(cp, str(Path(tmp) / "rdzv"), args, strategies, str(result), phase),
-                               nprocs=cp, start_method="spawn")  # fmt: skip
+            spawn_ranks(_worker, cp, args, strategies, str(result), phase, directory=tmp)
             return json.loads(result.read_text())
     finally:
         for k, v in saved.items():

@@ -18,8 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
 import os
 import sys
@@ -29,13 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import fmt_ratio, ratio, spread, verdict  # noqa: E402
 
 from cpdit.models.factorized.layers import Attention, FactorizedConfig, SpatialBlock, TemporalBlock  # noqa: E402
+from launch.spawn import spawn_ranks  # noqa: E402
 from parallel.attention import context_parallel_attention  # noqa: E402
 from parallel.axis_switch import AxisSwitch  # noqa: E402
 from parallel.comm import BYTES  # noqa: E402
@@ -79,11 +77,7 @@ def _run(mode, spatial, temporal, x, switch):
     return m.reshape(B, S, Tr, D).transpose(1, 2)
 
 
-def _worker(rank, world, init_file, mode, args, result):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3600)
-    )
+def _worker(rank, world, mode, args, result):
     cfg = FactorizedConfig(
         in_channels=args.width,
         num_heads=args.heads,
@@ -135,15 +129,12 @@ def _worker(rank, world, init_file, mode, args, result):
         torch.save(full, Path(result).with_suffix(".pt"))
         Path(result).write_text(json.dumps({"s": t.tolist(), "bytes": sent}))
     del mesh
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def measure(mode: str, world: int, args) -> tuple[dict, torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "rdzv"), mode, args, result), nprocs=world,
-                           start_method="spawn")  # fmt: skip
+        spawn_ranks(_worker, world, mode, args, result, directory=tmp)
         return json.loads(Path(result).read_text()), torch.load(Path(result).with_suffix(".pt"), weights_only=True)
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -22,12 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
 
 from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
+from launch.spawn import spawn_ranks  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
 
@@ -50,11 +49,7 @@ def step_flops(cfg: CogVideoXConfig, tokens: int, batch: int) -> float:
     return 3.0 * batch * cfg.num_layers * per_block
 
 
-def _worker(rank, world, init_file, name, cp, tp, steps, result):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
-    )
+def _worker(rank, world, name, cp, tp, steps, result):
     overrides, T, H, W, L = CONFIGS[name]
     cfg = CogVideoXConfig.preset("tiny", **overrides)
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
@@ -110,19 +105,12 @@ def _worker(rank, world, init_file, name, cp, tp, steps, result):
             )
         )
     del model, mesh
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def run(name: str, cp: int, tp: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        mp.start_processes(
-            _worker,
-            args=(cp * tp, str(Path(tmp) / "rdzv"), name, cp, tp, steps, str(result)),
-            nprocs=cp * tp,
-            start_method="spawn",
-        )
+        spawn_ranks(_worker, cp * tp, name, cp, tp, steps, str(result), directory=tmp)
         return json.loads(result.read_text())
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -22,12 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
 
 from cpdit.vae import CogVideoXVAE, LocalTime, VAEConfig  # noqa: E402
+from launch.spawn import spawn_ranks  # noqa: E402
 from parallel.vae import CPTime, gather_time, latent_partition, pixel_partition, shard_time  # noqa: E402
 
 CONFIGS = {
@@ -51,11 +50,7 @@ def _measure(fn, repeats: int) -> tuple[float, int, torch.Tensor]:
     return statistics.median(times), rss_bytes("VmHWM") - base, out
 
 
-def _worker(rank, world, init_file, name, frames, size, chunk, repeats, result):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=3600)
-    )
+def _worker(rank, world, name, frames, size, chunk, repeats, result):
     torch.manual_seed(0)
     vae = CogVideoXVAE(CONFIGS[name]).eval().requires_grad_(False)
     c = vae.config
@@ -89,19 +84,12 @@ def _worker(rank, world, init_file, name, frames, size, chunk, repeats, result):
         merged = dict(row, **{k: max(r[k] for r in rows) for k in ("enc", "dec", "enc_peak", "dec_peak")})
         torch.save({"m": m, "y": y}, str(Path(result).with_suffix(".pt")))
         Path(result).write_text(json.dumps(merged))
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def run(name, frames, size, cp, chunk, repeats) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        mp.start_processes(
-            _worker,
-            args=(cp, str(Path(tmp) / "rdzv"), name, frames, size, chunk, repeats, str(result)),
-            nprocs=cp,
-            start_method="spawn",
-        )
+        spawn_ranks(_worker, cp, name, frames, size, chunk, repeats, str(result), directory=tmp)
         return json.loads(result.read_text()), torch.load(str(result.with_suffix(".pt")), weights_only=True)
 
 

@@ -88,7 +88,7 @@ class _TokensToFrames(torch.autograd.Function):
         return ctx.switch._f2t(grad.contiguous()), None
 
 
-class SwitchAxes:
+class CPAxes:
     """The axis seam of cpdit/models/factorized/layers.py over a cp group: spatial blocks on frame shards, temporal
     blocks on spatial-token shards, one all-to-all at each switch."""
 

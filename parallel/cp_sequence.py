@@ -7,7 +7,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from cpdit.attn_bias import AttentionBias
 from parallel.attention import context_parallel_attention
-from parallel.axis_switch import AxisSwitch, SwitchAxes
+from parallel.axis_switch import AxisSwitch, CPAxes
 from parallel.frame_halo import FrameWindows
 from parallel.sequence import SequencePlan
 
@@ -15,7 +15,7 @@ from parallel.sequence import SequencePlan
 class _CPBound:
     def __init__(self, tokens: SequencePlan, frames: SequencePlan, owner: ContextParallelSequence):
         self.tokens, self.frames, self.owner = tokens, frames, owner
-        self._axes: dict[int, SwitchAxes] = {}
+        self._axes: dict[int, CPAxes] = {}
         self._windows: dict[tuple[int, int], FrameWindows] = {}
 
     def frame_ids(self, device: torch.device) -> torch.Tensor:
@@ -27,12 +27,12 @@ class _CPBound:
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return self.frames.gather(x, dim)
 
-    def axes(self, num_tokens: int) -> SwitchAxes:
+    def axes(self, num_tokens: int) -> CPAxes:
         """Switch between frame shards and spatial-token shards over the cp group (factorized models)."""
         if num_tokens not in self._axes:
             f = self.frames  # frames of cp rank r = f.segments[r], r the rank in the flattened cp group
             frames = [[i for a, b in segs for i in range(a, b)] for segs in f.segments]
-            self._axes[num_tokens] = SwitchAxes(AxisSwitch(frames, num_tokens, f.cp_group))
+            self._axes[num_tokens] = CPAxes(AxisSwitch(frames, num_tokens, f.cp_group))
         return self._axes[num_tokens]
 
     def windows(self, x: torch.Tensor, before: int, after: int) -> list[torch.Tensor]:

@@ -90,6 +90,6 @@ def _mesh_worker(rank, world, layouts):
         del mesh, cp2d
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("world", [1, 2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_mesh_groups(tmp_path, world):
     run_ranks(_mesh_worker, world, tmp_path, LAYOUTS[world])

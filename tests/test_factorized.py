@@ -11,7 +11,7 @@ from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
 from cpdit.models.factorized.layers import FactorizedConfig, LocalAxes, SpatialVideoTransformer
 from cpdit.partition import even_split
-from parallel.axis_switch import AxisSwitch, SwitchAxes
+from parallel.axis_switch import AxisSwitch, CPAxes
 from parallel.sequence import frame_partition
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -67,7 +67,7 @@ def _model(rank, world, layout, strategy):
     frames = _frames(T, world, layout)
     mine = torch.tensor(frames[rank])
     x_local = x.detach().index_select(1, mine).clone().requires_grad_()
-    out = model(x_local, ctx, images, SwitchAxes(AxisSwitch(frames, S, dist.group.WORLD)))
+    out = model(x_local, ctx, images, CPAxes(AxisSwitch(frames, S, dist.group.WORLD)))
     torch.testing.assert_close(out, ref.detach().index_select(1, mine), **TOL)
     (out * w.index_select(1, mine)).sum().backward()
     torch.testing.assert_close(x_local.grad, x.grad.index_select(1, mine), **TOL)

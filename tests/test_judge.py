@@ -2,10 +2,13 @@
 # synthetic dataset is judged right in every attribute, uniform noise in none, and a written sample file (gif,
 # nearest-upscaled as the job writes it) reads back to the same verdict.
 import numpy as np
+import pytest
 import torch
 
 from bench.judge import ground_truth, judge, noise, read_frames, score
 from launch.job.media import write_video
+
+pytestmark = pytest.mark.slow  # renders and judges whole clips: not a parity test
 
 
 def test_ground_truth_clips_are_all_right():

@@ -102,6 +102,7 @@ def _four(rank, world):
     check_layout(rank, world, cp=2, tp=2, lora=4)  # LoRA adapters under TP + CP, base frozen
     check_layout(rank, world, cp=2, tp=1, replicate=2)  # HSDP: 2 replicas, each sharded over its cp=2 ranks
     check_layout(rank, world, cp=2, tp=2, fsdp=False)  # no FSDP: explicit gradient all-reduce, TP DTensors
+    check_layout(rank, world, cp=4, tp=1, ulysses=2, strategy="usp", pos="rope")  # usp: ring 2 x ulysses 2
 
 
 def _eight(rank, world):
@@ -115,7 +116,9 @@ def _one(rank, world):
     check_layout(rank, world, cp=1, tp=1, pos="rope", ac="full")
 
 
-@pytest.mark.parametrize("world, fn", [(1, _one), (4, _four), (8, _eight)], ids=["1", "4", "8"])
+# 8 processes on 2 cores are slow: the 8-rank combinations (dp x cp x tp, HSDP x tp, USP x tp) are in the full suite
+@pytest.mark.parametrize("world, fn", [(1, _one), (4, _four), pytest.param(8, _eight, marks=pytest.mark.slow)],
+                         ids=["1", "4", "8"])  # fmt: skip
 def test_whole_model_parity(tmp_path, world, fn):
     run_ranks(fn, world, tmp_path, timeout=600)
 

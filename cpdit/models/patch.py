@@ -1,5 +1,5 @@
-# What the linear-patch diffusion models of the other families (factorized, Phenaki) share: patchify /
-# unpatchify of (B, T, C, H, W) frames, the timestep MLP, the output head and seeded per-name initialisation.
+# Patchify / unpatchify of (B, T, C, H, W) frames (every family), and what the linear-patch models of the
+# factorized and Phenaki families share: the timestep MLP, the output head and seeded per-name initialisation.
 from __future__ import annotations
 
 import zlib
@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 
 def patch_grid(H: int, W: int, p: int) -> tuple[int, int]:
@@ -17,16 +18,12 @@ def patch_grid(H: int, W: int, p: int) -> tuple[int, int]:
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, T, C, H, W) -> (B, T, h*w, C*p*p), patches row-major."""
-    B, T, C, H, W = x.shape
-    h, w = H // p, W // p
-    return x.reshape(B, T, C, h, p, w, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, T, h * w, C * p * p)
+    return rearrange(x, "b t c (h p1) (w p2) -> b t (h w) (c p1 p2)", p1=p, p2=p)
 
 
 def unpatchify(y: torch.Tensor, p: int, h: int, w: int, channels: int) -> torch.Tensor:
-    """(B, T, h*w, p*p*C) -> (B, T, C, h*p, w*p)."""
-    B, T = y.shape[:2]
-    y = y.reshape(B, T, h, w, channels, p, p).permute(0, 1, 4, 2, 5, 3, 6)
-    return y.reshape(B, T, channels, h * p, w * p)
+    """(B, T, h*w, C*p*p) -> (B, T, C, h*p, w*p): the inverse of patchify."""
+    return rearrange(y, "b t (h w) (c p1 p2) -> b t c (h p1) (w p2)", h=h, w=w, c=channels, p1=p, p2=p)
 
 
 class PatchVideoModel(nn.Module):

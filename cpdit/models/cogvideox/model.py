@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from cpdit.embeddings import PatchEmbed, TimestepMLP, rope_3d, sincos_3d, timestep_embedding
 from cpdit.models.cogvideox.blocks import Block
 from cpdit.models.cogvideox.config import CogVideoXConfig
+from cpdit.models.patch import unpatchify
 from cpdit.sequence import LocalSequence, SequenceSeam
 
 
@@ -135,8 +136,9 @@ class CogVideoXDiT(nn.Module):
         for block in self.blocks:
             video, text = block(video, text, temb, seq, rope)
         video = self.proj_out(self.norm_out(self.norm_final(video), temb))  # (B, T_local*h*w, p*p*C_out)
-        out = video.reshape(B, -1, h, w, c.out_channels, p, p)
-        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, -1, c.out_channels, H, W)  # (B, T_local, C_out, H, W)
+        out = unpatchify(
+            video.view(B, -1, h * w, video.shape[-1]), p, h, w, c.out_channels
+        )  # (B, T_local, C_out, H, W)
         return out if return_local else seq.gather_frames(out, dim=1)
 
 

@@ -3,13 +3,18 @@
 from cpdit.models.factorized.model import FACTORIZED_PRESETS, FactorizedDiT, FactorizedDiTConfig
 from cpdit.models.family import ModelFamily
 
-_BLOCKS = ("blocks.*.transformer_blocks.*", "blocks.*.time_stack.*.*")  # spatial blocks; temporal blocks per stack
-_LAYERS = {
+_ATTN = {
     **{f"{a}.to_{x}": "colwise" for a in ("attn1", "attn2") for x in "qkv"},
     **{f"{a}.to_out": "rowwise" for a in ("attn1", "attn2")},
-    **{f"{ff}.{x}": "colwise" for ff in ("ff", "ff_in") for x in ("proj", "gate")},  # GEGLU value and gate
-    **{f"{ff}.out": "rowwise" for ff in ("ff", "ff_in")},
 }
+
+
+def _ff(ff: str) -> dict[str, str]:  # GEGLU: value and gate by columns, the output by rows
+    return {f"{ff}.proj": "colwise", f"{ff}.gate": "colwise", f"{ff}.out": "rowwise"}
+
+
+_SPATIAL = {**_ATTN, **_ff("ff")}  # blocks.i.transformer_blocks.j
+_TEMPORAL = {**_ATTN, **_ff("ff"), **_ff("ff_in")}  # blocks.i.time_stack.j.k (ff_in in front of each)
 
 FAMILY = ModelFamily(
     name="factorized",
@@ -17,7 +22,10 @@ FAMILY = ModelFamily(
     config_class=FactorizedDiTConfig,
     model_class=FactorizedDiT,
     presets=FACTORIZED_PRESETS,
-    tp_plan={f"{block}.{layer}": style for block in _BLOCKS for layer, style in _LAYERS.items()},
+    tp_plan={
+        **{f"blocks.*.transformer_blocks.*.{layer}": style for layer, style in _SPATIAL.items()},
+        **{f"blocks.*.time_stack.*.*.{layer}": style for layer, style in _TEMPORAL.items()},
+    },
     job_knobs=(
         "merge_strategy",
         "merge_factor",

@@ -1,0 +1,85 @@
+# The model-family registry (cpdit/models/registry.py): what every family declares is consistent with its model,
+# so launch/ and parallel/ can rely on it without knowing the families.
+import ast
+import inspect
+from dataclasses import fields
+
+import pytest
+import torch
+
+from cpdit.lora import add_lora
+from cpdit.models.family import TP_STYLES
+from cpdit.models.registry import FAMILIES, all_presets, family_of, family_of_diffusers, family_of_preset
+from launch.config import ModelConfig
+from parallel.tensor_parallel import check_tensor_parallel, plan_matches
+
+
+def _meta_model(family, preset):
+    with torch.device("meta"):
+        model = family.build(family.presets[preset])
+        if family.lora:
+            add_lora(model, 2)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_spec_matches_its_model(name):
+    family = FAMILIES[name]
+    assert family.name == name and family.presets
+    for preset, config in family.presets.items():
+        assert type(config) is family.config_class
+        assert family_of(config) is family and family_of_preset(preset) is family
+        model = _meta_model(family, preset)
+        assert family_of(model) is family and isinstance(model, family.model_class)
+        assert isinstance(family.frame_causal(config), bool)
+        # every style is known, and every pattern of the plan names a module of the model (LoRA attached)
+        assert set(family.tp_plan.values()) <= set(TP_STYLES)
+        matched = plan_matches(model, dict(family.tp_plan))
+        for pattern in family.tp_plan:
+            assert any(_matches(pattern, n) for n, _, _ in matched), f"{name}/{preset}: {pattern} matches no module"
+        linear = {n for n, m, s in matched if s in ("colwise", "rowwise")}
+        assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in linear)
+    # the family's own job knobs exist in the job's model section and in its config
+    job = {f.name for f in fields(ModelConfig)}
+    own = {f.name for f in fields(family.config_class)}
+    assert set(family.job_knobs) <= job and set(family.job_knobs) <= own
+
+
+def _matches(pattern, name):
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(a in ("*", b) for a, b in zip(p, n, strict=True))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_config_field_has_a_docstring(name):
+    cls = FAMILIES[name].config_class
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    documented = {
+        stmt.target.id
+        for stmt, nxt in zip(body, body[1:], strict=False)
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+    }
+    missing = [f.name for f in fields(cls) if f.name not in documented]
+    assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_lookups_refuse_what_they_do_not_know():
+    assert len(all_presets()) == len(set(all_presets()))  # a preset name belongs to one family
+    with pytest.raises(ValueError, match="model preset 'nope' is unknown; choose one of tiny, demo"):
+        family_of_preset("nope")
+    with pytest.raises(TypeError, match="not the config of a registered model family"):
+        family_of(object())
+    assert family_of_diffusers({"_class_name": "CogVideoXTransformer3DModel"}) is FAMILIES["cogvideox"]
+    with pytest.raises(ValueError, match="diffusers class 'UNet2DModel' has no cpdit family"):
+        family_of_diffusers({"_class_name": "UNet2DModel"})
+
+
+def test_tensor_parallel_check_names_the_module():
+    family = FAMILIES["cogvideox"]
+    with torch.device("meta"):
+        model = family.build(family.config("tiny", {"ff_inner_dim": 33}))
+    check_tensor_parallel(model, dict(family.tp_plan), 3)
+    with pytest.raises(ValueError, match=r"size=2 does not divide the width 33 of blocks\.0\.ff\.proj_in"):
+        check_tensor_parallel(model, dict(family.tp_plan), 2)
+    with pytest.raises(ValueError, match="does not divide num_attention_heads=6"):
+        check_tensor_parallel(model, dict(family.tp_plan), 5)
