@@ -13,7 +13,7 @@ from cpdit.attn_bias import AttentionBias, dense_attention
 
 
 class BoundSequence(Protocol):
-    """A sequence context bound to one input shape (frames, tokens per frame, text length)."""
+    """The sequence seam bound to one input shape (frames, tokens per frame, text length)."""
 
     def frame_ids(self, device: torch.device) -> torch.Tensor:
         """Global indices (T_local,) of the frames this process computes, in local order."""

@@ -52,7 +52,7 @@ class _CPBound:
 
 
 class ContextParallelSequence:
-    """Sequence context over a (cp_ring, cp_ulysses) mesh.
+    """The sequence seam over a (cp_ring, cp_ulysses) mesh.
 
     Args:
         cp_mesh: `ParallelMesh.cp_mesh()`.

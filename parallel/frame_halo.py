@@ -15,7 +15,7 @@ from parallel.sequence import Segment
 class FrameWindows:
     """Args:
     segments: frame segments of each cp rank (SequencePlan.segments); this rank is `rank` of `group`.
-    before, after: frames of context on each side of every segment.
+    before, after: neighbouring frames fetched on each side of every segment.
     """
 
     def __init__(self, segments: list[list[Segment]], rank: int, group, before: int, after: int):

@@ -5,9 +5,9 @@
 # depthwise 3D convolution, optionally causal in time) and a GEGLU feed-forward. cpdit/models/phenaki/convert.py loads
 # phenaki-pytorch weights. Activations are (B, T_r * h * w, D): this process's frames, row-major.
 #
-# Two seams: `seq` (the bound sequence context: attention over all frames, frame windows for the PEG) and `heads`
-# (which of the head-indexed tensors this process computes: all of them on one device; its share under tensor
-# parallelism, where parallel/ swaps in a view whose backward sums the shared parameters' gradients over tp).
+# Two seams: `seq` (the bound sequence seam, cpdit/sequence.py: attention over all frames, frame windows for the PEG)
+# and `heads` (which of the head-indexed tensors this process computes: all of them on one device; its share under
+# tensor parallelism, where parallel/ swaps in a view whose backward sums the shared parameters' gradients over tp).
 from __future__ import annotations
 
 import torch
