@@ -27,6 +27,7 @@ from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
 
 from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
 from launch.spawn import spawn_ranks  # noqa: E402
+from parallel.comm import BYTES, count_all_traffic  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
 
@@ -80,6 +81,10 @@ def _worker(rank, world, name, cp, tp, steps, result):
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     peak = rss_bytes("VmHWM") - base
+    BYTES.reset()
+    with count_all_traffic():  # one more step, counting every collective (attention, TP, FSDP)
+        model(x, txt, t, return_local=True).square().mean().backward()
+    sent = BYTES.sent
     row = dict(
         config=name,
         cp=cp,
@@ -88,6 +93,7 @@ def _worker(rank, world, name, cp, tp, steps, result):
         step=statistics.median(times[1:]),
         peak=peak,
         params=param_bytes,
+        sent=sent,
         tokens=L + T * (H // 2) * (W // 2),
         flops=step_flops(cfg, L + T * (H // 2) * (W // 2), 1),
     )
@@ -101,6 +107,7 @@ def _worker(rank, world, name, cp, tp, steps, result):
                     step=max(r["step"] for r in rows),
                     peak=max(r["peak"] for r in rows),
                     params=max(r["params"] for r in rows),
+                    sent=max(r["sent"] for r in rows),
                 )
             )
         )
@@ -130,12 +137,13 @@ def main(argv=None) -> None:
             if CogVideoXConfig.preset("tiny", **CONFIGS[name][0]).num_attention_heads % tp:
                 continue
             rows.append(run(name, cp, tp, args.steps))
-    print(f"\nCPDiT training step (fwd+bwd), fp32, 1 thread/rank, {os.cpu_count()} cores, torch {torch.__version__}")
+    cores = os.cpu_count()
+    print(f"\nCogVideoXDiT training step (fwd+bwd), fp32, 1 thread/rank, {cores} cores, torch {torch.__version__}")
     print(
         "| config | cp | tp | ranks | tokens | step s | speedup | tokens/s | GFLOP/step | GFLOP/s/rank | MFU | "
-        "peak MiB/rank | params MiB/rank |"
+        "peak MiB/rank | params MiB/rank | MiB sent/rank (all traffic) |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 14)
     base = {}
     for r in rows:
         base.setdefault(r["config"], r["step"])
@@ -144,7 +152,7 @@ def main(argv=None) -> None:
             f"| {r['config']} | {r['cp']} | {r['tp']} | {r['world']} | {r['tokens']} | {r['step']:.3f} | "
             f"{base[r['config']] / r['step']:.2f}x | {r['tokens'] / r['step']:.0f} | {r['flops'] / 1e9:.1f} | "
             f"{r['flops'] / r['step'] / r['world'] / 1e9:.1f} | {mfu} | {r['peak'] / 2**20:.0f} | "
-            f"{r['params'] / 2**20:.1f} |"
+            f"{r['params'] / 2**20:.1f} | {r['sent'] / 2**20:.2f} |"
         )
 
 
