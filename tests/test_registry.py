@@ -83,3 +83,39 @@ def test_tensor_parallel_check_names_the_module():
         check_tensor_parallel(model, dict(family.tp_plan), 2)
     with pytest.raises(ValueError, match="does not divide num_attention_heads=6"):
         check_tensor_parallel(model, dict(family.tp_plan), 5)
+
+
+def _loss_targets_follow_the_model(rank, world, name):
+    """Under cp the job shards its loss targets with the handle (Parallelized.local_frames); for every family those
+    are exactly the frames of the model's local output (the Phenaki family binds its sequence without text)."""
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import materialize, parallelize_job
+    from parallel.state import load_full_state_dict
+
+    family = FAMILIES[name]
+    preset = next(iter(family.presets))
+    dims = ParallelDims(world, cp_size=world, model_parallel_size=1)
+    mesh = dims.build_mesh("cpu")
+    with torch.device("meta"):
+        model = family.build(family.presets[preset]).double()
+    handle = parallelize_job(model, None, dims, mesh, layout="zigzag")
+    materialize(model, "cpu", seed=1)
+    gen = torch.Generator().manual_seed(0)  # random weights: CogVideoX starts adaLN-zero, a zero output
+    load_full_state_dict(model, {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3
+                                 for n, p in family.build(family.presets[preset]).named_parameters()})  # fmt: skip
+    c = model.config
+    x = torch.randn(1, 7, c.in_channels, 8, 8, generator=gen, dtype=torch.float64)  # 7 frames: uneven over 2 ranks
+    text = torch.randn(1, 5, c.text_embed_dim, generator=gen, dtype=torch.float64)
+    t = torch.tensor([11.0], dtype=torch.float64)
+    with torch.no_grad():
+        full, local = model(x, text, t), model(x, text, t, return_local=True)
+    assert local.shape[1] < full.shape[1] and (full[:, 0] - full[:, -1]).abs().max() > 1e-3
+    torch.testing.assert_close(local, handle.local_frames(full), rtol=0, atol=0)
+    del model, mesh
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_loss_targets_are_the_frames_the_model_returns(tmp_path, name):
+    from distributed_helpers import run_ranks
+
+    run_ranks(_loss_targets_follow_the_model, 2, tmp_path, name)
