@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import atexit
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from launch.spawn import RankPool, spawn_ranks
 
 _POOLS: dict[int, RankPool] = {}
-_DIR = tempfile.mkdtemp(prefix="cpdit-ranks-")
+_DIR: list[str] = []  # the rendezvous directory, made by the first pool (not by ranks importing this module)
 
 
 @atexit.register
@@ -20,6 +21,8 @@ def _close_pools() -> None:
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
+    for d in _DIR:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_ranks(fn: Callable, world_size: int, tmp_path: Path, *args, timeout: float = 240.0, fresh: bool = False):
@@ -29,5 +32,7 @@ def run_ranks(fn: Callable, world_size: int, tmp_path: Path, *args, timeout: flo
         return spawn_ranks(fn, world_size, *args, directory=tmp_path, timeout=timeout, pg_timeout_s=90.0)
     pool = _POOLS.get(world_size)
     if pool is None or pool.closed:
-        pool = _POOLS[world_size] = RankPool(world_size, _DIR)
+        if not _DIR:
+            _DIR.append(tempfile.mkdtemp(prefix="cpdit-ranks-"))
+        pool = _POOLS[world_size] = RankPool(world_size, _DIR[0])
     return pool.run(fn, *args, timeout=timeout)
