@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 
 from launch.job.checkpoint import checkpoint_dir, read_full_state
 
-pytestmark = pytest.mark.slow
+# the chain fixture runs 10 jobs one after another inside the first test's time limit: 4-5 minutes on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 COMMON = ["data.num_samples=24", "checkpoint.every=2", "checkpoint.keep_last=1", "train.ema_decay=0.9",
           "sample.at_end=false", "train.export=false", "logging.wandb=false", "optim.warmup_steps=2",
