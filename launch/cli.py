@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-parallel-size", type=int, default=None, help="tensor-parallel degree (parallel.model_parallel_size)"
     )
     k.add_argument("--ulysses-size", type=int, default=None, help="Ulysses part of cp (parallel.ulysses_size)")
-    p.add_argument("command", choices=COMMANDS, help="train, sample, or selfcheck (mesh + collectives)")
+    p.add_argument("command", choices=COMMANDS,
+                   help="train, sample, or selfcheck (mesh + collectives); `cpdit-launch plan --help` predicts "
+                        "which layouts fit")  # fmt: skip
     p.add_argument(
         "rest",
         nargs="*",
@@ -157,6 +159,11 @@ def _run(command: str, cfg: JobConfig, env) -> int:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # no processes: predicts which layouts fit (launch/plan.py)
+        from launch.plan import main as plan_main
+
+        return plan_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     files, overrides = split_rest(args.rest)

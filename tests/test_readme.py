@@ -28,7 +28,8 @@ def test_ci_runs_the_two_setup_commands():
     assert "python -m venv" in ci and "grep -E \"^\\(python -c 'import torch'\" README.md" in ci
 
 
-CONFIG_EXAMPLES = [ln for b in bash_blocks() for ln in b if ln.startswith("cpdit-launch ")]
+CONFIG_EXAMPLES = [ln for b in bash_blocks() for ln in b if ln.startswith("cpdit-launch ") and " plan " not in ln]
+PLAN_EXAMPLES = [ln for b in bash_blocks() for ln in b if ln.startswith("cpdit-launch plan ")]
 
 
 def test_readme_has_configuration_examples():
@@ -43,6 +44,21 @@ def test_configuration_example_runs(tmp_path, command):
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert list(tmp_path.glob("*/samples/*.mp4")), "the example's job wrote no samples"
+
+
+@pytest.mark.slow
+def test_plan_example_gives_the_readme_table_first_row():
+    """The planner's README example, as written: its recommendation and predicted peak are the table's first row."""
+    assert len(PLAN_EXAMPLES) == 1, PLAN_EXAMPLES
+    cmd = [sys.executable, "-m", "launch", *shlex.split(PLAN_EXAMPLES[0])[1:]]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    section = README.split("## Which layout fits", 1)[1].split("\n## ", 1)[0]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| CogVideoX-2B | 8 |"))
+    knobs, peak = re.search(r"`([^`]+)` \(dp=(\d+)\) \| ([\d.]+) GiB", row).group(1, 3)
+    rec = next(ln for ln in r.stdout.splitlines() if ln.startswith("recommendation: "))
+    assert sorted(knobs.split()) == sorted(rec.split(" (dp=")[0].removeprefix("recommendation: ").split()), rec
+    assert f"it fits ({peak} of" in rec, rec
 
 
 def test_launcher_lines_name_their_tests():

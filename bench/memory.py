@@ -1,0 +1,119 @@
+# Validation of the layout planner's models against real steps: for each layout, the per-rank peak memory of one
+# fp32 training step (forward, backward, AdamW step) predicted by parallel/memory_model.py (the step simulated on
+# the meta device) next to the one measured by parallel/memory_probe.py (malloc's live bytes after every op, the
+# largest rank, median of 3 steps), and the bytes sent per step predicted by parallel/traffic_model.py next to
+# parallel.comm.count_all_traffic's count.
+#
+#   python bench/memory.py                      # small and mid shapes, layouts up to 4 ranks
+#   python bench/memory.py --json bench/results/memory.json
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cpdit import CogVideoXConfig  # noqa: E402
+from launch.spawn import spawn_ranks  # noqa: E402
+from parallel.dims import ParallelDims  # noqa: E402
+from parallel.memory_model import Workload, estimate_memory, local_params  # noqa: E402
+from parallel.memory_probe import measure_layout  # noqa: E402
+from parallel.traffic_model import estimate_traffic  # noqa: E402
+
+SHAPES = {
+    # name: (config overrides of the tiny preset, workload)
+    "small": (
+        dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, time_embed_dim=64, text_embed_dim=64),
+        Workload(frames=8, height=32, width=32, text_len=24),
+    ),  # fmt: skip
+    "mid": (
+        dict(num_attention_heads=12, attention_head_dim=64, num_layers=4, time_embed_dim=256, text_embed_dim=256),
+        Workload(frames=13, height=16, width=16, text_len=226),
+    ),  # fmt: skip
+}
+LAYOUTS = (
+    "1x1x1:none,1x1x1:full,2x1x1:none,2x1x1:full,2x1x2:none,1x2x1:none,2x2x1:none,2x2x1:full,4x1x1:none,4x1x2:none"
+)
+
+
+def _config(name: str) -> CogVideoXConfig:
+    return CogVideoXConfig.preset("tiny", **SHAPES[name][0])
+
+
+def _root_elements(cfg) -> int:
+    from cpdit.models.registry import family_of
+
+    with torch.device("meta"):
+        model = family_of(cfg).model_class(cfg)
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
+
+
+def run(name: str, cp: int, tp: int, ulysses: int, ac: str) -> dict:
+    cfg, w = _config(name), SHAPES[name][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        spawn_ranks(measure_layout, cp * tp, cfg, w, cp, tp, ulysses, ac, str(out), directory=tmp)
+        rows = json.loads(out.read_text())
+    dims = ParallelDims(cp * tp, cp, tp, ulysses)
+    est = estimate_memory(cfg, w, dims, ac, foreach=False)  # CPU: AdamW's per-tensor step
+    _, tp_part = local_params(cfg, dims)
+    tpf = (w.height // cfg.patch_size) * (w.width // cfg.patch_size)
+    root = _root_elements(cfg)  # outside the blocks nothing is tensor-parallel
+    traffic = estimate_traffic(cfg, w.frames, tpf, w.text_len, w.batch, dims, tp_part, root, ac)
+    return dict(shape=name, cp=cp, tp=tp, ulysses=ulysses, ac=ac, measured=max(r["peak"] for r in rows),
+                per_rank=[r["peak"] for r in rows], predicted=est.total, breakdown=dataclasses.asdict(est),
+                sent=max(r["sent"] for r in rows), predicted_sent=traffic.total)  # fmt: skip
+
+
+def report(rows: list[dict]) -> str:
+    MiB = 2**20
+    out = [
+        "| shape | cp | ulysses | tp | AC | measured MiB/rank | predicted | error | MiB sent/rank | predicted | "
+        "error |",
+        "|" + "---|" * 11,
+    ]
+    for r in rows:
+        err = r["predicted"] / r["measured"] - 1
+        sent_err = f"{r['predicted_sent'] / r['sent'] - 1:+.1%}" if r["sent"] else "-"
+        out.append(
+            f"| {r['shape']} | {r['cp']} | {r['ulysses']} | {r['tp']} | {r['ac']} | {r['measured'] / MiB:.1f} | "
+            f"{r['predicted'] / MiB:.1f} | {err:+.1%} | {r['sent'] / MiB:.2f} | {r['predicted_sent'] / MiB:.2f} | "
+            f"{sent_err} |"
+        )
+    worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
+    out.append(f"\n- memory: every layout within 10% of measured: {'met' if worst <= 0.10 else 'not met'} "
+               f"(worst {worst:.1%})")  # fmt: skip
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Memory and traffic models of the layout planner vs measured steps.")
+    p.add_argument("--shapes", default="small,mid")
+    p.add_argument("--layouts", default=LAYOUTS, help="cp x tp x ulysses : AC, comma-separated")
+    p.add_argument("--json", default=None, help="write every row here")
+    p.add_argument("--report", default=None, help="print the table of a --json file and exit")
+    args = p.parse_args(argv)
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return
+    rows = []
+    for name in args.shapes.split(","):
+        for item in args.layouts.split(","):
+            layout, ac = item.split(":")
+            cp, tp, u = (int(v) for v in layout.split("x"))
+            rows.append(run(name, cp, tp, u, ac))
+            print(f"{name} cp={cp} tp={tp} ulysses={u} {ac}: measured {rows[-1]['measured']} predicted "
+                  f"{rows[-1]['predicted']}", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"\nPer-rank peak of one fp32 training step, torch {torch.__version__}, CPU/gloo\n")
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+# The layout planner: its memory model (parallel/memory_model.py, the step simulated on the meta device) predicts
+# the per-rank peak of a real step (parallel/memory_probe.py: the allocator's own accounting) within 10% for every
+# layout at a small shape; the simulation's pieces are exact where they can be; `cpdit-launch plan` answers.
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from distributed_helpers import run_ranks
+
+from cpdit import CogVideoXConfig
+from cpdit.live_memory import LiveMemory
+from launch.plan import layouts
+from parallel.dims import ParallelDims
+from parallel.memory_model import Workload, _simulate, estimate_memory
+from parallel.memory_probe import measure_layout
+
+CFG = CogVideoXConfig.preset("tiny", num_attention_heads=4, attention_head_dim=32, num_layers=2, time_embed_dim=64,
+                             text_embed_dim=64)  # fmt: skip
+WORK = Workload(frames=8, height=32, width=32, text_len=24, batch=1)  # 8 x 256 video tokens + 24 text
+# (cp, tp, ulysses, AC): ring, Ulysses, TP, FSDP2, checkpointing. At this shape a model that left the TP shapes
+# whole or skipped checkpointing is off by 40-60% here; the finer FSDP2 terms (its backward prefetch, the ring's
+# buffers) move these rows by a few percent and show in bench/memory.py's table.
+LAYOUTS = [
+    (1, 1, 1, "none"),
+    (1, 1, 1, "full"),
+    (2, 1, 1, "full"),
+    (1, 2, 1, "none"),
+    (2, 1, 2, "none"),
+    (4, 1, 1, "none"),
+    (2, 2, 1, "full"),
+]
+
+
+@pytest.mark.slow  # a real step per layout, in processes of its own
+@pytest.mark.parametrize("cp,tp,ulysses,ac", LAYOUTS, ids=[f"cp{c}-tp{t}-u{u}-{a}" for c, t, u, a in LAYOUTS])
+def test_predicted_peak_is_within_10_percent_of_measured(tmp_path, cp, tp, ulysses, ac):
+    out = tmp_path / "rows.txt"
+    run_ranks(measure_layout, cp * tp, tmp_path, CFG, WORK, cp, tp, ulysses, ac, out, fresh=True)  # own processes
+    rows = json.loads(out.read_text())
+    measured = max(r["peak"] for r in rows)
+    dims = ParallelDims(cp * tp, cp, tp, ulysses)
+    est = estimate_memory(CFG, WORK, dims, ac, foreach=False)  # CPU: AdamW's per-tensor step
+    assert est.params + est.optimizer == rows[0]["static"]  # parameters and AdamW state: exact
+    assert est.total == pytest.approx(measured, rel=0.10), (est, measured)
+
+
+def test_live_memory_counts_allocations_views_and_frees_exactly():
+    x = torch.empty(1024, device="meta")  # 4 KiB, made before: not counted
+    with LiveMemory() as mem:
+        a = x * 2  # +4 KiB
+        v = a.view(32, 32)  # a view: nothing
+        b = torch.cat([a, a])  # +8 KiB -> peak 12 KiB
+        del a, v
+        c = b.sum()  # a is freed (4 bytes for c)
+        assert mem.collect() == 8 * 1024 + 4
+        del b, c
+        assert mem.collect() == 0
+    assert mem.peak == 12 * 1024 + 4  # a and b alive when c was made
+
+
+def test_saved_activations_are_what_autograd_keeps():
+    w = torch.empty(64, 64, device="meta", requires_grad=True)
+    x = torch.empty(8, 64, device="meta")
+    with LiveMemory() as mem:
+        y = torch.relu(x @ w)  # the matmul keeps x (made before); relu keeps its output y, the product is freed
+        loss = y.sum()
+        kept = mem.collect()
+        loss.backward()
+        del y, loss
+        left = mem.collect()
+    assert kept == 8 * 64 * 4 + 4  # y and the loss
+    assert left == 64 * 64 * 4  # only w.grad
+
+
+def test_deep_models_are_extrapolated_exactly_from_two_and_three_blocks():
+    cfg = dataclasses.replace(CFG, num_layers=6)
+    dims = ParallelDims(4, cp_size=2, model_parallel_size=2)
+    for ac in ("none", "full"):
+        whole = _simulate(cfg, WORK, dims, ac, shards=2)
+        est = estimate_memory(cfg, WORK, dims, ac, foreach=False)
+        assert est.grads + est.fsdp_buffers + est.activations == whole["peak"], ac
+
+
+def test_layouts_respect_heads_frames_and_nodes():
+    got = {(d.dp, d.cp, d.ulysses_size, d.tp) for d in layouts(8, heads=6, frames=4, per_node=4)}
+    assert (1, 4, 2, 2) not in got  # 6 heads / tp 2 = 3: not divisible by ulysses 2
+    assert (1, 8, 1, 1) not in got  # 8 ranks of cp over 4 frames
+    assert all(tp <= 4 for *_, tp in got)  # tensor parallelism inside a node
+    assert {(8, 1, 1, 1), (4, 2, 2, 1), (2, 4, 1, 1), (1, 4, 1, 2), (2, 2, 1, 2), (4, 1, 1, 2)} <= got
+
+
+def _plan(*args):
+    cmd = [sys.executable, "-m", "launch", "plan", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_plan_command_recommends_a_layout_that_fits():
+    r = _plan("--nproc-per-node", "4", "--device-memory-gib", "1", "model.preset=tiny", "data.batch_size=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| dp | cp | ulysses | tp | AC |" in r.stdout and "total MiB/rank" in r.stdout
+    assert "recommendation: parallel.cp_size=" in r.stdout
+
+
+def test_plan_command_says_when_nothing_fits_and_refuses_bad_input():
+    r = _plan("--nproc-per-node", "2", "--device-memory-gib", "0.001", "model.preset=tiny")
+    assert r.returncode == 1 and "no layout fits 0.0009 GiB per rank" in r.stdout, r.stdout + r.stderr
+    r = _plan("--nproc-per-node", "2", "--device-memory-gib", "-1", "model.preset=tiny")
+    assert r.returncode == 2 and "--device-memory-gib=-1.0 must be > 0" in r.stdout
+    r = _plan("model.preset=nope")
+    assert r.returncode == 2 and "nope" in r.stdout
