@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from cpdit.models.registry import family_of
 from launch.config import ConfigError, JobConfig, load_config
 from parallel.dims import ParallelDims, TopologyError
 from parallel.memory_model import MemoryEstimate, Workload, estimate_memory, local_params
@@ -42,6 +43,12 @@ def workload(cfg: JobConfig) -> tuple[object, Workload]:
     dims = ParallelDims(1)
     _, tf, sf = _first_stage(cfg, dims)
     m = _model(cfg)
+    family = family_of(m)
+    if family.name != "cogvideox":
+        raise ConfigError(
+            f"model.preset={cfg.model.preset}: cpdit-launch plan models the CogVideoX family (full attention over "
+            f"[text | frames]); the {family.title} family's step is not simulated yet"
+        )
     d = cfg.data
     frames = 1 + (d.num_frames - 1) // tf
     return m, Workload(frames, d.height // sf, d.width // sf, cfg.train.text_max_length, d.batch_size)
@@ -70,7 +77,7 @@ def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True) -> lis
     out = []
     for dims in layouts(world, m.num_attention_heads, work.frames, per_node):
         _, tp_part = local_params(m, dims, fsdp=cfg.parallel.fsdp)
-        root = _root_params(m, dims.tp)
+        root = _root_params(m)
         for ac in AC_CHOICES:
             mem = estimate_memory(m, work, dims, ac, fsdp=cfg.parallel.fsdp, ema=cfg.train.ema_decay > 0,
                                   foreach=foreach)  # fmt: skip
@@ -80,10 +87,9 @@ def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True) -> lis
     return out
 
 
-def _root_params(m, tp: int) -> int:
+def _root_params(m) -> int:
+    """Elements outside the blocks (one FSDP2 unit, not tensor-parallel)."""
     import torch
-
-    from cpdit.models.registry import family_of
 
     with torch.device("meta"):
         model = family_of(m).model_class(m)

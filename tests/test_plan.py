@@ -111,3 +111,5 @@ def test_plan_command_says_when_nothing_fits_and_refuses_bad_input():
     assert r.returncode == 2 and "--device-memory-gib=-1.0 must be > 0" in r.stdout
     r = _plan("model.preset=nope")
     assert r.returncode == 2 and "nope" in r.stdout
+    r = _plan("model.preset=phenaki-like")
+    assert r.returncode == 2 and "models the CogVideoX family" in r.stdout, r.stdout + r.stderr
