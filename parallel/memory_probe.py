@@ -30,13 +30,17 @@ class _MallInfo2(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]  # fmt: skip
 
 
-_LIBC = ctypes.CDLL("libc.so.6")
-_LIBC.mallinfo2.restype = _MallInfo2
+_LIBC: list[ctypes.CDLL] = []
 
 
 def malloc_live() -> int:
-    """Bytes malloc has handed out and not taken back: heap chunks in use in every arena plus mmapped blocks."""
-    info = _LIBC.mallinfo2()
+    """Bytes malloc has handed out and not taken back: heap chunks in use in every arena plus mmapped blocks
+    (glibc >= 2.33)."""
+    if not _LIBC:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        _LIBC.append(libc)
+    info = _LIBC[0].mallinfo2()
     return info.uordblks + info.hblkhd
 
 
