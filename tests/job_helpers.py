@@ -22,7 +22,7 @@ def job_cmd(tmp, name, *extra, command="train", nproc=4, launcher_flags=()):
             f"train.output_dir={tmp}", f"train.run_name={name}", *TEST_MODEL, *extra]  # fmt: skip
 
 
-def launch(tmp, name, *extra, command="train", nproc=4, check=True, launcher_flags=(), timeout=300):
+def launch(tmp, name, *extra, command="train", nproc=4, check=True, launcher_flags=(), timeout=600):
     cmd = job_cmd(tmp, name, *extra, command=command, nproc=nproc, launcher_flags=launcher_flags)
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=tmp)
     if check:
