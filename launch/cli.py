@@ -11,6 +11,7 @@ from pathlib import Path
 
 from launch.config import ConfigError, JobConfig, load_config
 from launch.env import LaunchEnvError, resolve_dist_env
+from launch.lifeline import die_with_parent, exit_now
 from launch.preflight import preflight
 from parallel.dims import ParallelDims, TopologyError
 
@@ -133,6 +134,8 @@ def torchrun_command(
 def run_job(command: str, cfg: JobConfig, environ: Mapping[str, str]) -> int:
     """Run `command` in this process as one rank of the job described by `environ`."""
     env = resolve_dist_env(environ)
+    if env.launcher == "torchrun" and "TORCHELASTIC_RUN_ID" in environ:  # a worker of torchrun's agent
+        die_with_parent()  # an agent killed outright takes its workers with it (launch/lifeline.py)
     preflight(cfg, env.world_size, command)  # before any process group exists: no hang on bad input
     try:
         return _run(command, cfg, env)
@@ -240,5 +243,10 @@ def run_torchrun(torchrun_args: list[str], run_dir: Path) -> int:
     return code
 
 
+def run() -> None:
+    """The `cpdit-launch` and `python -m launch` entry: main(), then a quick exit (launch/lifeline.py)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -8,3 +8,17 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from process_guard import mark_session, reap_leftovers  # noqa: E402
+
+mark_session()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_jobs():
+    """A test that leaves a job process running fails here, after the process is killed (tests/process_guard.py)."""
+    yield
+    leaked = reap_leftovers()
+    if leaked:
+        pytest.fail(f"the test left {len(leaked)} job process(es) running (killed now): {leaked}", pytrace=False)

@@ -87,6 +87,23 @@ def test_killed_worker_restarts_elastically_and_matches(reference):
                       steps_lost=step_at_kill - resumed[-1]["step"], exit_code=0, final_state="equal"))  # fmt: skip
 
 
+def test_a_killed_agent_takes_its_workers_with_it(tmp_path):
+    """torchrun puts each worker in a session of its own: without launch/lifeline.py a launcher killed outright
+    (SIGKILL, the OOM killer, a test's timeout) would leave its 4 workers training with nobody to stop them."""
+    proc = start(tmp_path, "orphan", *COMMON, "train.steps=400", *SLOW)
+    wait_for_step(tmp_path / "orphan", 2, proc)
+    workers = children(proc.pid)
+    assert len(workers) == 4
+    t0 = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=30)
+    while any(alive(w) for w in workers) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not [w for w in workers if alive(w)], "workers outlived their agent"
+    TABLE.append(dict(fault="kill -9 of the launcher (torchrun's agent)", detected_s=round(time.monotonic() - t0, 1),
+                      steps_lost="run ends", exit_code=-9, final_state="no orphaned worker"))  # fmt: skip
+
+
 def test_preemption_by_signal_checkpoints_exits_75_and_resumes(reference):
     tmp = reference
     run = tmp / "pre"
