@@ -38,11 +38,11 @@ class Candidate:
 
 def workload(cfg: JobConfig) -> tuple[object, Workload]:
     """The DiT config and one micro-batch's latent shape of the job `cfg` describes."""
-    from launch.preflight import _first_stage, _model
+    from launch.preflight import checked_first_stage, checked_model_config
 
     dims = ParallelDims(1)
-    _, tf, sf = _first_stage(cfg, dims)
-    m = _model(cfg)
+    _, tf, sf = checked_first_stage(cfg, dims)
+    m = checked_model_config(cfg)
     family = family_of(m)
     if family.name != "cogvideox":
         raise ConfigError(

@@ -12,7 +12,8 @@ from launch.config import ConfigError, JobConfig
 from parallel.dims import ParallelDims
 
 
-def _model(cfg: JobConfig):
+def checked_model_config(cfg: JobConfig):
+    """The DiT config the job would build; a bad model knob is a ConfigError naming it."""
     from launch.job.build import model_config
 
     try:
@@ -21,7 +22,7 @@ def _model(cfg: JobConfig):
         raise ConfigError(f"model: {err}") from None
 
 
-def _first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, int]:
+def checked_first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, int]:
     """(channels, temporal factor, spatial factor) of the first stage; checks the VAE knobs."""
     f = cfg.first_stage
     if f.kind == "pixel":
@@ -53,8 +54,8 @@ def _first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, int]:
 
 
 def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
-    channels, tf, sf = _first_stage(cfg, dims)
-    m = _model(cfg) if not cfg.model.pretrained else None
+    channels, tf, sf = checked_first_stage(cfg, dims)
+    m = checked_model_config(cfg) if not cfg.model.pretrained else None
     d, p = cfg.data, cfg.parallel
     if m is not None:
         if m.in_channels != channels:
@@ -145,7 +146,7 @@ def _check_files(cfg: JobConfig, command: str) -> None:
             raise ConfigError(f"text.path={cfg.text.path!r}: config.json is not valid JSON ({err})") from None
         if not list(t5.glob("*.safetensors")):
             raise ConfigError(f"text.path={cfg.text.path!r} has no *.safetensors weights (cpdit never unpickles .bin)")
-        want = _model(cfg).text_embed_dim if not cfg.model.pretrained else None
+        want = checked_model_config(cfg).text_embed_dim if not cfg.model.pretrained else None
         if want is not None and width is not None and width != want:
             raise ConfigError(f"T5 at text.path has width {width}, model.text_embed_dim is {want}; set "
                               f"model.text_embed_dim={width}")  # fmt: skip

@@ -66,7 +66,7 @@ class _TraceBound:
     """One cp rank's image of the sequence seam on the meta device: this rank's frames (the largest share), text
     replicated, attention as the flash kernel keeps it (q, k, v, out, logsumexp: what the ring and Ulysses keep too)."""
 
-    def __init__(self, num_frames: int, tokens_per_frame: int, text_len: int, cp: int):
+    def __init__(self, num_frames: int, cp: int):
         self.num_frames, self.cp = num_frames, cp
         self.local = max(b - a for segs in frame_partition(num_frames, cp) for a, b in segs)
 
@@ -92,7 +92,8 @@ class _TraceSequence:
         self.cp = cp
 
     def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> _TraceBound:
-        return _TraceBound(num_frames, tokens_per_frame, text_len, self.cp)
+        del tokens_per_frame, text_len  # the seam's signature; the trace only splits frames
+        return _TraceBound(num_frames, self.cp)
 
     def frames(self, num_frames: int) -> _TraceBound:
         return self.bind(num_frames, 1, 0)
