@@ -109,6 +109,17 @@ class RankPool:
             values[rank] = value
         return [values[r] for r in range(self.world_size)]
 
+    def threads(self) -> int:
+        """The most threads any rank runs now (from /proc; 0 where there is none). Every process group a task
+        creates stays registered, and each gloo group keeps a TCP loop thread that wakes even while idle."""
+        counts = []
+        for p in self.procs:
+            try:
+                counts.append(len(os.listdir(f"/proc/{p.pid}/task")))
+            except OSError:
+                pass
+        return max(counts, default=0)
+
     def _fail(self, message: str):
         self.close(kill=True)
         raise RanksFailed(message)

@@ -10,6 +10,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from distributed_helpers import close_pools  # noqa: E402
 from process_guard import mark_session, reap_leftovers  # noqa: E402
 
 mark_session()
@@ -22,3 +23,10 @@ def no_leftover_jobs():
     leaked = reap_leftovers()
     if leaked:
         pytest.fail(f"the test left {len(leaked)} job process(es) running (killed now): {leaked}", pytrace=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_pools_per_module():
+    """Test ranks do not outlive their module: idle pools with a module's groups would tax every later test."""
+    yield
+    close_pools()

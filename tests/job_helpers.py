@@ -30,10 +30,10 @@ def launch(tmp, name, *extra, command="train", nproc=4, check=True, launcher_fla
     return r
 
 
-def start(tmp, name, *extra, log_name=None, launcher_flags=()):
+def start(tmp, name, *extra, log_name=None, launcher_flags=(), nproc=4):
     """Start the job in the background; its output goes to <tmp>/<log_name or name>.log."""
     log = open(Path(tmp) / f"{log_name or name}.log", "w")
-    cmd = job_cmd(tmp, name, *extra, launcher_flags=launcher_flags)
+    cmd = job_cmd(tmp, name, *extra, nproc=nproc, launcher_flags=launcher_flags)
     return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
 
 
