@@ -74,10 +74,9 @@ def layouts(world: int, heads: int, frames: int, per_node: int) -> list[Parallel
 def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True) -> list[Candidate]:
     m, work = workload(cfg)
     tpf = (work.height // m.patch_size) * (work.width // m.patch_size)
-    out = []
+    root, out = _root_params(m), []
     for dims in layouts(world, m.num_attention_heads, work.frames, per_node):
         _, tp_part = local_params(m, dims, fsdp=cfg.parallel.fsdp)
-        root = _root_params(m)
         for ac in AC_CHOICES:
             mem = estimate_memory(m, work, dims, ac, fsdp=cfg.parallel.fsdp, ema=cfg.train.ema_decay > 0,
                                   foreach=foreach)  # fmt: skip
