@@ -8,8 +8,8 @@
 #
 # A finished process exits without tearing the interpreter down. After the job returned, every file is closed and
 # the process group destroyed; what is left is Python's module teardown and C++ destructors (gloo's among them, the
-# source of the rare SIGABRT at exit), ~3 s of two cores for a 4-rank job (bench: 16.0 -> 13.1 s for a 3-step tiny
-# job, medians of 3). Threads and atexit handlers (logging, wandb) still run first.
+# source of the rare SIGABRT at exit), ~3 s of two cores for a 4-rank job (measured: 16.0 -> 13.1 s for a 3-step tiny
+# job, means of 3 runs). Threads and atexit handlers (logging, wandb) still run first.
 import atexit
 import ctypes
 import os
