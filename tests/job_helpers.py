@@ -30,10 +30,10 @@ def launch(tmp, name, *extra, command="train", nproc=4, check=True, launcher_fla
     return r
 
 
-def start(tmp, name, *extra, log_name=None, launcher_flags=(), nproc=4):
+def start(tmp, name, *extra, log_name=None, launcher_flags=()):
     """Start the job in the background; its output goes to <tmp>/<log_name or name>.log."""
     log = open(Path(tmp) / f"{log_name or name}.log", "w")
-    cmd = job_cmd(tmp, name, *extra, nproc=nproc, launcher_flags=launcher_flags)
+    cmd = job_cmd(tmp, name, *extra, launcher_flags=launcher_flags)
     return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
 
 
@@ -70,11 +70,3 @@ def children(pid):
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry.name))
     return sorted(out)
-
-
-def alive(pid):
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

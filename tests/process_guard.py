@@ -22,6 +22,12 @@ def _read(pid: str, name: str) -> bytes:
         return b""
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    stat = _read(str(pid), "stat")
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
 def job_processes() -> dict[int, str]:
     """pid -> command line of this session's job processes still alive (zombies excluded)."""
     tag = f"{MARK}={os.environ.get(MARK, '')}".encode()
@@ -32,10 +38,7 @@ def job_processes() -> dict[int, str]:
         cmd = _read(entry.name, "cmdline")
         if not any(m in cmd for m in JOB_MARKERS):
             continue
-        if tag not in _read(entry.name, "environ").split(b"\x00"):
-            continue
-        stat = _read(entry.name, "stat")
-        if stat and stat.rsplit(b")", 1)[1].split()[0] != b"Z":
+        if tag in _read(entry.name, "environ").split(b"\x00") and alive(int(entry.name)):
             found[int(entry.name)] = cmd.replace(b"\x00", b" ").decode(errors="replace")[:200]
     return found
 

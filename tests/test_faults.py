@@ -11,7 +11,8 @@ import time
 
 import pytest
 import torch
-from job_helpers import alive, children, launch, losses, metrics, start, wait_for_step
+from job_helpers import children, launch, losses, metrics, start, wait_for_step
+from process_guard import alive
 from safetensors.torch import load_file
 
 from launch.job.checkpoint import complete_checkpoints

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import distributed_helpers
 from distributed_helpers import _POOLS, close_pools, run_ranks
-from job_helpers import alive
+from process_guard import alive
 
 from parallel.dims import ParallelDims
 
