@@ -362,9 +362,10 @@ def overlap_table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         both, comp, comm = (statistics.median(r[k]) for k in ("both", "compute", "comm"))
-        q1, _, q3 = statistics.quantiles(r["compute"], n=4, method="inclusive")
-        noise = q3 - q1
-        resolved = len(r["compute"]) >= 5 and comm > noise
+        resolved = False
+        if len(r["compute"]) >= 5:  # quantiles need 2 points; the share needs more to stand above noise
+            q1, _, q3 = statistics.quantiles(r["compute"], n=4, method="inclusive")
+            resolved = comm > q3 - q1
         hidden = f"{(comp + comm - both) / comm:.0%}" if resolved else "not resolved"
         frames, tpf, text = r.get("frames", 12), r.get("tpf", 1350), r.get("text", 226)
         out.append(f"| {r['tokens']} ({frames} x {tpf} + {text}) | {r['strategy']} | {r['cp']} | {len(r['both'])} | "
