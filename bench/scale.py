@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from launch.spawn import spawn_ranks  # noqa: E402
 from parallel.comm import BYTES, count_all_traffic  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.memory_model import Workload, estimate_memory  # noqa: E402
-from parallel.memory_probe import MallocPeak, malloc_live  # noqa: E402
+from parallel.memory_probe import MallocPeak, _local_bytes, malloc_live  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
 
 PRESETS = {"2b": "cogvideox-2b", "5b": "cogvideox-5b", "toy": "tiny"}  # toy: the smoke test's shape
@@ -72,10 +73,6 @@ STRATEGIES = "2:ring,2:ulysses,4:ring,4:ulysses,4:usp"
 
 def _config(shape: str) -> CogVideoXConfig:
     return CogVideoXConfig.preset(PRESETS[shape], num_layers=1)
-
-
-def _local_bytes(tensors) -> int:
-    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
 
 def _slowest(rows: list[dict], key: str) -> list[float]:
@@ -109,11 +106,8 @@ def _step_worker(rank, world, shape, frames, cp, tp, ulysses, ac, repeats, out):
                saved=[], peak=[], sent=0)  # fmt: skip
     for i in range(repeats + 1):  # step 0 warms malloc's heap up (and counts every byte sent); not timed
         BYTES.reset()
-        counting = count_all_traffic() if i == 0 else None
-        if counting:
-            counting.__enter__()
         dist.barrier()
-        with MallocPeak() as probe:
+        with count_all_traffic() if i == 0 else nullcontext(), MallocPeak() as probe:
             t0 = time.perf_counter()
             loss = model(latents, text, timesteps, return_local=True).square().mean()
             t1 = time.perf_counter()
@@ -125,8 +119,7 @@ def _step_worker(rank, world, shape, frames, cp, tp, ulysses, ac, repeats, out):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t3 = time.perf_counter()
-        if counting:
-            counting.__exit__(None, None, None)
+        if i == 0:
             row["sent"] = BYTES.sent
         del loss
         if i == 0:
