@@ -24,7 +24,7 @@ def _cp_mesh(ring, ulysses):
     return init_device_mesh("cpu", (ring, ulysses), mesh_dim_names=("cp_ring", "cp_ulysses"))
 
 
-def check_case(rank, plan, strategy, causal, H, D, dtype, seed, B=1):
+def check_case(rank, plan, strategy, causal, H, D, dtype, seed, B=1, head_chunks=None):
     """Run one parity case on this rank; every assertion is made on every rank."""
     L, T, tpf, cp = plan.text_len, plan.num_frames, plan.tokens_per_frame, plan.cp_size
     gen = torch.Generator().manual_seed(seed)
@@ -35,7 +35,7 @@ def check_case(rank, plan, strategy, causal, H, D, dtype, seed, B=1):
     ref_grads = torch.autograd.grad(ref, ref_in, g.double())
 
     local = [plan._take(t, 2).detach().requires_grad_() for t in (q, k, v)]
-    out = context_parallel_attention(*local, plan, causal=causal, strategy=strategy)
+    out = context_parallel_attention(*local, plan, causal=causal, strategy=strategy, head_chunks=head_chunks)
     assert out.dtype == dtype and out.shape == local[0].shape
     # dout: the frames' gradient, plus this rank's share of the text gradient (shares differ per rank).
     weights = torch.arange(1, cp + 1, dtype=torch.float64) / (cp * (cp + 1) / 2)
@@ -45,6 +45,7 @@ def check_case(rank, plan, strategy, causal, H, D, dtype, seed, B=1):
 
     tol_out, tol_grad = (F64, F64) if dtype == torch.float64 else (BF16_OUT, BF16_GRAD)
     ctx = f"rank={rank} strategy={strategy} causal={causal} layout={plan.layout} L={L} T={T} H={H} {dtype}"
+    ctx += f" head_chunks={head_chunks}"
     torch.testing.assert_close(out.double(), plan._take(ref, 2).double(), **tol_out, msg=lambda m: f"{ctx}: {m}")
     for name, local_t, ref_g in zip("qkv", local, ref_grads, strict=True):
         grad = local_t.grad.double()
@@ -111,6 +112,36 @@ def _cogvideox_shapes_worker(rank, world):
 
 def test_cogvideox_shapes(tmp_path):
     run_ranks(_cogvideox_shapes_worker, 4, tmp_path)
+
+
+def _head_chunks_worker(rank, world):
+    # The ring in chunks of heads, the default once K+V of a block reach CHUNK_ABOVE_BYTES (every CogVideoX
+    # block): 30 heads in 8 uneven passes (4,4,4,4,4,4,3,3) over the whole ring, and under USP 15 heads per Ulysses
+    # member in 8 passes (2,...,2,1); 7 heads in 8 asks for more passes than heads (capped at 7).
+    for (ring, ulysses), strategy in (((4, 1), "ring"), ((2, 2), "usp"), ((2, 2), "ring")):
+        mesh = _cp_mesh(ring, ulysses)
+        for layout, causal in itertools.product(("contiguous", "zigzag"), (False, True)):
+            plan = SequencePlan(13, 3, 5, mesh, layout)
+            for H, chunks in ((30, 8), (7, 8)):
+                check_case(rank, plan, strategy, causal, H, 4, torch.float64, seed=H + ring, B=2, head_chunks=chunks)
+        del mesh
+
+
+def test_ring_in_chunks_of_heads(tmp_path):
+    run_ranks(_head_chunks_worker, 4, tmp_path)
+
+
+def test_default_head_chunks_rule():
+    # README: 8 ring passes once a block's K + V reach 4 MiB, one below (the CogVideoX-2B block at cp=2: 30 heads,
+    # 8213 tokens, head dim 64, fp32 K is 63 MiB).
+    from parallel.attention import CHUNK_ABOVE_BYTES, default_head_chunks
+
+    assert CHUNK_ABOVE_BYTES == 4 << 20
+    just_below = torch.empty(1, 1, (CHUNK_ABOVE_BYTES // 8) - 1, 1)  # fp32 K: K + V = 4 MiB - 8 bytes
+    assert default_head_chunks(just_below) == 1
+    assert default_head_chunks(torch.empty(1, 1, CHUNK_ABOVE_BYTES // 8, 1)) == 8
+    assert default_head_chunks(torch.empty(1, 30, 8213, 64)) == 8
+    assert default_head_chunks(torch.empty(1, 30, 8213, 64, dtype=torch.bfloat16)) == 8
 
 
 def _few_frames_worker(rank, world):

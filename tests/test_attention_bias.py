@@ -49,7 +49,7 @@ def _bias(cpb, null, text_mask, lengths, causal) -> AttentionBias:
     return AttentionBias(GRID, table, null, text_mask, lengths, slopes if causal else None)
 
 
-def check_bias_case(rank, plan, strategy, causal, seed, bias_rows=None):
+def check_bias_case(rank, plan, strategy, causal, seed, bias_rows=None, head_chunks=None):
     L, cp = plan.text_len, plan.cp_size
     q, k, v, g, cpb, null, text_mask, lengths = _inputs(L, seed)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, null)]
@@ -59,13 +59,16 @@ def check_bias_case(rank, plan, strategy, causal, seed, bias_rows=None):
     local = [plan._take(t, 2).requires_grad_() for t in (q, k, v)]
     null_local = null.clone().requires_grad_()
     bias = _bias(cpb, null_local, text_mask, lengths, causal)
-    out = context_parallel_attention(*local, plan, causal=causal, strategy=strategy, bias=bias, bias_rows=bias_rows)
+    out = context_parallel_attention(
+        *local, plan, causal=causal, strategy=strategy, bias=bias, bias_rows=bias_rows, head_chunks=head_chunks
+    )
     weights = torch.arange(1, cp + 1, dtype=torch.float64) / (cp * (cp + 1) / 2)
     dout = plan._take(g, 2).clone()
     dout[:, :, :L] = g[:, :, :L] * weights[plan.cp_rank]  # this rank's share of the text gradient
     grads = torch.autograd.grad(out, [*local, null_local, *params], dout)
 
     ctx = f"rank={rank} strategy={strategy} causal={causal} layout={plan.layout} L={L} cp={cp} rows={bias_rows}"
+    ctx += f" head_chunks={head_chunks}"
     torch.testing.assert_close(out, plan._take(ref, 2), **F64, msg=lambda m: f"{ctx}: {m}")
     for name, grad, want in zip("qkv", grads[:3], ref_grads[:3], strict=True):
         want = plan._take(want, 2)
@@ -108,6 +111,24 @@ def _bias_worker(rank, world):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_bias_parity_float64(tmp_path, world):
     run_ranks(_bias_worker, world, tmp_path)
+
+
+def _bias_head_chunks_worker(rank, world):
+    # The ring in chunks of heads with every bias: 6 heads in 4 uneven passes (2,2,1,1), each pass with its slice of
+    # the table, the null keys/values and the null slopes, and the table's and null_kv's gradients written into
+    # their head slice; USP: 3 heads per Ulysses member in 2 passes (2,1).
+    seed = 100
+    for (ring, ulysses), strategy, chunks in (((4, 1), "ring", 4), ((2, 2), "usp", 2), ((2, 2), "ring", 4)):
+        mesh = init_device_mesh("cpu", (ring, ulysses), mesh_dim_names=("cp_ring", "cp_ulysses"))
+        for layout, causal in itertools.product(("contiguous", "zigzag"), (False, True)):
+            plan = SequencePlan(GRID[0], GRID[1] * GRID[2], 4, mesh, layout)
+            seed += 1
+            check_bias_case(rank, plan, strategy, causal, seed, head_chunks=chunks)
+        del mesh
+
+
+def test_bias_parity_in_chunks_of_heads(tmp_path):
+    run_ranks(_bias_head_chunks_worker, 4, tmp_path)
 
 
 def test_alibi_slopes_follow_the_seed():
