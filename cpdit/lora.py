@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn as nn
 
+from cpdit.seeding import param_generator
+
 TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
 
@@ -46,7 +48,7 @@ def lora_initial_value(name: str, shape: torch.Size, dtype: torch.dtype, seed: i
         return None
     if "lora_B" in name:
         return torch.zeros(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed + len(name) * 7919 + sum(map(ord, name)))
+    gen = param_generator(seed, name)
     bound = 1 / math.sqrt(shape[1])
     return torch.empty(shape).uniform_(-bound, bound, generator=gen).to(dtype)
 

@@ -8,6 +8,8 @@ import zlib
 import torch
 import torch.nn as nn
 
+from cpdit.seeding import generator
+
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -37,7 +39,7 @@ class HashedTextEncoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, assign=None) -> None:
-        gen = torch.Generator().manual_seed(seed + 7)
+        gen = generator(seed, "text encoder")
         assign = assign or (lambda p, v: p.copy_(v.to(p.device)))
         words = torch.randn(self.words.weight.shape, generator=gen) * 0.5
         words[0] = 0

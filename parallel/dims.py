@@ -6,6 +6,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cpdit.seeding import derive_seed
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -159,7 +161,7 @@ class ParallelDims:
         group), distinct across data-parallel ranks, steps and indices (a sample of the step's accumulated batch, or
         a stream such as the first stage's posterior samples)."""
         dp_rank = self.dp_rank(rank)
-        return (((seed * 1_000_003 + dp_rank) * 1_000_033 + step) * 2_097_169 + index) % 2**63
+        return derive_seed(seed, "draw", dp_rank, step, index)
 
     def describe(self) -> str:
         return (

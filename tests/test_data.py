@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from cpdit.seeding import generator
 from launch.job.data import DistributedBatches, SyntheticShapes, VideoFolder
 
 
@@ -116,7 +117,7 @@ def test_a_resume_under_another_dp_size_sees_every_clip_once(before, after):
     seen = first + rest
     assert len(seen) == len(set(seen)) and end.epoch == 0
     assert len(seen) > 40 - after[0] * after[1]  # at most the leftover of the epoch is skipped
-    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5 * 100_003)).tolist()
+    perm = torch.randperm(40, generator=generator(5, "data order", 0)).tolist()
     assert sorted(seen, key=perm.index) == perm[: len(seen)]  # the epoch's permutation, in order, without holes
     nxt, _ = _take(1, *after, end)
     assert _take(1, *after, DataPosition(1, 0))[0] == nxt  # then the next epoch starts from its beginning

@@ -119,3 +119,29 @@ def test_loss_targets_are_the_frames_the_model_returns(tmp_path, name):
     from distributed_helpers import run_ranks
 
     run_ranks(_loss_targets_follow_the_model, 2, tmp_path, name)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_random_initial_tensor_is_distinct(name):
+    """Every parameter's random initial value (LoRA A matrices included) differs from every other's, at
+    CogVideoX-5B depth (42 blocks) with tiny widths: per-name seeds that collide start two matrices equal."""
+    family = FAMILIES[name]
+    preset = "tiny" if "tiny" in family.presets else next(iter(family.presets))  # the smallest
+    depth = {f.name for f in fields(family.config_class)} & {"num_layers", "depth"}
+    config = family.config(preset, {k: 42 for k in depth})
+    model = family.build(config)
+    if family.lora:
+        add_lora(model, 2)
+    model.init_weights(seed=3)
+    seen: dict[bytes, str] = {}
+    random = 0
+    for param_name, p in model.named_parameters():
+        flat = p.detach().flatten()
+        if flat.numel() < 2 or bool((flat == flat[0]).all()):  # zeros, ones: constant by design
+            continue
+        random += 1
+        key = flat.to(torch.float64).numpy().tobytes()
+        assert key not in seen, f"{param_name} starts equal to {seen[key]}"
+        seen[key] = param_name
+    blocks = sum(1 for n, _ in model.named_parameters() if n.startswith("blocks.41."))
+    assert blocks and random > 42  # the depth took: the last block exists and its matrices were compared

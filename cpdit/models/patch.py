@@ -2,12 +2,13 @@
 # factorized and Phenaki families share: the timestep MLP, the output head and seeded per-name initialisation.
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from einops import rearrange
+
+from cpdit.seeding import param_generator
 
 
 def patch_grid(H: int, W: int, p: int) -> tuple[int, int]:
@@ -43,7 +44,7 @@ class PatchVideoModel(nn.Module):
         return None
 
     def initial_value(self, name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = param_generator(seed, name)
         special = self.special_value(name, shape, dtype, gen)
         if special is not None:
             return special

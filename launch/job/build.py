@@ -12,6 +12,7 @@ import torch.nn as nn
 from cpdit.diffusers_io import load_diffusers_state_dict, weight_files
 from cpdit.lora import add_lora
 from cpdit.models.registry import FAMILIES, family_of, family_of_diffusers, family_of_preset
+from cpdit.seeding import derive_seed
 from cpdit.text import HashedTextEncoder
 from launch.config import JobConfig
 from parallel.dims import ParallelDims
@@ -139,6 +140,6 @@ def build_first_stage(cfg: JobConfig, device: torch.device):
         vae = load_vae(f.ckpt_path)
     else:
         with torch.random.fork_rng():  # the same random VAE on every rank (PyTorch's default initialisation)
-            torch.manual_seed(cfg.train.seed + 11)
+            torch.manual_seed(derive_seed(cfg.train.seed, "first stage init"))
             vae = CogVideoXVAE(first_stage_config(cfg))
     return VAEStage(vae.to(device), f.scale_factor, f.chunk_latents, diffusers_batches=f.semantics == "diffusers")

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cpdit.seeding import generator
+
 log = logging.getLogger("cpdit.data")
 
 COLORS = {
@@ -209,9 +211,7 @@ class DistributedBatches:
     def next(self) -> tuple[torch.Tensor, list[str]]:
         if self.pos.clips + self.per_step() > len(self.ds):
             self.pos = DataPosition(self.pos.epoch + 1, 0)
-        perm = torch.randperm(
-            len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.pos.epoch)
-        )
+        perm = torch.randperm(len(self.ds), generator=generator(self.seed, "data order", self.pos.epoch))
         start = self.pos.clips + self.dp_rank * self.bs
         self.last_ids = [int(i) for i in perm[start : start + self.bs]]  # clip indices (for the latent cache)
         items = [self.ds[i] for i in self.last_ids]

@@ -11,6 +11,7 @@ import torch
 
 from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
 from cpdit.models.registry import family_of
+from cpdit.seeding import generator
 from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.job.media import write_video
@@ -87,7 +88,7 @@ def sample_videos(
         for k in mine:
             prompt = prompts[k if k is not None else 0]
             text = modules.encode([prompt])
-            gen = torch.Generator().manual_seed(cfg.sample.seed + 1000 * (k or 0))
+            gen = generator(cfg.sample.seed, "sample", k or 0)  # prompt k's noise, whichever rank draws it
             frames = 1 + (d.num_frames - 1) // first_stage.temporal_factor
             sf = first_stage.spatial_factor
             noise = torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)

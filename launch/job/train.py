@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from cpdit.seeding import derive_seed
 from launch.config import JobConfig, to_yaml
 from launch.distributed import distributed
 from launch.env import DistEnv
@@ -31,7 +32,7 @@ def train(cfg: JobConfig, env: DistEnv) -> int:
     stop = StopRequest(env.rank).install()  # before anything slow: a signal during start-up is honoured too
     try:
         with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
-            torch.manual_seed(cfg.train.seed)
+            torch.manual_seed(derive_seed(cfg.train.seed, "global"))  # for PyTorch's own draws; ours are named
             mesh = dims.build_mesh(device.type)
             result = _train(start_run(cfg, env, dims, mesh, device, stop))
             del mesh

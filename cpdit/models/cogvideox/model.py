@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable
 
 import torch
@@ -15,6 +14,7 @@ from cpdit.embeddings import PatchEmbed, TimestepMLP, rope_3d, sincos_3d, timest
 from cpdit.models.cogvideox.blocks import Block
 from cpdit.models.cogvideox.config import CogVideoXConfig
 from cpdit.models.patch import unpatchify
+from cpdit.seeding import param_generator
 from cpdit.sequence import LocalSequence, SequenceSeam
 
 
@@ -76,7 +76,7 @@ class CogVideoXDiT(nn.Module):
             return torch.zeros(shape, dtype=dtype)
         if len(shape) == 1:  # LayerNorm scale
             return torch.ones(shape, dtype=dtype)
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        gen = param_generator(seed, name)
         fan_in, fan_out = shape[1] * math.prod(shape[2:]), shape[0] * math.prod(shape[2:])
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen).to(dtype)
