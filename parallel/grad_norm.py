@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from parallel.comm import all_reduce
 
@@ -21,7 +21,12 @@ def global_grad_norm(params: list[torch.Tensor]) -> float:
         if g is None:
             continue
         if isinstance(g, DTensor):
-            sharded = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial())
+            if any(pl.is_partial() for pl in g.placements):  # squares of partial sums do not add up: sum first
+                g = g.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in g.placements])
+            # every placement but Replicate splits the elements over its mesh dim: Shard and also _StridedShard
+            # (FSDP2's dim-0 shard of a tensor TP already sharded on dim 0), which is not a Shard (`is_shard()`
+            # is False for it in torch 2.13)
+            sharded = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
             mesh = g.device_mesh  # keyed by its ranks: the same order on every rank and in every run
             key = (sharded, tuple(mesh.mesh_dim_names or ()), tuple(mesh.mesh.flatten().tolist()))
             entry = groups.setdefault(key, [mesh, sharded, 0.0])

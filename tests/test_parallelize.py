@@ -1,5 +1,6 @@
 # Whole-model parity: a parallelized CogVideoXDiT (dp x cp x tp, FSDP2) vs the single-process model in float64 —
-# outputs, every parameter gradient after one backward, and parameters after one AdamW step, on every rank.
+# outputs, every parameter gradient after one backward, the global gradient norm and clipping, and parameters after
+# one AdamW step, on every rank.
 import pytest
 import torch
 from distributed_helpers import run_ranks
@@ -8,6 +9,7 @@ from cpdit import CogVideoXConfig, CogVideoXDiT
 from cpdit.lora import add_lora
 from parallel.dims import ParallelDims
 from parallel.fsdp import reduce_gradients
+from parallel.grad_norm import clip_grad_norm, global_grad_norm
 from parallel.parallelize import materialize, parallelize
 from parallel.state import full_tensor, load_full_state_dict
 
@@ -81,6 +83,21 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
                                    msg=lambda m, name=name: f"{what} grad {name}: {m}")  # fmt: skip
     with torch.no_grad():  # the full output too (gather over cp), on every rank
         torch.testing.assert_close(model(x[mine], txt[mine], t[mine]), out_ref[mine].detach(), **F64)
+
+    # clipping to half the norm: the global norm over the shards is the reference's, the norm after is the clip,
+    # and every full gradient is the reference's as torch.nn.utils.clip_grad_norm_ scales it
+    params = [q for q in model.parameters() if q.requires_grad]
+    ref_params = [q for q in ref.parameters() if q.requires_grad]
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, float("inf")).item()
+    torch.nn.utils.clip_grad_norm_(ref_params, 0.5 * ref_norm)
+    got = clip_grad_norm(params, 0.5 * ref_norm)
+    assert got == pytest.approx(ref_norm, rel=1e-10), (what, got, ref_norm)
+    clipped = 0.5 * ref_norm * ref_norm / (ref_norm + 1e-6)  # torch's coefficient: max_norm / (norm + 1e-6)
+    assert global_grad_norm(params) == pytest.approx(clipped, rel=1e-9), what
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(full_tensor(p.grad), ref_grads[name], **F64,
+                                       msg=lambda m, name=name: f"{what} clipped grad {name}: {m}")  # fmt: skip
 
     # one AdamW step on both sides
     opt_ref = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=1e-2, weight_decay=0.1)

@@ -62,7 +62,8 @@ def test_accumulation_and_layouts_give_the_single_process_step(runs):
 def test_gradient_clipping_is_active_and_uses_the_global_norm(runs):
     _, m = runs
     assert all(m["single"][s]["grad_norm"] > 4 * CLIP for s in (1, 2, 3))  # every step was clipped
-    # (the norm's equality across FSDP x TP shards and the single process is asserted above, step by step)
+    # (the norm's equality across FSDP x TP shards and the single process is asserted above, step by step; what
+    # clipping does to the gradients, on every layout, in tests/test_parallelize.py against torch's clip_grad_norm_)
 
 
 def test_sharded_ema_equals_single_process_ema(runs):
