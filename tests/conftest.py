@@ -30,3 +30,23 @@ def fresh_pools_per_module():
     """Test ranks do not outlive their module: idle pools with a module's groups would tax every later test."""
     yield
     close_pools()
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """For bad input refused by `launch.cli.main` in this process: reaching torchrun's agent, the job itself or a
+    process group fails the test (the refusal must come before any of them, so nothing hangs or is written)."""
+    reached: list[str] = []
+
+    def refuse(what):
+        def reach(*args, **kwargs):
+            reached.append(what)
+            raise AssertionError(f"bad input reached {what}")
+
+        return reach
+
+    monkeypatch.setattr("launch.cli.run_torchrun", refuse("torchrun's agent"))
+    monkeypatch.setattr("launch.cli._run", refuse("the job"))
+    monkeypatch.setattr("torch.distributed.init_process_group", refuse("init_process_group"))
+    yield reached
+    assert not reached, reached

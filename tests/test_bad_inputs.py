@@ -2,7 +2,6 @@
 # given to `cpdit-launch` as a user would. Every one must be answered by exit code 2 within seconds, before any
 # process or process group exists, with a message naming the input (and, where there is one, the fix).
 # Bad files found only by the workers (corrupt checkpoints, videos) are in test_faults.py and test_data.py.
-import time
 
 import pytest
 
@@ -124,28 +123,23 @@ def tmp(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, argv, environ, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_fast_with_a_clear_message(name, argv, environ, message, tmp, capsys):
+def test_bad_input_is_refused_before_anything_starts(name, argv, environ, message, tmp, capsys, nothing_starts):
     argv = [a.replace("{tmp}", str(tmp)) for a in argv]
     environ = {k: v for k, v in environ.items() if v}
     flags = [a for i, a in enumerate(argv) if a.startswith("--") or (i and argv[i - 1].startswith("--"))]
     rest = argv[len(flags) :]  # launcher flags first, then key=value overrides and YAML files
-    t0 = time.monotonic()
     code = main([*flags, "train", *rest], environ=environ)
-    elapsed = time.monotonic() - t0
     err = capsys.readouterr().err
     assert code == 2, err
     assert message.replace("{tmp}", str(tmp)) in err, err
     assert err.startswith("cpdit-launch: error: ") and "Traceback" not in err
-    assert elapsed < 5
 
 
 def test_the_suite_is_large_enough():
     assert len(CASES) >= 75
 
 
-def test_sample_before_training_is_refused_by_the_launcher(tmp, capsys):
-    t0 = time.monotonic()
+def test_sample_before_training_is_refused_by_the_launcher(tmp, capsys, nothing_starts):
     code = main(["sample", f"train.output_dir={tmp}/never-trained"], environ={})
     err = capsys.readouterr().err
     assert code == 2 and "no complete checkpoint under" in err and "train first" in err, err
-    assert time.monotonic() - t0 < 5

@@ -190,7 +190,7 @@ def test_corrupt_checkpoint_is_skipped_or_refused(reference):
     data[len(data) // 2] ^= 0xFF  # one flipped bit pattern, same size
     shard.write_bytes(bytes(data))
     r = launch(tmp, "corrupt", *COMMON, "checkpoint.resume=" + str(dst / "step_00000006"), check=False)
-    assert r.returncode != 0 and "failed verification" in r.stdout + r.stderr
+    assert r.returncode == 1 and "failed verification" in r.stdout + r.stderr
     assert "sha256 differs" in r.stdout + r.stderr
     r = launch(tmp, "corrupt", *COMMON)  # auto: past the corrupt one to step 4
     assert "skipping corrupt checkpoint" in r.stderr
@@ -204,7 +204,7 @@ def test_incompatible_checkpoint_is_refused(reference):
     tmp = reference
     r = launch(tmp, "ref", *COMMON, "model.num_layers=3", "train.steps=10", check=False)
     out = r.stdout + r.stderr
-    assert r.returncode != 0 and "was written for another model (num_layers: checkpoint 2, this run 3)" in out
+    assert r.returncode == 1 and "was written for another model (num_layers: checkpoint 2, this run 3)" in out
     assert [p.name for p in complete_checkpoints(tmp / "ref" / "checkpoints")][-1] == "step_00000008"
 
 

@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -55,11 +54,9 @@ def test_cpdit_launch_starts_torchrun_with_the_knobs(tmp_path):
         (["selfcheck", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     ],
 )
-def test_bad_launch_fails_before_spawning(argv, message, capsys):
-    t0 = time.monotonic()
+def test_bad_launch_fails_before_spawning(argv, message, capsys, nothing_starts):
     assert main(argv, environ={}) == 2
     assert message in capsys.readouterr().err
-    assert time.monotonic() - t0 < 5
 
 
 def test_bad_environment_inside_launcher(capsys):

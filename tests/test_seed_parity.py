@@ -320,3 +320,15 @@ def test_phenaki_converter_refuses_what_it_cannot_load(phenaki):
     wrong = _Stack(1, context_dim=10, self_null_kv=2)  # null keys on the self-attention: not in the checkpoint
     with pytest.raises(SeedKeyError, match=r"missing \['blocks.0.attn.null_kv'\]"):
         load_strict(wrong, phenaki_transformer_to_cpdit(state))
+
+
+def test_missing_seeds_fail_under_ci_and_skip_elsewhere(monkeypatch, tmp_path):
+    import seed_modules
+
+    monkeypatch.setattr(seed_modules, "SEEDS", tmp_path)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        seed_modules.seed_file("001.txt")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="beside the project checkout"):
+        seed_modules.seed_file("001.txt")

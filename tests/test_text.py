@@ -2,6 +2,7 @@
 # written here, so nothing is downloaded), with its on-disk embedding cache.
 import pytest
 import torch
+from safetensors.torch import save_file
 from t5_helpers import make_tiny_t5
 
 from cpdit.text import HashedTextEncoder, T5TextEncoder, hash_tokens
@@ -33,6 +34,10 @@ def test_t5_local_with_cache(t5_dir, tmp_path):
     assert len(list(cache.glob("*.safetensors"))) == 2
     again = T5TextEncoder(str(t5_dir), max_length=12, cache_dir=str(cache))(["a blue square"])
     torch.testing.assert_close(again[0], out[1])
+    # the cache is read, not recomputed: a planted entry comes back as it was written
+    enc = T5TextEncoder(str(t5_dir), max_length=12, cache_dir=str(cache))
+    save_file({"embedding": torch.full((12, 16), 7.0)}, str(cache / f"{enc._key('a blue square')}.safetensors"))
+    assert torch.equal(enc(["a blue square"])[0], torch.full((12, 16), 7.0))
 
 
 def test_t5_missing_directory(tmp_path):

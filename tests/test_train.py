@@ -3,6 +3,7 @@
 import shutil
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 from job_helpers import launch as launch_job
@@ -10,7 +11,10 @@ from job_helpers import losses
 from safetensors.torch import load_file
 from t5_helpers import make_tiny_t5
 
+from cpdit.text import T5TextEncoder
+from launch.config import load_config
 from launch.job.checkpoint import complete_checkpoints, find_resume
+from launch.job.data import build_dataset
 
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 
@@ -63,7 +67,7 @@ def test_run_directory(uninterrupted):
 def test_crash_during_save_then_resume_equals_uninterrupted(uninterrupted):
     tmp = uninterrupted
     r = launch(tmp, "b", "debug.fail_save_at_step=4", check=False)
-    assert r.returncode != 0
+    assert r.returncode == 1, r.stderr[-3000:]
     ckpts = tmp / "b" / "checkpoints"
     assert (ckpts / "step_00000004.tmp").is_dir()  # the interrupted save is left incomplete...
     assert find_resume(ckpts, "auto").name == "step_00000002"  # ...and the previous one is what resumes
@@ -79,7 +83,7 @@ def test_crash_during_save_then_resume_equals_uninterrupted(uninterrupted):
 def test_worker_failure_then_resume(uninterrupted):
     tmp = uninterrupted
     r = launch(tmp, "c", "debug.fail_at_step=3", "debug.fail_rank=2", check=False)
-    assert r.returncode != 0 and "injected failure at step 3 on rank 2" in r.stdout + r.stderr
+    assert r.returncode == 1 and "injected failure at step 3 on rank 2" in r.stdout + r.stderr
     last = r.stderr.strip().splitlines()[-1]  # the launcher's summary names the root cause, not a peer's gloo error
     assert last.startswith("cpdit-launch: the job failed: rank 2 raised RuntimeError: injected failure at step 3"), last
     launch(tmp, "c")
@@ -105,17 +109,26 @@ def test_sample_job_loads_the_last_checkpoint(uninterrupted):
     assert sorted(p.name for p in out.glob("*.mp4")) == ["000_a_blue_square_moving_down.mp4",
                                                          "001_a_green_circle_moving_up.mp4"]  # fmt: skip
     assert "cpdit sample: wrote" in r.stdout
-    assert torch.is_tensor(torch.from_numpy(imageio.mimread(str(next(out.glob("*.mp4"))))[0]))
+    d = load_config(uninterrupted / "a" / "config.yaml").data
+    for video in out.glob("*.mp4"):  # the configured clip, every frame, and not a constant picture
+        frames = np.stack(imageio.mimread(str(video)))
+        scale = -(-128 // max(d.height, d.width))  # launch/job/media.py upscales small clips to 128 pixels
+        assert frames.shape == (d.num_frames, d.height * scale, d.width * scale, 3), (video.name, frames.shape)
+        assert frames.std() > 1, video.name
 
 
 def test_t5_text_encoder_job(tmp_path):
     pytest.importorskip("transformers")
     make_tiny_t5(tmp_path / "t5")
-    launch(tmp_path, "t5", "train.steps=2", "text.encoder=t5", f"text.path={tmp_path / 't5'}",
+    # 2 steps of 2 clips (dp=1) over 4 clips: every clip's caption is encoded once, through the cache
+    launch(tmp_path, "t5", "train.steps=2", "text.encoder=t5", f"text.path={tmp_path / 't5'}", "data.num_samples=4",
            f"text.cache_dir={tmp_path / 'cache'}", "model.text_embed_dim=16", "train.text_max_length=12")  # fmt: skip
     by_step, _ = losses(tmp_path / "t5")
     assert sorted(by_step) == [1, 2]
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) > 0
+    cfg = load_config(tmp_path / "t5" / "config.yaml")
+    captions = {build_dataset(cfg, cfg.train.seed)[i][1] for i in range(4)}
+    keys = {T5TextEncoder(str(tmp_path / "t5"), max_length=12)._key(c) for c in captions}
+    assert {f.stem for f in (tmp_path / "cache").glob("*.safetensors")} == keys
 
 
 def test_lora_finetune_from_diffusers_export(uninterrupted):
@@ -140,7 +153,7 @@ def test_a_failing_final_step_loses_nothing(tmp_path):
     (run / "loss.png").mkdir(parents=True)
     r = launch(tmp_path, "pf", "train.steps=2", "sample.at_end=true", "train.export=true", "sample.num_steps=2",
                "sample.prompts=[a red circle moving left]", "debug.nan_at_step=null", check=False)  # fmt: skip
-    assert r.returncode != 0
+    assert r.returncode == 1, r.stderr[-3000:]
     assert "ERROR in loss plot" in r.stderr and "1 of the final steps" in r.stderr
     assert [p.name for p in complete_checkpoints(run / "checkpoints")][-1] == "step_00000002"
     assert list((run / "samples").glob("*.mp4")) and (run / "export" / "model.safetensors").is_file()
@@ -163,6 +176,6 @@ def test_a_tampered_checkpoint_is_refused_and_runs_nothing(uninterrupted, tmp_pa
              for p in bad.iterdir() if p.name not in ("manifest.json", "meta.json")}  # fmt: skip
     (bad / "manifest.json").write_text(json.dumps({"files": files}))
     r = launch(uninterrupted, "tampered", f"checkpoint.resume={bad}", check=False)
-    assert r.returncode != 0
+    assert r.returncode == 1, r.stderr[-3000:]
     assert "cpdit unpickles DCP's metadata classes only" in r.stderr and str(bad / ".metadata") in r.stderr
     assert not marker.exists()

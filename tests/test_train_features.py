@@ -7,13 +7,13 @@
 #   bf16 autocast           finite and close to fp32 on the same batch
 #   keep_last               only the newest checkpoints stay
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from job_helpers import launch, losses
 from safetensors.torch import load_file
+from seed_modules import seed_file
 
 from launch.job.checkpoint import complete_checkpoints
 from launch.job.ema import ema_update
@@ -21,7 +21,6 @@ from launch.job.step import lr_multiplier
 
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 CLIP = 0.05
 COMMON = ["train.steps=3", "data.num_samples=16", "sample.at_end=false", "train.export=true", "checkpoint.every=1",
           "checkpoint.keep_last=2", "optim.warmup_steps=2", "optim.start_lr_ratio=0.5", f"optim.grad_clip={CLIP}",
@@ -87,9 +86,7 @@ def test_ema_update_formula():
 
 def _sat_scheduler():
     """SAT's LambdaWarmUpCosineScheduler, executed from the seed text (never copied into the project)."""
-    path = SEEDS / "003_5b1f6c5b36c6911c.txt"
-    if not path.is_file():
-        pytest.skip(f"the seed sources are not at {SEEDS} (they sit beside the project checkout)")
+    path = seed_file("003_5b1f6c5b36c6911c.txt")
     text = path.read_text()
     start = text.index("class LambdaWarmUpCosineScheduler:")
     end = text.index("class LambdaWarmUpCosineScheduler2")
