@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cpdit.safe_paths import inside
+
 
 def _find_dir(path: Path, subfolder: str) -> Path:
     if (path / "config.json").is_file():
@@ -31,6 +33,8 @@ def weight_files(path: str | Path, subfolder: str = "transformer") -> tuple[dict
         files = [d / s for s in shards]
     else:
         files = sorted(d.glob("*.safetensors"))
+    for f in [d / "config.json", *index[:1], *files]:  # no symlink, nothing that resolves outside the directory
+        inside(d, f.name)
     if not files:
         raise FileNotFoundError(f"{d}: no *.safetensors weights (cpdit never unpickles .bin/.pt checkpoints)")
     return config, files

@@ -133,3 +133,46 @@ def test_pretrained_shards_are_safetensors_files_inside_the_directory(tmp_path, 
     with pytest.raises(ValueError, match=r"are not \*\.safetensors files inside"):
         load_diffusers_state_dict(d)
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("which", ["shard", ".metadata"])
+def test_a_symlinked_checkpoint_file_is_refused(tmp_path, which):
+    """A name that passes as a file inside the checkpoint but is a symlink to a file elsewhere: DCP follows it
+    (the control), cpdit refuses it, in the load and in the manifest check before it."""
+    from launch.job.ckpt_files import merge_manifest, verify_files, write_manifest_part
+
+    ckpt = save(tmp_path / "ckpt", {"t": torch.arange(4.0)})
+    write_manifest_part(ckpt, 0)
+    merge_manifest(ckpt, 1)
+    assert verify_files(ckpt, 0, 1) == []
+    name = ".metadata" if which == ".metadata" else next(p.name for p in ckpt.glob("*.distcp"))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(ckpt / name, outside / name)
+    (ckpt / name).symlink_to(outside / name)
+    state = {"t": torch.zeros(4)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)))  # control: DCP reads through the link
+    assert torch.equal(state["t"], torch.arange(4.0))
+    msg = refused(lambda: safe_load(ckpt, {"t": torch.zeros(4)}))
+    assert "is a symlink" in msg and str(ckpt / name) in msg
+    assert any("is a symlink" in p for p in verify_files(ckpt, 0, 1))
+
+
+@pytest.mark.parametrize("which", ["weights", "config.json"])
+def test_a_symlinked_pretrained_file_is_refused(tmp_path, which):
+    from safetensors.torch import save_file
+
+    from cpdit.diffusers_io import load_diffusers_state_dict
+    from cpdit.safe_paths import OutsideDirectory
+
+    d, elsewhere = tmp_path / "pretrained", tmp_path / "elsewhere"
+    d.mkdir()
+    elsewhere.mkdir()
+    (d / "config.json").write_text("{}")
+    save_file({"w": torch.ones(1)}, str(d / "diffusion_pytorch_model.safetensors"))
+    assert load_diffusers_state_dict(d)[1]["w"].item() == 1.0  # control: the plain directory loads
+    name = "config.json" if which == "config.json" else "diffusion_pytorch_model.safetensors"
+    shutil.move(d / name, elsewhere / name)
+    (d / name).symlink_to(elsewhere / name)
+    with pytest.raises(OutsideDirectory, match="is a symlink"):
+        load_diffusers_state_dict(d)

@@ -17,6 +17,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
+from cpdit.safe_paths import OutsideDirectory, inside
+
 MANIFEST = "manifest.json"
 META = "meta.json"
 _PART = ".manifest.rank{}.json"
@@ -61,6 +63,11 @@ def verify_files(directory: Path, rank: int, world_size: int) -> list[str]:
     problems = []
     for i, (name, want) in enumerate(sorted(files.items())):
         path = directory / name
+        try:
+            inside(directory, name)  # before anything follows it: a symlink, or a name that leaves the directory
+        except OutsideDirectory as err:
+            problems.append(str(err))
+            continue
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != want["size"]:
@@ -114,6 +121,10 @@ def read_metadata(directory: Path) -> Metadata:
     `directory`. Raises CheckpointRefused naming the file."""
     path = directory / ".metadata"
     try:
+        inside(directory, ".metadata")
+    except OutsideDirectory as err:
+        raise CheckpointRefused(str(err)) from None
+    try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as err:
@@ -127,6 +138,10 @@ def read_metadata(directory: Path) -> Metadata:
                 f"{path}: {getattr(index, 'fqn', index)!r} is stored at {rel!r}, which is not a file name inside "
                 f"{directory}; cpdit reads nothing outside the checkpoint directory"
             )
+        try:
+            inside(directory, rel)  # a plain name can still be a symlink to a file anywhere
+        except OutsideDirectory as err:
+            raise CheckpointRefused(f"{path}: {getattr(index, 'fqn', index)!r}: {err}") from None
     return metadata
 
 
