@@ -1,5 +1,5 @@
 # cpdit: single-device model and diffusion code (no torch.distributed here; parallel/ applies parallelism).
-from cpdit.models.cogvideox.config import PRESETS, CogVideoXConfig
-from cpdit.models.cogvideox.model import CogVideoXDiT
+from cpdit.models.cogvideox.config import PRESETS, CogVideoXConfig, CPDiTConfig
+from cpdit.models.cogvideox.model import CogVideoXDiT, CPDiT
 
-__all__ = ["CogVideoXDiT", "CogVideoXConfig", "PRESETS"]
+__all__ = ["CogVideoXDiT", "CogVideoXConfig", "PRESETS", "CPDiT", "CPDiTConfig"]

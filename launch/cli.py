@@ -13,7 +13,7 @@ from launch.config import ConfigError, JobConfig, load_config
 from launch.env import LaunchEnvError, resolve_dist_env
 from launch.lifeline import die_with_parent, exit_now
 from launch.preflight import preflight
-from parallel.dims import ParallelDims, TopologyError
+from parallel.dims import TopologyError
 
 COMMANDS = ("train", "sample", "selfcheck")
 
@@ -90,11 +90,6 @@ def node_range(nnodes: str) -> tuple[int, int]:
     if not 1 <= bounds[0] <= bounds[1]:
         raise ConfigError(f"--nnodes={nnodes!r}: need 1 <= MIN <= MAX")
     return bounds
-
-
-def dims_for(cfg: JobConfig, world_size: int) -> ParallelDims:
-    p = cfg.parallel
-    return ParallelDims(world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
 
 
 def torchrun_command(

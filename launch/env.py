@@ -31,10 +31,6 @@ class DistEnv:
     node_rank: int = 0
     num_nodes: int = 1
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def _int(environ: Mapping[str, str], name: str) -> int:
     raw = environ[name]

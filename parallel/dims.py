@@ -107,31 +107,12 @@ class ParallelDims:
             return out
         raise KeyError(f"unknown mesh dim {dim!r}; known: {MESH_DIMS + tuple(FLAT_DIMS)}")
 
-    # ---- what is enabled -------------------------------------------------------------------------
-    @property
-    def cp_enabled(self) -> bool:
-        return self.cp_size > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.model_parallel_size > 1
-
-    @property
-    def ulysses_enabled(self) -> bool:
-        return self.ulysses_size > 1
-
-    @property
-    def ring_enabled(self) -> bool:
-        return self.ring_size > 1
-
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
-    def fsdp_enabled(self) -> bool:
-        """FSDP shards over dp_shard x cp (cp ranks hold identical parameters)."""
-        return self.size("dp_shard_cp") > 1
+    @classmethod
+    def from_config(cls, parallel, world_size: int) -> ParallelDims:
+        """The degrees a job's `parallel:` section (launch/config.py ParallelConfig, or anything with its fields)
+        asks for on `world_size` ranks: the one place a config becomes a ParallelDims."""
+        p = parallel
+        return cls(world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
 
     # ---- coordinates (pure) ----------------------------------------------------------------------
     def coords(self, rank: int) -> dict[str, int]:

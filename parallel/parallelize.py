@@ -47,9 +47,9 @@ def parallelize(
     """
     if activation_checkpointing not in AC_MODES:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r} is not one of {list(AC_MODES)}")
-    if dims.tp_enabled:
+    if dims.model_parallel_size > 1:
         apply_tensor_parallel(model, mesh["tp"], dict(family_of(model).tp_plan))
-    if dims.cp_enabled:
+    if dims.cp_size > 1:
         model.sequence = ContextParallelSequence(mesh.cp_mesh(), attention, layout, causal, head_chunks)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:

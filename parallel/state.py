@@ -35,7 +35,3 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly sharded) parameter or gradient; a collective for DTensors."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: full_tensor(p.detach()) for name, p in model.named_parameters()}

@@ -42,10 +42,6 @@ class CPTime:
         if len(self.counts) != self.size or min(self.counts) < 1:
             raise ValueError(f"frame counts {self.counts} must give each of the {self.size} ranks at least one frame")
 
-    @classmethod
-    def for_pixels(cls, group, latent_counts: list[int], temporal_ratio: int) -> CPTime:
-        return cls(group, pixel_partition(latent_counts, temporal_ratio))
-
     @property
     def total(self) -> int:
         return sum(self.counts)

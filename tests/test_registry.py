@@ -145,3 +145,11 @@ def test_every_random_initial_tensor_is_distinct(name):
         seen[key] = param_name
     blocks = sum(1 for n, _ in model.named_parameters() if n.startswith("blocks.41."))
     assert blocks and random > 42  # the depth took: the last block exists and its matrices were compared
+
+
+def test_former_names_are_aliases():
+    """README: `CPDiT` and `CPDiTConfig` are kept as aliases of the CogVideoX family's classes."""
+    import cpdit
+    from cpdit import CogVideoXConfig, CogVideoXDiT, CPDiT, CPDiTConfig
+
+    assert CPDiT is CogVideoXDiT and CPDiTConfig is CogVideoXConfig and "CPDiT" in cpdit.__all__

@@ -121,7 +121,7 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
     from launch.job.ema import new_ema
 
     p = cfg.parallel
-    dims = ParallelDims(env.world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
+    dims = ParallelDims.from_config(p, env.world_size)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     wanted = cfg.sample.checkpoint or "auto"
     if checkpoint.find_resume(run_dir / "checkpoints", wanted) is None:  # before any process group exists

@@ -28,7 +28,7 @@ from parallel.progress import PROGRESS
 
 def train(cfg: JobConfig, env: DistEnv) -> int:
     p = cfg.parallel
-    dims = ParallelDims(env.world_size, p.cp_size, p.model_parallel_size, p.ulysses_size, p.dp_replicate)
+    dims = ParallelDims.from_config(p, env.world_size)
     stop = StopRequest(env.rank).install()  # before anything slow: a signal during start-up is honoured too
     try:
         with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
