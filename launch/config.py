@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from parallel.attention import STRATEGIES
 from parallel.dims import TopologyError, validate_degrees
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -313,7 +314,7 @@ class JobConfig:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "parallel.attention": ("auto", "ring", "ulysses", "usp", "allgather"),
+    "parallel.attention": STRATEGIES,
     "parallel.layout": ("contiguous", "zigzag"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "data.dataset": ("synthetic", "folder"),

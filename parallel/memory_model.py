@@ -201,12 +201,12 @@ def _ring_buffers(cfg, work: Workload, dims: ParallelDims) -> int:
     passed on (backward) for one chunk of heads (parallel/attention: 8 passes for large blocks, else 1)."""
     if dims.ring_size == 1:
         return 0
-    from parallel.attention import CHUNK_ABOVE_BYTES, DEFAULT_RING_HEAD_CHUNKS
+    from parallel.attention import head_chunks_for
 
     heads = cfg.num_attention_heads // dims.tp // dims.ulysses_size
     tokens = work.text_len + _local_frames(work, dims) * dims.ulysses_size * _tokens_per_frame(cfg, work)
     kv = 2 * work.batch * heads * tokens * cfg.attention_head_dim * FP32
-    chunks = min(DEFAULT_RING_HEAD_CHUNKS, heads) if kv >= CHUNK_ABOVE_BYTES else 1
+    chunks = min(head_chunks_for(kv), heads)
     return 2 * kv // chunks
 
 

@@ -34,10 +34,15 @@ DEFAULT_RING_HEAD_CHUNKS = 8
 CHUNK_ABOVE_BYTES = 4 << 20
 
 
+def head_chunks_for(kv_bytes: int) -> int:
+    """The rule, the only one (parallel/memory_model.py predicts with it): ring passes when `head_chunks` is not
+    given, DEFAULT_RING_HEAD_CHUNKS for K + V blocks of at least CHUNK_ABOVE_BYTES, else 1."""
+    return DEFAULT_RING_HEAD_CHUNKS if kv_bytes >= CHUNK_ABOVE_BYTES else 1
+
+
 def default_head_chunks(k: torch.Tensor) -> int:
-    """Ring passes when `head_chunks` is not given: DEFAULT_RING_HEAD_CHUNKS for K/V blocks of at least
-    CHUNK_ABOVE_BYTES (K + V), else 1."""
-    return DEFAULT_RING_HEAD_CHUNKS if 2 * k.numel() * k.element_size() >= CHUNK_ABOVE_BYTES else 1
+    """`head_chunks_for` the K + V blocks of `k`'s shape and dtype."""
+    return head_chunks_for(2 * k.numel() * k.element_size())
 
 
 BIAS_BLOCK_BYTES = 32 << 20  # default bound of one kernel call's bias block (and of its probabilities' recompute)
