@@ -107,6 +107,12 @@ class ParallelDims:
             return out
         raise KeyError(f"unknown mesh dim {dim!r}; known: {MESH_DIMS + tuple(FLAT_DIMS)}")
 
+    def is_writer(self, rank: int) -> bool:
+        """The rule, the only one: the rank of each data-parallel replica that writes what the replica shares
+        (its samples, its files): cp rank 0 and tp rank 0."""
+        coords = self.coords(rank)
+        return coords["cp"] == 0 and coords["tp"] == 0
+
     @classmethod
     def from_config(cls, parallel, world_size: int) -> ParallelDims:
         """The degrees a job's `parallel:` section (launch/config.py ParallelConfig, or anything with its fields)

@@ -124,9 +124,8 @@ class Parallelized:
         return getattr(self.first_stage, "group", None)
 
     def is_writer(self, rank: int) -> bool:
-        """One rank per replica writes what the replica shares (cp rank 0, tp rank 0)."""
-        coords = self.dims.coords(rank)
-        return coords["cp"] == 0 and coords["tp"] == 0
+        """ParallelDims.is_writer: one rank per replica writes what the replica shares."""
+        return self.dims.is_writer(rank)
 
 
 def parallelize_job(

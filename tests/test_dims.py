@@ -91,3 +91,9 @@ def _mesh_worker(rank, world, layouts):
 @pytest.mark.parametrize("world", [1, 2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_mesh_groups(tmp_path, world):
     run_ranks(_mesh_worker, world, tmp_path, LAYOUTS[world])
+
+
+def test_one_writer_per_replica():
+    d = ParallelDims(16, cp_size=4, model_parallel_size=2)  # dp = 2
+    writers = [r for r in range(16) if d.is_writer(r)]
+    assert writers == [0, 8] and sorted(d.dp_rank(r) for r in writers) == [0, 1]

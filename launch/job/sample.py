@@ -75,8 +75,7 @@ def sample_videos(
     mine = list(range(dp_rank, len(prompts), dp))
     per_rank = -(-len(prompts) // dp)  # every replica runs the same number of forwards (FSDP collectives)
     mine = mine + [None] * (per_rank - len(mine))
-    coords = dims.coords(env.rank)
-    writer = coords["cp"] == 0 and coords["tp"] == 0
+    writer = dims.is_writer(env.rank)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
     first_stage = modules.parallel.first_stage
     d, c = cfg.data, modules.dit.config
