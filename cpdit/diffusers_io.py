@@ -23,18 +23,17 @@ def weight_files(path: str | Path, subfolder: str = "transformer") -> tuple[dict
     """(config dict, the safetensors files to read) of a diffusers model or pipeline directory, without reading
     the weights; refuses pickle-only directories and index shards outside the directory."""
     d = _find_dir(Path(path), subfolder)
-    config = json.loads((d / "config.json").read_text())
+    config = json.loads(inside(d, "config.json").read_text())  # no symlink, nothing resolving outside d
     index = sorted(d.glob("*.safetensors.index.json"))
     if index:
-        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        shards = sorted(set(json.loads(inside(d, index[0].name).read_text())["weight_map"].values()))
         outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
         if outside:  # plain safetensors file names inside the directory, nothing else
             raise ValueError(f"{index[0]}: shards {outside} are not *.safetensors files inside {d}; refused")
         files = [d / s for s in shards]
     else:
         files = sorted(d.glob("*.safetensors"))
-    for f in [d / "config.json", *index[:1], *files]:  # no symlink, nothing that resolves outside the directory
-        inside(d, f.name)
+    files = [inside(d, f.name) for f in files]
     if not files:
         raise FileNotFoundError(f"{d}: no *.safetensors weights (cpdit never unpickles .bin/.pt checkpoints)")
     return config, files

@@ -192,8 +192,7 @@ def _check_files(cfg: JobConfig, command: str) -> None:
 
 def preflight(cfg: JobConfig, world_size: int, command: str = "train") -> ParallelDims:
     """Raise ConfigError/TopologyError for anything that would fail later; return the validated topology."""
-    p = cfg.parallel
-    dims = ParallelDims.from_config(p, world_size)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
     if command in ("train", "sample"):
         _check_shapes(cfg, dims)
         _check_files(cfg, command)

@@ -35,8 +35,7 @@ def check_mesh_groups(dims: ParallelDims, mesh, rank: int) -> dict[str, int]:
 
 
 def selfcheck(cfg: JobConfig, env: DistEnv) -> int:
-    p = cfg.parallel
-    dims = ParallelDims.from_config(p, env.world_size)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size)
     with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
         mesh = dims.build_mesh(device.type)
         sizes = check_mesh_groups(dims, mesh, env.rank)

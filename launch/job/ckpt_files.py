@@ -62,9 +62,8 @@ def verify_files(directory: Path, rank: int, world_size: int) -> list[str]:
         return [f"{directory / MANIFEST}: missing or unreadable ({err})"]
     problems = []
     for i, (name, want) in enumerate(sorted(files.items())):
-        path = directory / name
         try:
-            inside(directory, name)  # before anything follows it: a symlink, or a name that leaves the directory
+            path = inside(directory, name)  # before anything follows it: a symlink, or a name that leaves the directory
         except OutsideDirectory as err:
             problems.append(str(err))
             continue

@@ -119,8 +119,7 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
     from launch.job.build import architecture, build
     from launch.job.ema import new_ema
 
-    p = cfg.parallel
-    dims = ParallelDims.from_config(p, env.world_size)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     wanted = cfg.sample.checkpoint or "auto"
     if checkpoint.find_resume(run_dir / "checkpoints", wanted) is None:  # before any process group exists

@@ -27,8 +27,7 @@ from parallel.progress import PROGRESS
 
 
 def train(cfg: JobConfig, env: DistEnv) -> int:
-    p = cfg.parallel
-    dims = ParallelDims.from_config(p, env.world_size)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size)
     stop = StopRequest(env.rank).install()  # before anything slow: a signal during start-up is honoured too
     try:
         with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
