@@ -24,10 +24,10 @@ class BoundSequence(Protocol):
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of shard_frames (autograd-aware)."""
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   bias: AttentionBias | None = None, scale: float | None = None) -> torch.Tensor:  # fmt: skip
         """Attention over the joint sequence; q, k, v (B, H, L + T_local * tpf, D) -> same shape. `causal`: frame-
-        causal (None: the context's default); `bias`: additive biases/masks on global positions; `scale`: softmax
+        causal; `bias`: additive biases/masks on global positions; `scale`: softmax
         scale (None: D ** -0.5)."""
 
     def windows(self, x: torch.Tensor, before: int, after: int) -> list[torch.Tensor]:
@@ -61,7 +61,7 @@ class _LocalBound:
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x
 
-    def attention(self, q, k, v, *, causal: bool | None = None, bias: AttentionBias | None = None,
+    def attention(self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None,
                   scale: float | None = None) -> torch.Tensor:  # fmt: skip
         if not causal and bias is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)

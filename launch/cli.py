@@ -143,13 +143,13 @@ def run_job(command: str, cfg: JobConfig, environ: Mapping[str, str]) -> int:
 
 def _run(command: str, cfg: JobConfig, env) -> int:
     if command == "train":
-        from launch.jobs import train_entry
+        from launch.job.train import train
 
-        return train_entry(cfg, env)
+        return train(cfg, env)
     if command == "sample":
-        from launch.jobs import sample_entry
+        from launch.job.sample import sample_job
 
-        return sample_entry(cfg, env)
+        return sample_job(cfg, env)
     from launch.selfcheck import selfcheck
 
     return selfcheck(cfg, env)

@@ -43,10 +43,9 @@ class _CPBound:
             self._windows[key] = FrameWindows(f.segments, f.cp_rank, f.cp_group, before, after)
         return self._windows[key](x)
 
-    def attention(self, q, k, v, *, causal: bool | None = None, bias: AttentionBias | None = None,
+    def attention(self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None,
                   scale: float | None = None) -> torch.Tensor:  # fmt: skip
         o = self.owner
-        causal = o.causal if causal is None else causal
         return context_parallel_attention(q, k, v, self.tokens, causal=causal, strategy=o.strategy, scale=scale,
                                           head_chunks=o.head_chunks, bias=bias)  # fmt: skip
 
@@ -58,7 +57,6 @@ class ContextParallelSequence:
         cp_mesh: `ParallelMesh.cp_mesh()`.
         strategy: attention strategy (auto, ring, ulysses, usp, allgather).
         layout: contiguous or zigzag frames per rank.
-        causal: frame-causal attention.
         head_chunks: ring passes per attention call (None: the default of parallel.attention).
     """
 
@@ -67,11 +65,10 @@ class ContextParallelSequence:
         cp_mesh: DeviceMesh,
         strategy: str = "auto",
         layout: str = "contiguous",
-        causal: bool = False,
         head_chunks: int | None = None,
     ):
         self.cp_mesh, self.strategy, self.layout = cp_mesh, strategy, layout
-        self.causal, self.head_chunks = causal, head_chunks
+        self.head_chunks = head_chunks
         self._plans: dict[tuple[int, int, int], _CPBound] = {}
 
     def bind(self, num_frames: int, tokens_per_frame: int, text_len: int) -> _CPBound:

@@ -33,7 +33,6 @@ def parallelize(
     compile: bool = False,
     attention: str = "auto",
     layout: str = "contiguous",
-    causal: bool = False,
     head_chunks: int | None = None,
 ) -> nn.Module:
     """Apply every parallelism of `dims` to a model of a registered family (built on the meta device or
@@ -50,7 +49,7 @@ def parallelize(
     if dims.model_parallel_size > 1:
         apply_tensor_parallel(model, mesh["tp"], dict(family_of(model).tp_plan))
     if dims.cp_size > 1:
-        model.sequence = ContextParallelSequence(mesh.cp_mesh(), attention, layout, causal, head_chunks)
+        model.sequence = ContextParallelSequence(mesh.cp_mesh(), attention, layout, head_chunks)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         for block in model.blocks:

@@ -56,7 +56,6 @@ class ModelFamily:
     """cpdit/lora.py adapters on the attention projections of every block (`blocks.*.attn.to_{q,k,v,out}`)."""
     diffusers: DiffusersFormat | None = None
     """None: no diffusers counterpart (no `model.pretrained`, the export writes cpdit's safetensors only)."""
-    summary: str = ""
 
     def config(self, preset: str, overrides: Mapping[str, Any]):
         from cpdit.models.preset import from_preset

@@ -32,7 +32,6 @@ FAMILY = ModelFamily(
         convert.state_dict_from_diffusers,
         convert.state_dict_to_diffusers,
     ),
-    summary="full 3D attention over [text | frames], adaLN-zero, sincos or 3D RoPE positions",
 )
 
 __all__ = ["FAMILY", "PRESETS", "CogVideoXConfig", "CogVideoXDiT", "CPDiT", "CPDiTConfig"]

@@ -33,7 +33,6 @@ FAMILY = ModelFamily(
         "use_spatial_context",
         "disable_temporal_crossattention",
     ),  # fmt: skip
-    summary="spatial attention per frame + temporal attention per token (sgm's SpatialVideoTransformer)",
 )
 
 __all__ = ["FAMILY", "FACTORIZED_PRESETS", "FactorizedDiT", "FactorizedDiTConfig"]

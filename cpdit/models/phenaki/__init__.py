@@ -21,7 +21,6 @@ FAMILY = ModelFamily(
     presets=PHENAKI_PRESETS,
     tp_plan={"": "heads", **{f"blocks.*.{layer}": style for layer, style in _LAYERS.items()}},
     frame_causal=lambda config: config.frame_causal,
-    summary="frame-causal attention with ALiBi, continuous position bias, null keys, PEG (phenaki-pytorch)",
 )
 
 __all__ = ["FAMILY", "PHENAKI_PRESETS", "PhenakiDiT", "PhenakiDiTConfig"]
