@@ -8,9 +8,15 @@ from typing import Protocol
 import torch
 
 
+def latent_frames(frames: int, temporal_factor: int) -> int:
+    """Pixel frames -> latent frames: CogVideoX's rule, 1 + (F - 1) / temporal_factor (49 -> 13 at 4); the identity at
+    factor 1. Whether the frames round-trip through a VAE is its config's check (cpdit/vae/config.py)."""
+    return 1 + (frames - 1) // temporal_factor
+
+
 class FirstStage(Protocol):
     latent_channels: int
-    temporal_factor: int  # pixel frames -> latent frames: 1 + (F - 1) / temporal_factor
+    temporal_factor: int  # pixel frames -> latent frames: latent_frames(F, temporal_factor)
     spatial_factor: int
 
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

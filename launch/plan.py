@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from cpdit.first_stage import latent_frames
 from cpdit.models.registry import family_of
 from launch.config import ConfigError, JobConfig, load_config
 from parallel.dims import ParallelDims, TopologyError
@@ -50,7 +51,7 @@ def workload(cfg: JobConfig) -> tuple[object, Workload]:
             f"[text | frames]); the {family.title} family's step is not simulated yet"
         )
     d = cfg.data
-    frames = 1 + (d.num_frames - 1) // tf
+    frames = latent_frames(d.num_frames, tf)
     return m, Workload(frames, d.height // sf, d.width // sf, cfg.train.text_max_length, d.batch_size)
 
 

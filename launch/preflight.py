@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cpdit.first_stage import latent_frames
 from launch.config import ConfigError, JobConfig
 from parallel.dims import ParallelDims
 
@@ -47,7 +48,7 @@ def checked_first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, i
         good = ", ".join(str(1 + 2 * r * k) for k in range(1, 7))
         why = "does not fit the VAE's frame rule:"
         if (F - 1) % r == 0:
-            latents = 1 + (F - 1) // r
+            latents = latent_frames(F, r)
             why = f"encodes to {latents} latent frames, an even count that decodes to {r * latents} frames, not {F}:"
         raise ConfigError(f"data.num_frames={F} {why} use 1 + {2 * r}k frames ({good}, ...)")
     return c.latent_channels, r, c.spatial_factor
@@ -71,10 +72,10 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
                     f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
         _check_family(cfg, m, dims.tp)
-    latent_frames = 1 + (d.num_frames - 1) // tf
-    if latent_frames < p.cp_size:
+    latents = latent_frames(d.num_frames, tf)
+    if latents < p.cp_size:
         raise ConfigError(
-            f"data.num_frames={d.num_frames} ({latent_frames} latent frames) < parallel.cp_size={p.cp_size}: every "
+            f"data.num_frames={d.num_frames} ({latents} latent frames) < parallel.cp_size={p.cp_size}: every "
             "context-parallel rank needs at least one frame; lower parallel.cp_size or raise data.num_frames"
         )
     if d.dataset == "synthetic" and d.num_samples < d.batch_size * dims.dp:

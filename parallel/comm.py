@@ -94,6 +94,16 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str, op=d
     return t
 
 
+def agree(values: list[int], op: str, what: str, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Collective: how the ranks of `group` (None: the default group) agree on small integers - flags and counts -
+    elementwise over the ranks: op "max" (any rank's flag, the largest count) or "min" (every rank's flag). Traced
+    as `what`, so a rank that never arrives is named by the hang watchdog."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    all_reduce(t, group, what, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.tolist()
+
+
 def all_gather_equal(t: torch.Tensor, group: dist.ProcessGroup, what: str) -> list[torch.Tensor]:
     """Every member's tensor of the same shape (gloo's list all_gather needs equal shapes: pad first). Bytes: a ring
     all-gather sends (n-1) copies of the local tensor per rank."""

@@ -7,7 +7,7 @@ import torch.distributed._functional_collectives as funcol
 from distributed_helpers import run_ranks
 
 from cpdit import CogVideoXConfig, CogVideoXDiT
-from parallel.comm import BYTES, all_reduce, count_all_traffic
+from parallel.comm import BYTES, agree, all_reduce, count_all_traffic
 from parallel.dims import ParallelDims
 from parallel.parallelize import materialize, parallelize
 
@@ -70,3 +70,17 @@ def test_known_collectives_are_counted_once(tmp_path):
 @pytest.mark.parametrize("cp, tp", [(2, 1), (1, 2), (2, 2)])
 def test_a_model_step_counts_fsdp_and_tensor_parallel_traffic(tmp_path, cp, tp):
     run_ranks(_model_step, cp * tp, tmp_path, cp, tp)
+
+
+def _agree(rank, world):
+    flags = [rank == 1, rank != 2, 7 * rank]
+    assert agree(flags, "max", "test") == [1, 1, 7 * (world - 1)]  # any rank's flag, the largest count
+    assert agree(flags, "min", "test") == [0, 0, 0]  # every rank's flag
+    sub = dist.new_group([0, 1])
+    if rank < 2:
+        assert agree([rank], "min", "test", sub) == [0] and agree([rank], "max", "test", sub) == [1]
+    dist.destroy_process_group(sub)
+
+
+def test_ranks_agree_on_flags_and_counts(tmp_path):
+    run_ranks(_agree, 4, tmp_path)

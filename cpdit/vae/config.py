@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cpdit import first_stage
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -45,7 +47,7 @@ class VAEConfig:
         r = self.temporal_compression_ratio
         if frames < 1 or (frames - 1) % r:
             raise ValueError(f"{frames} frames: the VAE needs 1 + {r}k frames (e.g. {1 + 12 * r})")
-        return 1 + (frames - 1) // r
+        return first_stage.latent_frames(frames, r)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VAEConfig:

@@ -36,6 +36,7 @@ from launch.job.ckpt_files import (
     verify_files,
     write_manifest_part,
 )
+from parallel.comm import agree
 from parallel.progress import in_collective
 
 
@@ -69,15 +70,8 @@ def find_resume(root: Path, resume: str) -> Path | None:
     return path
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def _all_ok(ok: bool, what: str) -> bool:
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_device())
-    with in_collective(f"all_reduce(checkpoint {what} ok)"):
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(agree([ok], "min", f"checkpoint {what} ok")[0])
 
 
 def _state(model: torch.nn.Module, optimizer, ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:

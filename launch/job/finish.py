@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import torch
 import torch.distributed as dist
 
 from launch.job.metrics import plot_loss
-from parallel.progress import in_collective
+from parallel.comm import agree
 
 
 def finish(run) -> int:
@@ -43,7 +42,5 @@ def finish(run) -> int:
         attempt("export", lambda: export_model(run.modules.dit, run.ema, run.run_dir / "export", env.rank, lora))
     for e in errors:
         print(f"cpdit [rank {env.rank}]: ERROR in {e}", file=sys.stderr, flush=True)
-    kinds = torch.tensor([float(any(e.startswith(k) for e in errors)) for k in ("loss plot", "samples", "export")])
-    with in_collective("all_reduce(final steps failed)"):
-        dist.all_reduce(kinds, op=dist.ReduceOp.MAX)
-    return int(kinds.sum().item())
+    failed = [any(e.startswith(k) for e in errors) for k in ("loss plot", "samples", "export")]
+    return sum(agree(failed, "max", "final steps failed"))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from parallel.progress import in_collective
+from parallel.comm import agree
 
 
 def fingerprint(cfg) -> str:
@@ -42,13 +42,10 @@ class LatentCache:
     def path(self, index: int) -> Path:
         return self.dir / f"{self.key}-{index:08d}.safetensors"
 
-    def _agree(self, hit: bool, device: torch.device) -> bool:
+    def _agree(self, hit: bool) -> bool:
         if self.group is None or dist.get_world_size(self.group) == 1:
             return hit
-        flag = torch.tensor([1 if hit else 0], dtype=torch.int32, device=device)
-        with in_collective("all_reduce(latent cache hit)"):
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+        return bool(agree([hit], "min", "latent cache hit", self.group)[0])
 
     def _load(self, ids: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
@@ -60,7 +57,7 @@ class LatentCache:
 
     def encode(self, stage, video: torch.Tensor, ids: list[int], generator: torch.Generator | None) -> torch.Tensor:
         loaded = self._load(ids, video.device) if all(self.path(i).is_file() for i in ids) else None
-        if self._agree(loaded is not None, video.device):
+        if self._agree(loaded is not None):
             self.hits += len(ids)
             return stage.latents(*loaded, generator)
         self.misses += len(ids)

@@ -12,10 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from parallel.progress import in_collective
+from parallel.comm import agree
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MARKER = "PREEMPTED.json"
@@ -47,12 +44,9 @@ class StopRequest:
             name = signal.Signals(signum).name
             print(f"[rank {self.rank}] {name}: checkpoint and stop at the next step boundary", file=sys.stderr)
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """Collective over the default group: True on every rank if any rank was signalled."""
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
-        with in_collective("all_reduce(stop flag)"):
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(agree([self.signum is not None], "max", "stop flag")[0])
 
 
 def under_torchelastic() -> bool:

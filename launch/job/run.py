@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from cpdit.diffusion import Schedule
+from cpdit.first_stage import latent_frames
 from cpdit.models.registry import family_of
 from launch.config import JobConfig, to_yaml
 from launch.env import DistEnv
@@ -26,9 +26,10 @@ from launch.job.metrics import RunLog
 from launch.job.preemption import StopRequest, clear_marker
 from launch.job.state import TrainState
 from launch.job.watchdog import HangWatchdog
+from parallel.comm import agree
 from parallel.dims import ParallelDims, ParallelMesh
 from parallel.parallelize import Parallelized
-from parallel.progress import PROGRESS, in_collective
+from parallel.progress import PROGRESS
 
 
 @dataclass
@@ -65,20 +66,17 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def elastic_attempt(device: torch.device) -> int:
+def elastic_attempt() -> int:
     """Collective. How many times torchrun restarted this job's workers: the largest TORCHELASTIC_RESTART_COUNT of
     any rank (agents on other nodes restart their workers without counting it when a peer node fails)."""
-    attempt = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], device=device)
-    with in_collective("all_reduce(elastic attempt)"):
-        dist.all_reduce(attempt, op=dist.ReduceOp.MAX)
-    return int(attempt.item())
+    return agree([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], "max", "elastic attempt")[0]
 
 
 def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch.device, stop: StopRequest) -> Run:
     """Collective. Build, resume and open the run; the watchdog is started last."""
     rank = env.rank
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    attempt = elastic_attempt(device)
+    attempt = elastic_attempt()
     faults = Faults(cfg.debug, rank, attempt)
     PROGRESS.enter("build")
     modules = build(cfg, dims, mesh, device)
@@ -117,7 +115,7 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     mcfg = modules.dit.config
     stage = par.first_stage
-    sf, frames = stage.spatial_factor, 1 + (cfg.data.num_frames - 1) // stage.temporal_factor
+    sf, frames = stage.spatial_factor, latent_frames(cfg.data.num_frames, stage.temporal_factor)
     tokens = cfg.train.text_max_length + frames * (cfg.data.height // sf // mcfg.patch_size) * (
         cfg.data.width // sf // mcfg.patch_size
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
+from cpdit.first_stage import latent_frames
 from cpdit.models.registry import family_of
 from cpdit.seeding import generator
 from launch.config import JobConfig
@@ -88,7 +89,7 @@ def sample_videos(
             prompt = prompts[k if k is not None else 0]
             text = modules.encode([prompt])
             gen = generator(cfg.sample.seed, "sample", k or 0)  # prompt k's noise, whichever rank draws it
-            frames = 1 + (d.num_frames - 1) // first_stage.temporal_factor
+            frames = latent_frames(d.num_frames, first_stage.temporal_factor)
             sf = first_stage.spatial_factor
             noise = torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
 

@@ -54,7 +54,7 @@ def _train(run: Run) -> int:
             if run.watchdog is not None:
                 run.watchdog.step_end()
             PROGRESS.enter("stop agreement")
-            if run.stop.agreed(run.device):
+            if run.stop.agreed():
                 return preempted(run, save_checkpoint(run))
             every = run.cfg.checkpoint.every
             if (every and run.state.step % every == 0) or run.state.step == run.cfg.train.steps:
