@@ -112,22 +112,19 @@ def teardown_distributed(barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-    try:
-        from torch.distributed.device_mesh import _mesh_resources
-
-        for attr in (
-            "mesh_stack",
-            "child_to_root_mapping",
-            "root_to_flatten_mapping",
-            "flatten_name_to_root_dims",
-            "mesh_dim_group_options",
-        ):
-            container = getattr(_mesh_resources, attr, None)
-            if hasattr(container, "clear"):
-                container.clear()
-    except Exception:
-        pass
+    forget_meshes()
     gc.collect()
+
+
+def forget_meshes() -> None:
+    """Drop DeviceMesh's process-wide bookkeeping, which keeps meshes (and so their ProcessGroups) alive: every list
+    and dict of `_mesh_resources` (torch 2.13 has only its mesh stack; older releases also kept child, flatten and
+    group-option mappings there)."""
+    from torch.distributed.device_mesh import _mesh_resources
+
+    for container in vars(_mesh_resources).values():
+        if isinstance(container, list | dict):
+            container.clear()
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from cpdit.models.registry import family_of
 from launch.config import ConfigError, JobConfig, load_config
 from parallel.dims import ParallelDims, TopologyError
 from parallel.memory_model import MemoryEstimate, Workload, estimate_memory, local_params
+from parallel.tensor_parallel import heads_error
 from parallel.traffic_model import Traffic, estimate_traffic
 
 GiB = 2**30
@@ -60,7 +61,7 @@ def layouts(world: int, heads: int, frames: int, per_node: int) -> list[Parallel
     cp at most the latent frames, ulysses a divisor of cp that divides the heads per tp rank; dp the rest."""
     out = []
     for tp in range(1, min(world, per_node) + 1):
-        if world % tp or heads % tp:
+        if world % tp or heads_error(heads, tp):
             continue
         for cp in range(1, min(world // tp, frames) + 1):
             if (world // tp) % cp:

@@ -102,12 +102,7 @@ def _check_family(cfg: JobConfig, m, tp: int) -> None:
     if cfg.model.lora_rank and not family.lora:
         lora = " and ".join(f.title for f in FAMILIES.values() if f.lora)
         raise ConfigError(f"model.preset={cfg.model.preset}: model.lora_rank is for the {lora} presets")
-    if m.num_attention_heads % tp:
-        raise ConfigError(
-            f"parallel.model_parallel_size={tp} does not divide model.num_attention_heads="
-            f"{m.num_attention_heads}; pick a divisor of {m.num_attention_heads}"
-        )
-    if tp > 1:
+    if tp > 1:  # the head rule (parallel.tensor_parallel.heads_error) and the widths of the family's plan
         with torch.device("meta"):
             model = family.build(m)
             if cfg.model.lora_rank:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.distributed import teardown_distributed
+from launch.distributed import forget_meshes, teardown_distributed
 
 PG_TIMEOUT_S = 90.0
 
@@ -32,15 +32,6 @@ def _init(rank: int, world_size: int, init_file: str, timeout_s: float) -> None:
     os.environ["CPDIT_TEST_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
-
-
-def _forget_meshes() -> None:
-    from torch.distributed.device_mesh import _mesh_resources
-
-    for attr in ("mesh_stack", "child_to_root_mapping", "root_to_flatten_mapping", "flatten_name_to_root_dims"):
-        container = getattr(_mesh_resources, attr, None)
-        if hasattr(container, "clear"):
-            container.clear()
 
 
 def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, tasks, results) -> None:
@@ -61,7 +52,7 @@ def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, tasks, 
                 results.put((rank, None, traceback.format_exc()))
                 return
             finally:
-                _forget_meshes()
+                forget_meshes()
     finally:
         teardown_distributed(barrier=ok)
 

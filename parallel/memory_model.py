@@ -16,7 +16,7 @@ from cpdit.models.registry import family_of
 from cpdit.partition import even_split, frame_partition
 from parallel.dims import ParallelDims
 from parallel.parallelize import apply_activation_checkpointing
-from parallel.tensor_parallel import plan_matches
+from parallel.tensor_parallel import heads_error, plan_matches
 
 FP32 = 4
 
@@ -269,8 +269,8 @@ def estimate_memory(
     deep model is simulated with 2 and 3 blocks and extrapolated (tests/test_plan.py checks it against the whole
     simulation). `foreach`: AdamW's multi-tensor step (the CUDA default) holds about one parameter-sized
     temporary; the per-tensor step (CPU) two of the largest parameter."""
-    if cfg.num_attention_heads % dims.tp:
-        raise ValueError(f"model_parallel_size={dims.tp} does not divide num_attention_heads={cfg.num_attention_heads}")
+    if err := heads_error(cfg.num_attention_heads, dims.tp):
+        raise ValueError(err)
     shards = dims.size("dp_shard_cp") if fsdp else 1
     with torch.device("meta"):
         model = family_of(cfg).model_class(cfg)

@@ -46,13 +46,20 @@ def plan_matches(model: nn.Module, plan: dict[str, str]) -> list[tuple[str, nn.M
     return out
 
 
+def heads_error(heads: int, tp: int) -> str | None:
+    """The head rule of tensor parallelism, for every family: each of `tp` ranks takes heads / tp whole heads. None
+    when it holds, else the error naming the knobs and the fix."""
+    if heads % tp:
+        return (
+            f"model_parallel_size={tp} does not divide model.num_attention_heads={heads}; choose a divisor of {heads}"
+        )
+    return None
+
+
 def check_tensor_parallel(model: nn.Module, plan: dict[str, str], tp: int) -> None:
     """Raise ValueError naming the knob when `tp` ranks cannot split `model` by `plan` (model may be on meta)."""
-    heads = model.config.num_attention_heads
-    if heads % tp:
-        raise ValueError(
-            f"model_parallel_size={tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
-        )
+    if err := heads_error(model.config.num_attention_heads, tp):
+        raise ValueError(err)
     for name, module, style in plan_matches(model, plan):
         width = {"colwise": "out_features", "rowwise": "in_features"}.get(style)
         if width and getattr(module, width) % tp:
