@@ -288,6 +288,9 @@ class DebugConfig:
     fail_save: str = "crash"
     """`crash`: every rank raises after the shards are written, before the rename; `io_error`: rank `fail_rank`'s
     write fails like a full disk."""
+    fail_sample: str | None = None
+    """Rank `fail_rank` raises in sampling: `prompt` while preparing its first prompt (local work: the ranks agree
+    and stop sampling together), `forward` in its first denoising forward (a collective: the job stops)."""
     step_sleep_s: float = 0.0
     """Sleep this long in every step (slow runs for signal tests)."""
     every_attempt: bool = False

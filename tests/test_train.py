@@ -159,6 +159,34 @@ def test_a_failing_final_step_loses_nothing(tmp_path):
     assert list((run / "samples").glob("*.mp4")) and (run / "export" / "model.safetensors").is_file()
 
 
+SAMPLE_AT_END = ["train.steps=2", "sample.at_end=true", "train.export=true", "sample.num_steps=2",
+                 "sample.prompts=[a red circle moving left,a blue square moving up]", "debug.nan_at_step=null",
+                 "debug.fail_rank=1", "dist.timeout_s=3000"]  # fmt: skip  # a rank left waiting would outlast the test
+
+
+def test_sampling_that_fails_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """Rank 1 fails preparing its first prompt (its own work): every rank stops sampling at that point together (no
+    rank waits for dist.timeout_s in a collective), and the export after it still runs on every rank."""
+    r = launch_job(tmp_path, "sf", *COMMON, *SAMPLE_AT_END, "debug.fail_sample=prompt", check=False, timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    stopped = "ERROR in samples: SamplingFailed: preparing prompt 0 of the replica on rank"
+    assert f"{stopped} 1: RuntimeError: injected" in r.stderr and f"{stopped} 0: another rank failed" in r.stderr
+    assert "1 of the final steps" in r.stderr and (tmp_path / "sf" / "export" / "model.safetensors").is_file()
+    assert [p.name for p in complete_checkpoints(tmp_path / "sf" / "checkpoints")][-1] == "step_00000002"
+
+
+def test_a_rank_failing_inside_sampling_collectives_ends_the_job(tmp_path):
+    """Rank 1 fails in its first sampling forward, where its cp x tp peers wait for it inside collectives: it does
+    not go on to the export's collectives (which would leave everyone waiting for dist.timeout_s) but ends, and the
+    launcher's last line names it."""
+    r = launch_job(tmp_path, "cf", *COMMON, *SAMPLE_AT_END, "debug.fail_sample=forward", check=False, timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("cpdit-launch: the job failed: rank 1 raised CollectiveFailed: sampling prompt 0 on rank 1"
+                           ": RuntimeError: injected failure in a sampling forward"), last  # fmt: skip
+    assert [p.name for p in complete_checkpoints(tmp_path / "cf" / "checkpoints")][-1] == "step_00000002"
+
+
 def test_a_tampered_checkpoint_is_refused_and_runs_nothing(uninterrupted, tmp_path):
     """A copy of a real checkpoint whose .metadata would run code through a dotted pickle name, with its manifest
     recomputed (whoever can write the shards can write the manifest): every rank refuses it, nothing runs."""

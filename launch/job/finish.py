@@ -7,6 +7,7 @@ import sys
 import torch.distributed as dist
 
 from launch.job.metrics import plot_loss
+from launch.job.sample import CollectiveFailed
 from parallel.comm import agree
 
 
@@ -18,6 +19,8 @@ def finish(run) -> int:
     def attempt(what: str, fn) -> None:
         try:
             errors.extend(f"{what}: {e}" for e in fn() or [])
+        except CollectiveFailed:  # peers wait inside a collective for this rank: the job ends here
+            raise
         except Exception as err:  # noqa: BLE001 - reported, and the next step still runs
             errors.append(f"{what}: {type(err).__name__}: {err}")
 

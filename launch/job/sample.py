@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,7 +17,17 @@ from cpdit.seeding import generator
 from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.job.media import write_video
+from parallel.comm import agree
 from parallel.dims import ParallelDims
+
+
+class SamplingFailed(RuntimeError):
+    """Every rank raises it at the same point of sampling, so they can all go on to the next step of the job."""
+
+
+class CollectiveFailed(RuntimeError):
+    """A rank failed inside sampling's collectives; its peers are waiting in them for it. Not to be caught: the
+    process ends, and its launcher (torchrun, mpirun, srun) stops the others at once."""
 
 
 def read_prompts(cfg: JobConfig) -> list[str]:
@@ -62,6 +73,19 @@ def written_videos(out_dir: Path, prompts: list[str]) -> list[tuple[Path, str]]:
     return [(f, p) for f, p in found if f.is_file()]
 
 
+def agreed(what: str, rank: int, fn):
+    """Collective: run this rank's own work `fn` (no collectives in it), then agree: every rank gets its result, or
+    every rank raises SamplingFailed at this same point when any rank's `fn` raised."""
+    try:
+        out, failed = fn(), None
+    except Exception as err:  # noqa: BLE001 - agreed on below, then raised on every rank
+        out, failed = None, err
+    if agree([failed is not None], "max", what)[0]:
+        why = f"{type(failed).__name__}: {failed}" if failed else "another rank failed (its error is in its log)"
+        raise SamplingFailed(f"{what} on rank {rank}: {why}")
+    return out
+
+
 @torch.no_grad()
 def sample_videos(
     cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_dir: Path, env: DistEnv
@@ -69,46 +93,64 @@ def sample_videos(
     """Collective over all ranks. Returns ([(mp4 written by this rank, its prompt)], [write errors of this rank]).
 
     Prompt k goes to data-parallel replica k % dp, is named `kkk_<prompt>` and starts from noise seeded by
-    (sample.seed, k), so a prompt's video does not depend on the layout. A failed write is reported and the loop
-    goes on: the other ranks are in the same forwards, and a rank that left early would desynchronise them."""
-    prompts = read_prompts(cfg)
-    dp_rank, dp = dims.dp_rank(env.rank), dims.dp
+    (sample.seed, k), so a prompt's video does not depend on the layout. The ranks stop together when one fails:
+    in its own work (the prompts, a text embedding, the noise) every rank raises SamplingFailed at once; inside the
+    model's collectives the failing rank raises CollectiveFailed, which ends its process and so the job. A failed
+    write is reported and the loop goes on (the other ranks are in the same forwards)."""
+    rank = env.rank
+    prompts = agreed("reading the prompts", rank, lambda: read_prompts(cfg))
+    dp_rank, dp = dims.dp_rank(rank), dims.dp
     mine = list(range(dp_rank, len(prompts), dp))
     per_rank = -(-len(prompts) // dp)  # every replica runs the same number of forwards (FSDP collectives)
     mine = mine + [None] * (per_rank - len(mine))
-    writer = dims.is_writer(env.rank)
+    writer = dims.is_writer(rank)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
     first_stage = modules.parallel.first_stage
     d, c = cfg.data, modules.dit.config
     steps = len(sampling_indices(cfg.sample.num_steps, schedule.num_idx))
+    fault = cfg.debug.fail_sample if rank == cfg.debug.fail_rank else None
     written: list[tuple[Path, str]] = []
     errors: list[str] = []
+
+    def noise_for(i: int, k: int | None) -> torch.Tensor:
+        """Prompt k's starting noise: this rank's own work (the text encoder may be FSDP-sharded: a collective)."""
+        if fault == "prompt" and i == 0:
+            raise RuntimeError(f"injected failure preparing a prompt on rank {rank} (debug.fail_sample)")
+        gen = generator(cfg.sample.seed, "sample", k or 0)  # prompt k's noise, whichever rank draws it
+        frames, sf = latent_frames(d.num_frames, first_stage.temporal_factor), first_stage.spatial_factor
+        return torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
+
     modules.eval()
     with ema_weights(modules.dit, ema):
-        for k in mine:
+        for i, k in enumerate(mine):
+            noise = agreed(f"preparing prompt {i} of the replica", rank, lambda i=i, k=k: noise_for(i, k))
             prompt = prompts[k if k is not None else 0]
-            text = modules.encode([prompt])
-            gen = generator(cfg.sample.seed, "sample", k or 0)  # prompt k's noise, whichever rank draws it
-            frames = latent_frames(d.num_frames, first_stage.temporal_factor)
-            sf = first_stage.spatial_factor
-            noise = torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
 
-            def predict(x, idx, text=text):  # (v_c, v_u): the conditional and unconditional branch in one batch
+            def predict(x, idx, text, i=i):  # (v_c, v_u): the conditional and unconditional branch in one batch
+                if fault == "forward" and i == 0:
+                    raise RuntimeError(f"injected failure in a sampling forward on rank {rank} (debug.fail_sample)")
                 both = modules.dit(
                     torch.cat([x, x]), torch.cat([text, torch.zeros_like(text)]), torch.cat([idx, idx]).float()
                 )
                 return both.chunk(2)
 
-            denoise = cfg_denoiser(predict, cfg.sample.guidance_scale, steps, cfg.sample.dynamic_cfg)
             run = sample_frames_in_order if family_of(c).frame_causal(c) else sample
-            video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
+            try:  # collectives (FSDP, cp, tp): a rank failing here leaves its peers waiting inside them
+                text = modules.encode([prompt])
+                denoise = cfg_denoiser(
+                    partial(predict, text=text), cfg.sample.guidance_scale, steps, cfg.sample.dynamic_cfg
+                )
+                video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
+            except Exception as err:
+                raise CollectiveFailed(f"sampling prompt {k} on rank {rank}: {type(err).__name__}: {err}") from err
             if writer and k is not None:
                 try:
                     files = write_video(video[0], out_dir / video_stem(k, prompt), fps=d.fps)
                     written.append((files[0], prompt))
                 except Exception as err:  # disk full, codec missing: this video is lost, the others are not
-                    errors.append(f"writing the video of prompt {k} ({prompt!r}) to {out_dir}: {type(err).__name__}: "
-                                  f"{err}")  # fmt: skip
+                    errors.append(
+                        f"writing the video of prompt {k} ({prompt!r}) to {out_dir}: {type(err).__name__}: {err}"
+                    )
     modules.train()
     return written, errors
 
