@@ -19,7 +19,6 @@
 # after F the losses are a different (equally valid) trajectory; the resumed state is still exact.
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +50,6 @@ CHAIN = [  # name, processes, layout overrides
 STEPS = 2 * len(CHAIN)
 SAME_DP_AS_REFERENCE = "ABCDE"
 LOSS_RTOL = 1e-6
-EXIT_ABORT = "terminate called without an active exception"
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +63,10 @@ def chain(tmp_path_factory):
             src = checkpoint_dir(tmp / previous / "checkpoints", 2 * i)
             shutil.copytree(src, checkpoint_dir(tmp / name / "checkpoints", 2 * i))
         args = (*COMMON, *layout, f"train.steps={end}", "debug.dump_resumed_state=true")
-        r = launch(tmp, name, *args, nproc=nproc, check=False)
-        if r.returncode and EXIT_ABORT in r.stderr and end in losses(tmp / name)[0]:
-            # torch 2.13 + gloo: a worker can abort in a C++ destructor at exit after the run finished (the flake
-            # the brief names); the link is rerun once from the same copied checkpoint, nothing else is retried
-            shutil.rmtree(tmp / name / "checkpoints" / checkpoint_dir(Path(), end).name, ignore_errors=True)
-            (tmp / name / "metrics.jsonl").unlink()
-            r = launch(tmp, name, *args, nproc=nproc, check=False)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        # every link must exit 0: a finished job process skips interpreter teardown (launch/lifeline.py exit_now),
+        # where gloo's C++ destructors used to abort about 1 run in 30 ("terminate called without an active
+        # exception"); no link is rerun
+        launch(tmp, name, *args, nproc=nproc)
         previous = name
     return tmp
 
