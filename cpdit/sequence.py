@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cpdit.attn_bias import AttentionBias, dense_attention
+from cpdit.seams import LocalAxes
 
 
 class BoundSequence(Protocol):
@@ -73,8 +74,6 @@ class _LocalBound:
         return [torch.cat([pad[0], x, pad[1]], dim=1)]
 
     def axes(self, num_tokens: int):
-        from cpdit.models.factorized.layers import LocalAxes
-
         return LocalAxes()
 
 

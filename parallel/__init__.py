@@ -7,9 +7,9 @@
 # model.sequence: frames,     sequence.py LocalSequence: every frame here, cp_sequence.py ContextParallelSequence:
 #   attention, frame windows    SDPA or dense biased attention,              sequence.py SequencePlan, attention/,
 #                               zero-padded windows                          frame_halo.py FrameWindows
-# seq.axes: frames <-> tokens models/factorized/layers.py LocalAxes        axis_switch.py CPAxes (over AxisSwitch)
+# seq.axes: frames <-> tokens seams.py LocalAxes                            axis_switch.py CPAxes (over AxisSwitch)
 # attention biases            attn_bias.py AttentionBias, dense_attention  attention/bias.py BlockBias
-# heads (Phenaki)             models/phenaki/layers.py AllHeads            tensor_parallel.py TPHeads
+# heads (Phenaki)             seams.py AllHeads                            tensor_parallel.py TPHeads
 # tensor-parallel plan        models/<family>/__init__.py: plan strings    tensor_parallel.py apply_tensor_parallel
 # init_weights(seed, assign)  full tensors by parameter name               state.py assign_full (keeps the shard)
 # VAE time axis               vae/time.py LocalTime                        vae.py CPTime

@@ -9,8 +9,9 @@ import torch.distributed as dist
 from distributed_helpers import run_ranks
 from parity_helpers import build_parallel, check_output_and_grads, dp_slice
 
-from cpdit.models.factorized.layers import FactorizedConfig, LocalAxes, SpatialVideoTransformer
+from cpdit.models.factorized.layers import FactorizedConfig, SpatialVideoTransformer
 from cpdit.partition import even_split
+from cpdit.seams import LocalAxes
 from parallel.axis_switch import AxisSwitch, CPAxes
 from parallel.sequence import frame_partition
 

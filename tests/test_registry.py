@@ -81,7 +81,7 @@ def test_tensor_parallel_check_names_the_module():
     check_tensor_parallel(model, dict(family.tp_plan), 3)
     with pytest.raises(ValueError, match=r"size=2 does not divide the width 33 of blocks\.0\.ff\.proj_in"):
         check_tensor_parallel(model, dict(family.tp_plan), 2)
-    with pytest.raises(ValueError, match="does not divide num_attention_heads=6"):
+    with pytest.raises(ValueError, match="does not divide model.num_attention_heads=6"):
         check_tensor_parallel(model, dict(family.tp_plan), 5)
 
 

@@ -13,7 +13,7 @@ TP_STYLES = ("colwise", "rowwise", "shared_norm", "heads")
 """Values of a tensor-parallel plan. colwise: an nn.Linear split by output features (heads, feed-forward columns);
 rowwise: split by input features, its output summed over tp; shared_norm: a LayerNorm applied to this rank's heads
 whose affine parameters all heads share (their gradient is summed over tp); heads: a module with a `heads` seam
-(cpdit/models/phenaki/layers.py's AllHeads) that slices head-indexed tensors to this rank's heads."""
+(cpdit/seams.py AllHeads) that slices head-indexed tensors to this rank's heads."""
 
 
 @dataclass(frozen=True)

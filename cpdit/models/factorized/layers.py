@@ -5,8 +5,8 @@
 #
 # The axis seam `axes` is where context parallelism enters: spatial blocks run on the frames this process holds
 # (B, T_r, S, D); `axes.to_temporal` hands over to a (B, T, S_r, D) layout where every frame of this process's
-# spatial tokens is local, and `axes.to_spatial` returns. `LocalAxes` is the single-device answer; parallel/
-# axis_switch.py switches with one all-to-all each way.
+# spatial tokens is local, and `axes.to_spatial` returns. `LocalAxes` (cpdit/seams.py) is the single-device answer;
+# parallel/axis_switch.py switches with one all-to-all each way.
 from __future__ import annotations
 
 import math
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cpdit.seams import LocalAxes
 
 
 @dataclass(frozen=True)
@@ -67,20 +69,6 @@ class FactorizedConfig:
     @property
     def temporal_context_dim(self) -> int | None:
         return self.context_dim if self.use_spatial_context else self.time_context_dim
-
-
-class LocalAxes:
-    """Single device: every frame and every spatial token is here."""
-
-    def to_temporal(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def to_spatial(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def frame_ids(self, num_frames: int, device: torch.device) -> torch.Tensor:
-        """Global indices of the frames of the spatial layout."""
-        return torch.arange(num_frames, device=device)
 
 
 class Attention(nn.Module):

@@ -15,18 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpdit.attn_bias import AttentionBias, alibi_slopes, alibi_table
-
-
-class AllHeads:
-    """Single device (no tensor parallelism): every head is local."""
-
-    def local(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """A per-head tensor (heads along `dim`) -> the heads this process computes."""
-        return t
-
-    def shared(self, t: torch.Tensor) -> torch.Tensor:
-        """A parameter used by every head (its gradient must cover all heads)."""
-        return t
+from cpdit.seams import AllHeads
 
 
 class PEG(nn.Module):

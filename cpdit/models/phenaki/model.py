@@ -16,7 +16,8 @@ import torch.nn as nn
 from cpdit.attn_bias import AttentionBias, ContinuousPositionBias
 from cpdit.embeddings import timestep_embedding
 from cpdit.models.patch import PatchVideoModel, patch_grid, patchify, unpatchify
-from cpdit.models.phenaki.layers import AllHeads, PhenakiBlock
+from cpdit.models.phenaki.layers import PhenakiBlock
+from cpdit.seams import AllHeads
 from cpdit.sequence import LocalSequence, SequenceSeam
 
 
