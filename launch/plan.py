@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from cpdit.first_stage import latent_frames
-from cpdit.models.registry import family_of
+from cpdit.models.registry import FAMILIES, family_of
 from launch.config import ConfigError, JobConfig, load_config
 from parallel.dims import ParallelDims, TopologyError
 from parallel.memory_model import MemoryEstimate, Workload, estimate_memory, local_params
@@ -46,9 +46,10 @@ def workload(cfg: JobConfig) -> tuple[object, Workload]:
     _, tf, sf = checked_first_stage(cfg, dims)
     m = checked_model_config(cfg)
     family = family_of(m)
-    if family.name != "cogvideox":
+    if not family.planned:
+        planned = " and ".join(f.title for f in FAMILIES.values() if f.planned)
         raise ConfigError(
-            f"model.preset={cfg.model.preset}: cpdit-launch plan models the CogVideoX family (full attention over "
+            f"model.preset={cfg.model.preset}: cpdit-launch plan models the {planned} family (full attention over "
             f"[text | frames]); the {family.title} family's step is not simulated yet"
         )
     d = cfg.data

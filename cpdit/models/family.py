@@ -54,6 +54,9 @@ class ModelFamily:
     """Frame-causal models train with a noise level per frame and sample frames in order."""
     lora: bool = False
     """cpdit/lora.py adapters on the attention projections of every block (`blocks.*.attn.to_{q,k,v,out}`)."""
+    planned: bool = False
+    """`cpdit-launch plan` simulates this family's step (parallel/memory_model.py models unbiased, non-causal
+    attention over [text | frames])."""
     diffusers: DiffusersFormat | None = None
     """None: no diffusers counterpart (no `model.pretrained`, the export writes cpdit's safetensors only)."""
 

@@ -25,6 +25,7 @@ FAMILY = ModelFamily(
     },
     job_knobs=("pos_embedding",),
     lora=True,
+    planned=True,
     diffusers=DiffusersFormat(
         "CogVideoXTransformer3DModel",
         convert.config_from_diffusers,
