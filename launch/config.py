@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
+class SharedModelKnobs:
     preset: str = "demo"
     """Named architecture: `demo` (the default job's small model), `tiny` (the tests'), `cogvideox-2b`,
     `cogvideox-5b` (full 3D attention); `svd-like` (factorized spatial/temporal blocks); `phenaki-like`
@@ -41,8 +41,6 @@ class ModelConfig:
     """Spatial patch size (None: the preset's)."""
     text_embed_dim: int | None = None
     """Width of the text encoder's output (None: the preset's)."""
-    pos_embedding: str | None = None
-    """`sincos` (CogVideoX-2B) or `rope` (CogVideoX-5B); None: the preset's."""
     gradient_checkpointing: bool = False
     """Recompute each block in the backward (activation checkpointing)."""
     out_channels: int | None = None
@@ -53,16 +51,31 @@ class ModelConfig:
     """LoRA rank on q/k/v/out of every block (0: full fine-tuning). With LoRA only the adapters train."""
     lora_alpha: float | None = None
     """LoRA scale numerator (None: = lora_rank)."""
-    merge_strategy: str | None = None
-    """svd-like: AlphaBlender of spatial and temporal outputs (fixed, learned, learned_with_images)."""
-    merge_factor: float | None = None
-    """svd-like: fixed alpha, or the initial logit of a learned one."""
-    temporal_blocks: int | None = None
-    """svd-like: temporal blocks after each spatial block (1 as in sgm; more is cpdit's extension)."""
-    use_spatial_context: bool | None = None
-    """svd-like: temporal blocks cross-attend to the text as the spatial blocks do."""
-    disable_temporal_crossattention: bool | None = None
-    """svd-like: no cross-attention in the temporal blocks."""
+
+
+def _family_knobs() -> list[tuple[str, Any, Any]]:
+    """The knobs each model family declares (cpdit/models/family.py ModelFamily.job_knobs), as dataclass fields:
+    type | None, default None (the preset's value), the config field's docstring in the metadata. Two families may
+    share a knob only with one type."""
+    from cpdit.models.registry import FAMILIES
+
+    shared = {f.name for f in fields(SharedModelKnobs)}
+    knobs: dict[str, Any] = {}
+    for family in FAMILIES.values():
+        for knob in family.knobs():
+            if knob.name in shared:
+                raise TypeError(f"the {family.title} family's job knob {knob.name!r} is a shared model knob")
+            if knob.name in knobs and knobs[knob.name][1] != knob.type | None:
+                raise TypeError(f"job knob {knob.name!r} has two types: {knobs[knob.name][1]} and {knob.type}")
+            doc = knob.doc if knob.name not in knobs else f"{knobs[knob.name][2].metadata['doc']}; {knob.doc}"
+            knobs[knob.name] = (knob.name, knob.type | None, field(default=None, metadata={"doc": doc}))
+    return list(knobs.values())
+
+
+ModelConfig = make_dataclass("ModelConfig", _family_knobs(), bases=(SharedModelKnobs,))
+ModelConfig.__doc__ = """The job's `model:` section: the knobs of every family (SharedModelKnobs) and the ones a family
+declares for itself (cpdit/models/<family>/__init__.py job_knobs; their docs in `fields(ModelConfig)` metadata)."""
+ModelConfig.__module__ = __name__
 
 
 @dataclass

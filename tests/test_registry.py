@@ -1,16 +1,14 @@
 # The model-family registry (cpdit/models/registry.py): what every family declares is consistent with its model,
 # so launch/ and parallel/ can rely on it without knowing the families.
-import ast
-import inspect
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
 from cpdit.lora import add_lora
-from cpdit.models.family import TP_STYLES
+from cpdit.models.family import TP_STYLES, field_docs
 from cpdit.models.registry import FAMILIES, all_presets, family_of, family_of_diffusers, family_of_preset
-from launch.config import ModelConfig
+from launch.config import ConfigError, ModelConfig, load_config
 from parallel.tensor_parallel import check_tensor_parallel, plan_matches
 
 
@@ -53,14 +51,22 @@ def _matches(pattern, name):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_config_field_has_a_docstring(name):
     cls = FAMILIES[name].config_class
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    documented = {
-        stmt.target.id
-        for stmt, nxt in zip(body, body[1:], strict=False)
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-    }
-    missing = [f.name for f in fields(cls) if f.name not in documented]
+    missing = [f.name for f in fields(cls) if f.name not in field_docs(cls)]
     assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_a_family_declares_its_job_knobs():
+    """The job's `model:` section takes each family's knobs from the family, typed and documented by its config; a
+    knob that is no documented field of the config is refused."""
+    job = {f.name: f for f in fields(ModelConfig)}
+    svd = FAMILIES["factorized"]
+    assert job["merge_factor"].type == float | None and job["temporal_blocks"].type == int | None
+    assert job["merge_factor"].metadata["doc"].startswith("factorized: ")
+    assert load_config(overrides=["model.temporal_blocks=3"]).model.temporal_blocks == 3
+    with pytest.raises(ConfigError, match="model.temporal_blocks"):
+        load_config(overrides=["model.temporal_blocks=many"])
+    with pytest.raises(TypeError, match="job knob 'blend' is not a documented field of FactorizedDiTConfig"):
+        replace(svd, job_knobs=(*svd.job_knobs, "blend")).knobs()
 
 
 def test_lookups_refuse_what_they_do_not_know():
