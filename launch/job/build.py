@@ -16,7 +16,7 @@ from cpdit.seeding import derive_seed
 from cpdit.text import HashedTextEncoder
 from launch.config import JobConfig
 from parallel.dims import ParallelDims
-from parallel.parallelize import parallelize_job
+from parallel.parallelize import Parallelized, parallelize_job
 from parallel.state import assign_full, load_full_state_dict
 
 
@@ -55,9 +55,9 @@ def model_config(cfg: JobConfig):
     return family.config(m.preset, overrides)
 
 
-def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Trainable:
+def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> tuple[Trainable, Parallelized]:
     """The DiT of the model's family, the text encoder and the first stage, parallelized (parallel/parallelize.py)
-    and materialised; `modules.parallel` is the layout handle the job uses."""
+    and materialised, with the layout handle the job uses (which ranks write, the first stage, local frames)."""
     if cfg.model.pretrained:  # the architecture comes from the checkpoint
         config = weight_files(cfg.model.pretrained)[0]
         family = family_of_diffusers(config)
@@ -81,7 +81,7 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Tra
         if cfg.model.lora_rank:
             add_lora(modules.dit, cfg.model.lora_rank, cfg.model.lora_alpha)
     p = cfg.parallel
-    modules.__dict__["parallel"] = parallelize_job(
+    par = parallelize_job(
         modules.dit,
         modules.text,
         dims,
@@ -101,7 +101,7 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> Tra
     if cfg.model.pretrained:
         weights = family.diffusers.state_dict_from(load_diffusers_state_dict(cfg.model.pretrained)[1])
         load_full_state_dict(modules.dit, weights, strict=not cfg.model.lora_rank)  # adapters keep their init
-    return modules
+    return modules, par
 
 
 def architecture(cfg: JobConfig, mcfg) -> dict:

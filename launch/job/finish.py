@@ -31,7 +31,7 @@ def finish(run) -> int:
 
         def samples() -> list[str]:
             out = run.run_dir / "samples"
-            _, write_errors = sample_videos(cfg, run.modules, run.ema, run.dims, run.mesh, out, env)
+            _, write_errors = sample_videos(cfg, run.modules, run.first_stage, run.ema, run.dims, out, env)
             dist.barrier()  # every replica's videos are on disk: rank 0 logs them all, captioned with their prompt
             if env.rank == 0:
                 run.log.log_videos(step, written_videos(out, read_prompts(cfg)))

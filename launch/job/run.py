@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from cpdit.diffusion import Schedule
-from cpdit.first_stage import latent_frames
+from cpdit.first_stage import FirstStage, latent_frames
 from cpdit.models.registry import family_of
 from launch.config import JobConfig, to_yaml
 from launch.env import DistEnv
@@ -32,8 +33,10 @@ from parallel.parallelize import Parallelized
 from parallel.progress import PROGRESS
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
+    """The state of one training run that every part of the step reads: built once by `start_run`, by keyword."""
+
     cfg: JobConfig
     env: DistEnv
     dims: ParallelDims
@@ -50,10 +53,10 @@ class Run:
     state: TrainState
     arch: dict
     log: RunLog
-    dataset: object
+    dataset: Dataset
     batches: DistributedBatches
     schedule: Schedule
-    first_stage: object
+    first_stage: FirstStage
     cache: LatentCache | None
     autocast: torch.autocast
     frame_causal: bool
@@ -79,7 +82,7 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     attempt = elastic_attempt()
     faults = Faults(cfg.debug, rank, attempt)
     PROGRESS.enter("build")
-    modules = build(cfg, dims, mesh, device)
+    modules, par = build(cfg, dims, mesh, device)
     params = [q for q in modules.parameters() if q.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -107,7 +110,6 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     dataset = build_dataset(cfg, cfg.train.seed)
     batches = DistributedBatches(dataset, cfg.data.batch_size, dims.dp_rank(rank), dims.dp, cfg.train.seed,
                                  state.position)  # fmt: skip
-    par = modules.parallel
     cache = None
     if cfg.data.latent_cache_dir:
         cache = LatentCache(cfg.data.latent_cache_dir, latent_fingerprint(cfg), par.is_writer(rank),
@@ -125,8 +127,29 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         watchdog = HangWatchdog(run_dir / "hang", rank, env.world_size, d.watchdog_factor, d.watchdog_min_s,
                                 d.watchdog_warmup_s).start()  # fmt: skip
     return Run(
-        cfg, env, dims, mesh, device, stop, run_dir, faults, modules, par, params, optimizer, ema, state, arch, log,
-        dataset, batches, Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale), stage, cache,
-        torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-        family_of(mcfg).frame_causal(mcfg), tokens, watchdog,
-    )  # fmt: skip
+        cfg=cfg,
+        env=env,
+        dims=dims,
+        mesh=mesh,
+        device=device,
+        stop=stop,
+        run_dir=run_dir,
+        faults=faults,
+        modules=modules,
+        parallel=par,
+        params=params,
+        optimizer=optimizer,
+        ema=ema,
+        state=state,
+        arch=arch,
+        log=log,
+        dataset=dataset,
+        batches=batches,
+        schedule=Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale),
+        first_stage=stage,
+        cache=cache,
+        autocast=torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
+        frame_causal=family_of(mcfg).frame_causal(mcfg),
+        tokens=tokens,
+        watchdog=watchdog,
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
-from cpdit.first_stage import latent_frames
+from cpdit.first_stage import FirstStage, latent_frames
 from cpdit.models.registry import family_of
 from cpdit.seeding import generator
 from launch.config import JobConfig
@@ -88,7 +88,7 @@ def agreed(what: str, rank: int, fn):
 
 @torch.no_grad()
 def sample_videos(
-    cfg: JobConfig, modules, ema, dims: ParallelDims, mesh, out_dir: Path, env: DistEnv
+    cfg: JobConfig, modules, first_stage: FirstStage, ema, dims: ParallelDims, out_dir: Path, env: DistEnv
 ) -> tuple[list[tuple[Path, str]], list[str]]:
     """Collective over all ranks. Returns ([(mp4 written by this rank, its prompt)], [write errors of this rank]).
 
@@ -105,7 +105,6 @@ def sample_videos(
     mine = mine + [None] * (per_rank - len(mine))
     writer = dims.is_writer(rank)
     schedule = Schedule.zero_snr(cfg.train.num_idx, cfg.train.shift_scale)
-    first_stage = modules.parallel.first_stage
     d, c = cfg.data, modules.dit.config
     steps = len(sampling_indices(cfg.sample.num_steps, schedule.num_idx))
     fault = cfg.debug.fail_sample if rank == cfg.debug.fail_rank else None
@@ -171,16 +170,16 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
         )
     with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
         mesh = dims.build_mesh(device.type)
-        modules = build(cfg, dims, mesh, device)
+        modules, par = build(cfg, dims, mesh, device)
         path = checkpoint.select_resume(run_dir / "checkpoints", wanted, architecture(cfg, modules.dit.config))
         optimizer = torch.optim.AdamW([q for q in modules.parameters() if q.requires_grad], lr=cfg.optim.lr)
         ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
         meta = checkpoint.load(path, modules, optimizer, ema)
         out = run_dir / "samples" / f"step_{meta['step']:08d}"
-        files, errors = sample_videos(cfg, modules, ema, dims, mesh, out, env)
+        files, errors = sample_videos(cfg, modules, par.first_stage, ema, dims, out, env)
         for f, _ in files:
             print(f"cpdit sample: wrote {f}", flush=True)
         for e in errors:
             print(f"cpdit sample: ERROR {e}", file=sys.stderr, flush=True)
-        del mesh, modules, optimizer
+        del mesh, modules, par, optimizer
     return 1 if errors else 0
