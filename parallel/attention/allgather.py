@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from parallel.attention.blocks import (
-    NULL_SOURCE,
-    TEXT_SOURCE,
-    ForwardState,
-    backward_items,
-    null_block_items,
-    text_block_items,
-)
+from parallel.attention.blocks import backward_items
 from parallel.attention.kernels import acc_dtype
-from parallel.attention.ring import RingSpec, bound_bias
+from parallel.attention.ring import BlockSpec, bound_bias, local_keys_backward, local_keys_forward
 from parallel.comm import all_to_all_tensors
 
 
-def _gather_kv(k, v, spec: RingSpec) -> list[torch.Tensor]:
+def _gather_kv(k, v, spec: BlockSpec) -> list[torch.Tensor]:
     L = spec.text_len
     B, H, _, D = k.shape
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D)
@@ -29,14 +22,10 @@ def _gather_kv(k, v, spec: RingSpec) -> list[torch.Tensor]:
 
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, table, null_kv, spec: RingSpec):
-        L, n = spec.text_len, spec.rows(spec.rank)
+    def forward(ctx, q, k, v, table, null_kv, spec: BlockSpec):
         blocks = _gather_kv(k, v, spec)
         bias, null = bound_bias(spec, table, null_kv, slice(None), q.shape[0], q.dtype)
-        state = ForwardState.empty(q)
-        if null is not None:
-            state.run(q, null[0], null[1], null_block_items(null.shape[3], L, n), NULL_SOURCE, spec.scale, bias)
-        state.run(q, k, v, text_block_items(L, n), TEXT_SOURCE, spec.scale, bias)
+        state = local_keys_forward(q, k, v, spec, bias, null)
         for source, kv in enumerate(blocks):
             state.run(q, kv[0], kv[1], spec.items(source), source, spec.scale, bias)
         out, lse = state.finalize(q.dtype)
@@ -47,8 +36,8 @@ class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, table, null_kv, *blocks = ctx.saved_tensors
-        spec: RingSpec = ctx.spec
-        L, n = spec.text_len, spec.rows(spec.rank)
+        spec: BlockSpec = ctx.spec
+        L = spec.text_len
         B, H, _, D = k.shape
         f32 = dict(dtype=acc_dtype(q.dtype), device=q.device)
         bias, null = bound_bias(spec, table, null_kv, slice(None), B, q.dtype)
@@ -56,22 +45,18 @@ class AllGatherAttention(torch.autograd.Function):
         dnull = None if null is None else torch.zeros(null.shape, **f32)
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, **f32)
-        dk_t, dv_t = torch.zeros(B, H, L, D, **f32), torch.zeros(B, H, L, D, **f32)
-        backward_items(dout, q, k[:, :, :L], v[:, :, :L], out, lse, text_block_items(L, n), spec.scale, dq, dk_t,
-                       dv_t, TEXT_SOURCE, bias)  # fmt: skip
-        if null is not None:
-            backward_items(dout, q, null[0], null[1], out, lse, null_block_items(null.shape[3], L, n), spec.scale,
-                           dq, dnull[0], dnull[1], NULL_SOURCE, bias)  # fmt: skip
+        dkv_text = torch.zeros(2, B, H, L, D, **f32)
+        local_keys_backward(dout, q, k, v, out, lse, spec, dq=dq, dkv_text=dkv_text, dnull=dnull, bias=bias, null=null)
         contrib = []
         for source, kv in enumerate(blocks):
             acc = torch.zeros(kv.shape, **f32)  # (2, B, H, N_source, D)
-            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq, acc[0], acc[1],
-                           source, bias, dtable)  # fmt: skip
+            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq=dq, dk=acc[0],
+                           dv=acc[1], source=source, bias=bias, dtable=dtable)  # fmt: skip
             contrib.append(acc)
         mine = (2, B, H, spec.rows(spec.rank), D)
         dkv = torch.stack(all_to_all_tensors(contrib, [mine] * spec.size, spec.group)).sum(0)
-        dk = torch.cat([dk_t, dkv[0]], dim=2).to(k.dtype)
-        dv = torch.cat([dv_t, dkv[1]], dim=2).to(v.dtype)
+        dk = torch.cat([dkv_text[0], dkv[0]], dim=2).to(k.dtype)
+        dv = torch.cat([dkv_text[1], dkv[1]], dim=2).to(v.dtype)
         gtable = None if dtable is None else dtable.to(table.dtype)
         gnull = None if dnull is None else dnull.sum(1).to(null_kv.dtype)
         return dq.to(q.dtype), dk, dv, gtable, gnull, None

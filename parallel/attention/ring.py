@@ -32,9 +32,10 @@ from parallel.sequence import Segment
 
 
 @dataclass(frozen=True)
-class RingSpec:
-    """What one rank needs to run the ring. `blocks[j]` are the frame segments held by ring member j, in row
-    order; the local q/k/v rows are [text | blocks[rank]]."""
+class BlockSpec:
+    """What one rank needs to run the blocks of a strategy over a ring of `size` members (1: no ring).
+    `blocks[j]` are the frame segments held by ring member j, in row order; the local q/k/v rows are
+    [text | blocks[rank]]."""
 
     group: dist.ProcessGroup | None
     rank: int
@@ -56,16 +57,34 @@ class RingSpec:
         )
 
 
-def ring_forward(q, k, v, spec: RingSpec, bias: BlockBias | None = None, null=None):
+def local_keys_forward(q, k, v, spec: BlockSpec, bias: BlockBias | None, null) -> ForwardState:
+    """Every strategy's start: this rank's queries attend to the keys every rank holds itself - the null keys/values
+    (2, B, H, n, D) or None, and the replicated text rows of k/v. Frame blocks are merged into the state next."""
+    L, n = spec.text_len, spec.rows(spec.rank)
+    state = ForwardState.empty(q)
+    if null is not None:
+        state.run(q, null[0], null[1], null_block_items(null.shape[3], L, n), NULL_SOURCE, spec.scale, bias)
+    state.run(q, k, v, text_block_items(L, n), TEXT_SOURCE, spec.scale, bias)
+    return state
+
+
+def local_keys_backward(dout, q, k, v, out, lse, spec: BlockSpec, *, dq, dkv_text, dnull, bias, null) -> None:
+    """The gradients of local_keys_forward's part, accumulated into dq, dkv_text (2, B, H, L, D) and dnull (like
+    `null`)."""
+    L, n = spec.text_len, spec.rows(spec.rank)
+    backward_items(dout, q, k[:, :, :L], v[:, :, :L], out, lse, text_block_items(L, n), spec.scale, dq=dq,
+                   dk=dkv_text[0], dv=dkv_text[1], source=TEXT_SOURCE, bias=bias)  # fmt: skip
+    if null is not None:
+        backward_items(dout, q, null[0], null[1], out, lse, null_block_items(null.shape[3], L, n), spec.scale, dq=dq,
+                       dk=dnull[0], dv=dnull[1], source=NULL_SOURCE, bias=bias)  # fmt: skip
+
+
+def ring_forward(q, k, v, spec: BlockSpec, bias: BlockBias | None = None, null=None):
     """q, k, v: (B, H, L + N_rank, D); `bias` the BlockBias with its tensors, `null` (2, B, H, n, D) null keys and
     values. Returns out (same shape, q's dtype) and LSE (B, H, L + N_rank) fp32."""
     L = spec.text_len
     B, H, _, D = k.shape
-    state = ForwardState.empty(q)
-    if null is not None:
-        state.run(q, null[0], null[1], null_block_items(null.shape[3], L, spec.rows(spec.rank)), NULL_SOURCE,
-                  spec.scale, bias)  # fmt: skip
-    state.run(q, k, v, text_block_items(L, spec.rows(spec.rank)), TEXT_SOURCE, spec.scale, bias)
+    state = local_keys_forward(q, k, v, spec, bias, null)
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D) contiguous: one message per hop
     for step in range(spec.size):
         source = (spec.rank - step) % spec.size
@@ -79,7 +98,7 @@ def ring_forward(q, k, v, spec: RingSpec, bias: BlockBias | None = None, null=No
     return state.finalize(q.dtype)
 
 
-def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None, bias=None, null=None, dtable=None,
+def ring_backward(dout, q, k, v, out, lse, spec: BlockSpec, *, dq=None, dkv=None, bias=None, null=None, dtable=None,
                   dnull=None):  # fmt: skip
     """Gradients of ring_forward. `dq` (like q) and `dkv` (2, *k.shape) are zero accumulators in acc_dtype to
     add into (views of the caller's buffers are fine); allocated when None. `dtable` (like the bias table) and
@@ -89,13 +108,8 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None, bi
     acc_kw = dict(dtype=acc_dtype(q.dtype), device=q.device)
     dq = torch.zeros(q.shape, **acc_kw) if dq is None else dq
     dkv = torch.zeros(2, *k.shape, **acc_kw) if dkv is None else dkv  # this rank's dK/dV: [text | own frames]
-    items = text_block_items(L, spec.rows(spec.rank))
-    backward_items(dout, q, k[:, :, :L], v[:, :, :L], out, lse, items, spec.scale, dq, dkv[0, :, :, :L],
-                   dkv[1, :, :, :L], TEXT_SOURCE, bias)  # fmt: skip
-    if null is not None:
-        items = null_block_items(null.shape[3], L, spec.rows(spec.rank))
-        backward_items(dout, q, null[0], null[1], out, lse, items, spec.scale, dq, dnull[0], dnull[1], NULL_SOURCE,
-                       bias)  # fmt: skip
+    local_keys_backward(dout, q, k, v, out, lse, spec, dq=dq, dkv_text=dkv[:, :, :, :L], dnull=dnull, bias=bias,
+                        null=null)  # fmt: skip
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D)
     acc_reqs: list = []
     acc_recv = None
@@ -105,15 +119,15 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec, dq=None, dkv=None, bi
         if step < spec.size - 1:
             kv_recv, kv_reqs = ring_exchange(kv, (2, B, H, spec.rows(nxt), D), spec.group, tag=2 * step)
         if step == 0:  # own block: the contribution stays here
-            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq,
-                           dkv[0, :, :, L:], dkv[1, :, :, L:], source, bias, dtable)  # fmt: skip
+            own = dict(dk=dkv[0, :, :, L:], dv=dkv[1, :, :, L:], source=source, bias=bias, dtable=dtable)
+            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq=dq, **own)
         else:
             # This rank's contribution to `source`, plus what the ranks after the owner gathered so far; then on
             # to the next rank. The accumulator of a block starts one rank after its owner and reaches the owner
             # after R-1 hops, like the K/V block itself.
             acc = torch.zeros(2, B, H, spec.rows(source), D, **acc_kw)
-            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq, acc[0], acc[1],
-                           source, bias, dtable)  # fmt: skip
+            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq=dq, dk=acc[0],
+                           dv=acc[1], source=source, bias=bias, dtable=dtable)  # fmt: skip
             if step > 1:
                 wait_all(acc_reqs)
                 acc += acc_recv
@@ -131,7 +145,7 @@ def _head_slices(num_heads: int, chunks: int) -> list[slice]:
     return [slice(a, b) for a, b in split_ranges(num_heads, max(1, min(chunks, num_heads)))]
 
 
-def bound_bias(spec: RingSpec, table, null_kv, hs: slice, batch: int, dtype: torch.dtype):
+def bound_bias(spec: BlockSpec, table, null_kv, hs: slice, batch: int, dtype: torch.dtype):
     """(BlockBias with the table of heads `hs`, null keys/values (2, B, h, n, D) in `dtype`) for one ring pass."""
     bias = None if spec.bias is None else spec.bias.with_tensors(None if table is None else table[hs], None, hs)
     null = None
@@ -140,13 +154,15 @@ def bound_bias(spec: RingSpec, table, null_kv, hs: slice, batch: int, dtype: tor
     return bias, null
 
 
-class RingAttention(torch.autograd.Function):
-    """Ring attention, run once per chunk of heads (`spec.head_chunks`): the K/V blocks, dK/dV accumulators and
+class BlockwiseAttention(torch.autograd.Function):
+    """The block engine of every strategy but allgather: blockwise attention of this rank's queries over the keys of
+    `spec.size` ring members (one member: the local path, and the ring of one after Ulysses' all-to-all), run once
+    per chunk of heads (`spec.head_chunks`): the K/V blocks, dK/dV accumulators and
     kernel scratch in flight are 1/chunks of the whole; bytes on the wire are unchanged. `table` (H, ...) and
     `null_kv` (2, H, n, D) are the bias table and null keys/values (None without), differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, null_kv, spec: RingSpec):
+    def forward(ctx, q, k, v, table, null_kv, spec: BlockSpec):
         slices = _head_slices(q.shape[1], spec.head_chunks)
         if len(slices) == 1:  # no copy into a preallocated output
             out, lse = ring_forward(q, k, v, spec, *bound_bias(spec, table, null_kv, slices[0], q.shape[0], q.dtype))
@@ -163,7 +179,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, table, null_kv = ctx.saved_tensors
-        spec: RingSpec = ctx.spec
+        spec: BlockSpec = ctx.spec
         acc = dict(dtype=acc_dtype(q.dtype), device=q.device)
         dq = torch.zeros(q.shape, **acc)
         dkv = torch.zeros(2, *k.shape, **acc)
@@ -173,9 +189,9 @@ class RingAttention(torch.autograd.Function):
             dnull = torch.zeros(2, q.shape[0], *null_kv.shape[1:], **acc)  # (2, B, H, n, D)
         for hs in _head_slices(q.shape[1], spec.head_chunks):  # each pass accumulates into its head slice
             bias, null = bound_bias(spec, table, null_kv, hs, q.shape[0], q.dtype)
-            ring_backward(dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec, dq[:, hs],
-                          dkv[:, :, hs], bias, null, None if dtable is None else dtable[hs],
-                          None if dnull is None else dnull[:, :, hs])  # fmt: skip
+            ring_backward(dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec, dq=dq[:, hs],
+                          dkv=dkv[:, :, hs], bias=bias, null=null, dtable=None if dtable is None else dtable[hs],
+                          dnull=None if dnull is None else dnull[:, :, hs])  # fmt: skip
         gtable = None if dtable is None else dtable.to(table.dtype)
         gnull = None if dnull is None else dnull.sum(1).to(null_kv.dtype)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), gtable, gnull, None
