@@ -2,7 +2,7 @@
 # fp32 training step (forward, backward, AdamW step) predicted by parallel/memory_model.py (the step simulated on
 # the meta device) next to the one measured by parallel/memory_probe.py (malloc's live bytes after every op, the
 # largest rank, median of 3 steps), and the bytes sent per step predicted by parallel/traffic_model.py next to
-# parallel.comm.count_all_traffic's count.
+# parallel.all_traffic.count_all_traffic's count.
 #
 #   python bench/memory.py                      # small and mid shapes, layouts up to 4 ranks
 #   python bench/memory.py --json bench/results/memory.json

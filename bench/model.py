@@ -27,7 +27,8 @@ from common import MALLOC_ENV, reset_peak, rss_bytes  # noqa: E402
 
 from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
 from launch.spawn import spawn_ranks  # noqa: E402
-from parallel.comm import BYTES, count_all_traffic  # noqa: E402
+from parallel.all_traffic import count_all_traffic  # noqa: E402
+from parallel.comm import BYTES  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.parallelize import materialize, parallelize  # noqa: E402
 

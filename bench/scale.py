@@ -3,7 +3,7 @@
 # figures scale) under every layout, at >= 16k tokens. Three parts, every row kept in one JSON file:
 #
 #   steps    per layout (cp x tp x ulysses : activation checkpointing): fwd+bwd time (the slowest rank of each
-#            repeat), speedup vs cp=1, bytes each rank sent (all traffic: parallel.comm.count_all_traffic), and per-rank
+#            repeat), speedup vs cp=1, bytes each rank sent (all traffic: parallel/all_traffic.py), and per-rank
 #            memory split into parameters, gradients, AdamW state, the activations the forward keeps for the backward,
 #            and the step's peak; the planner's prediction (parallel/memory_model.py) beside the measured peak.
 #   frames   the per-rank peak at several frame counts per layout, the line it follows, and the largest number of
@@ -39,7 +39,8 @@ from common import fmt_ratio, ratio, spread, verdict  # noqa: E402
 
 from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
 from launch.spawn import spawn_ranks  # noqa: E402
-from parallel.comm import BYTES, count_all_traffic  # noqa: E402
+from parallel.all_traffic import count_all_traffic  # noqa: E402
+from parallel.comm import BYTES  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.memory_model import Workload, estimate_memory  # noqa: E402
 from parallel.memory_probe import MallocPeak, _local_bytes, malloc_live  # noqa: E402

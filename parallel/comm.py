@@ -2,20 +2,16 @@
 # frame resharding), ring P2P (ring attention), halo P2P and sharded-statistics all-reduces (the VAE), the
 # tensor-parallel copy of shared parameters, and all-reduces/all-gathers of gradients and frames. Each one adds what
 # this rank sends to the byte counter (BYTES) and records itself in the collective trace (parallel/progress.py) the
-# hang watchdog reads. FSDP2's and DTensor's own collectives run inside torch: `count_all_traffic()` (below) adds them
-# to the counter for the benchmarks. gloo needs contiguous tensors for P2P and all_to_all_single; every helper here
-# makes them so.
+# hang watchdog reads. FSDP2's and DTensor's own collectives run inside torch: parallel/all_traffic.py's
+# `count_all_traffic()` adds them to the counter for the benchmarks. gloo needs contiguous tensors for P2P and
+# all_to_all_single; every helper here makes them so.
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-from torch.distributed.distributed_c10d import _resolve_process_group
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.progress import in_collective
 
@@ -89,6 +85,8 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str, op=d
     if world == 1:
         return t
     with in_collective(f"all_reduce({what})"):
+        # c10d's own function, not torch.distributed.all_reduce: inside count_all_traffic() (parallel/all_traffic.py)
+        # the latter is wrapped to count torch's calls, and this one is counted below
         c10d.all_reduce(t, op=op, group=group)
     BYTES.sent += 2 * (world - 1) * _nbytes(t) // world
     return t
@@ -197,61 +195,3 @@ class _ShiftNext(torch.autograd.Function):
 def shift_next(send: torch.Tensor, recv_shape: tuple[int, ...], group: dist.ProcessGroup) -> torch.Tensor:
     """Autograd-aware: send to the next group member, receive from the previous one (empty on member 0)."""
     return _ShiftNext.apply(send, recv_shape, group)
-
-
-# ---- everything else on the wire: the collectives torch issues itself (FSDP2's c10d calls, DTensor's functional
-# collectives) are counted into BYTES inside `count_all_traffic()`, with the ring-algorithm byte counts used above.
-def _ring_bytes(kind: str, nbytes: int, n: int) -> int:
-    """Bytes one rank sends in a ring collective over n ranks; `nbytes` is this rank's input."""
-    if n <= 1:
-        return 0
-    return {"all_reduce": 2 * (n - 1) * nbytes // n, "all_gather": (n - 1) * nbytes,
-            "reduce_scatter": (n - 1) * nbytes // n, "all_to_all": (n - 1) * nbytes // n}[kind]  # fmt: skip
-
-
-_FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
-               "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}  # fmt: skip
-
-
-class _FunctionalCollectiveBytes(TorchDispatchMode):
-    """Counts DTensor's functional collectives (torch.ops._c10d_functional.*) as they are dispatched."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kind = _FUNCTIONAL.get(func._schema.name.split("::")[-1]) if func.namespace == "_c10d_functional" else None
-        if kind is not None:
-            group = _resolve_process_group(args[-1])
-            BYTES.sent += _ring_bytes(kind, _nbytes(args[0]), dist.get_world_size(group))
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def count_all_traffic():
-    """Within it, BYTES also counts what this module does not issue: FSDP2's all-gathers and reduce-scatters, other
-    c10d all-reduces (HSDP's replica all-reduce, the job's loss) and DTensor's tensor-parallel collectives. For the
-    benchmarks; the wrappers cost a Python call per collective."""
-    wrapped = {  # name -> (ring collective, the argument holding this rank's input); this module's calls bypass them
-        "all_gather_single": ("all_gather", "input_tensor"),
-        "reduce_scatter_single": ("reduce_scatter", "input"),
-        "all_reduce": ("all_reduce", "tensor"),
-    }
-    originals = {name: getattr(dist, name) for name in wrapped}
-
-    def counted(name: str):
-        kind, tensor = wrapped[name]
-        signature = inspect.signature(originals[name])
-
-        def call(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs).arguments
-            BYTES.sent += _ring_bytes(kind, _nbytes(bound[tensor]), dist.get_world_size(bound.get("group")))
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in wrapped:
-        setattr(dist, name, counted(name))
-    try:
-        with _FunctionalCollectiveBytes():
-            yield BYTES
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)

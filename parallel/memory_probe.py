@@ -1,6 +1,6 @@
 # The measured side of the memory model (parallel/memory_model.py): one real training step (forward, backward,
 # AdamW step) of a parallelized model on this rank, its peak memory and the bytes it sent
-# (parallel.comm.count_all_traffic). Memory is what malloc has handed out and not taken back (glibc's mallinfo2,
+# (parallel.all_traffic.count_all_traffic). Memory is what malloc has handed out and not taken back (glibc's mallinfo2,
 # every thread and arena, heap and mmap), read after every op: collectives finish on gloo's threads, and frees
 # there are invisible to torch's profiler, which would count their buffers as never freed. Used by
 # bench/memory.py and tests/test_plan.py, from ranks they spawn.
@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpdit.models.registry import family_of
-from parallel.comm import BYTES, count_all_traffic
+from parallel.all_traffic import count_all_traffic
+from parallel.comm import BYTES
 from parallel.dims import ParallelDims
 from parallel.parallelize import materialize, parallelize
 

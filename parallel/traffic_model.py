@@ -1,5 +1,5 @@
 # Bytes one rank sends in one training step of a CogVideoX-family model under a layout, counted the way
-# parallel.comm.count_all_traffic counts what runs (ring algorithms: an all-reduce of n bytes over g ranks sends
+# parallel.all_traffic.count_all_traffic counts what runs (ring algorithms: an all-reduce of n bytes over g ranks sends
 # 2 n (g-1)/g, an all-gather or reduce-scatter of a g-way sharded n bytes sends n (g-1)/g). The planner
 # (launch/plan.py) prints it; bench/memory.py measures it next to the prediction.
 from __future__ import annotations

@@ -7,7 +7,8 @@ import torch.distributed._functional_collectives as funcol
 from distributed_helpers import run_ranks
 
 from cpdit import CogVideoXConfig, CogVideoXDiT
-from parallel.comm import BYTES, agree, all_reduce, count_all_traffic
+from parallel.all_traffic import count_all_traffic
+from parallel.comm import BYTES, agree, all_reduce
 from parallel.dims import ParallelDims
 from parallel.parallelize import materialize, parallelize
 
