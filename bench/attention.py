@@ -277,8 +277,16 @@ def main(argv=None) -> None:
         else:
             strategies = [s for s in args.strategies.split(",") if s != "usp" or cp >= 4]
         rows += run_cp(args, cp, strategies)
-    settings = dict(seq=args.seq, heads=args.heads, dim=args.dim, frames=args.frames, repeats=args.repeats,
-                    cores=os.cpu_count(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    settings = dict(
+        seq=args.seq,
+        heads=args.heads,
+        dim=args.dim,
+        frames=args.frames,
+        repeats=args.repeats,
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
     print("\n" + "\n".join(report(rows, settings)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

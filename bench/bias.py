@@ -85,22 +85,40 @@ def main(argv=None) -> None:
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"}
     rows = []
     for setting in args.settings.split(","):
-        cmd = [sys.executable, __file__, "--rows", setting, "--frames", str(args.frames), "--side", str(args.side),
-               "--heads", str(args.heads), "--dim", str(args.dim), "--repeats", str(args.repeats),
-               "--causal" if args.causal else "--no-causal"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--rows",
+            setting,
+            "--frames",
+            str(args.frames),
+            "--side",
+            str(args.side),
+            "--heads",
+            str(args.heads),
+            "--dim",
+            str(args.dim),
+            "--repeats",
+            str(args.repeats),
+            "--causal" if args.causal else "--no-causal",
+        ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]
     S = args.frames * args.side * args.side
-    print(f"biased attention, 1 process: S={S} ({args.frames} frames of {args.side}x{args.side}) H={args.heads} "
-          f"D={args.dim} fp32, causal={args.causal}, ALiBi + position table + 2 null kv, fwd+bwd, {args.repeats} "
-          "repeats (median [min-max])\n")  # fmt: skip
+    print(
+        f"biased attention, 1 process: S={S} ({args.frames} frames of {args.side}x{args.side}) H={args.heads} "
+        f"D={args.dim} fp32, causal={args.causal}, ALiBi + position table + 2 null kv, fwd+bwd, {args.repeats} "
+        "repeats (median [min-max])\n"
+    )
     print("| bias blocks | query-row bound | fwd+bwd s | time vs whole | working set MiB | vs whole |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         slower = fmt_ratio(ratio(r["times"], base["times"]))
-        print(f"| {r['setting']} | {r['rows'] or S} | {spread(r['times'])} | {slower} | "
-              f"{r['working_set'] / 2**20:.0f} | {r['working_set'] / base['working_set']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['setting']} | {r['rows'] or S} | {spread(r['times'])} | {slower} | "
+            f"{r['working_set'] / 2**20:.0f} | {r['working_set'] / base['working_set']:.2f} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))

@@ -50,8 +50,9 @@ class FrameParallelAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         N, Tr, _ = x.shape  # (B * S, T_r, D)
-        q, k, v = (t.reshape(N, Tr, -1, self.head_dim).transpose(1, 2) for t in
-                   (self.to_q(x), self.to_k(x), self.to_v(x)))  # fmt: skip
+        q, k, v = (
+            t.reshape(N, Tr, -1, self.head_dim).transpose(1, 2) for t in (self.to_q(x), self.to_k(x), self.to_v(x))
+        )
         out = context_parallel_attention(q, k, v, self.plan, strategy=self.strategy)
         return self.to_out(out.transpose(1, 2).reshape(N, Tr, -1))
 
@@ -175,8 +176,10 @@ def table(rows: list[dict], settings: dict) -> list[str]:
         others = [r for r in rows if r["cp"] == cp and r["mode"] != "axis"]
         for r in others:
             v = verdict(ratio(r["s"], axis[cp]["s"]), 1.0)
-            out.append(f"- axis switching at least as fast as {r['mode']} at cp={cp}: "
-                       f"{fmt_ratio(ratio(r['s'], axis[cp]['s']))}: {v}")  # fmt: skip
+            out.append(
+                f"- axis switching at least as fast as {r['mode']} at cp={cp}: "
+                f"{fmt_ratio(ratio(r['s'], axis[cp]['s']))}: {v}"
+            )
     return out
 
 
@@ -200,11 +203,27 @@ def main() -> None:
     for cp in (2, 4):
         for mode in MODES:
             r, out = measure(mode, cp, args)
-            rows.append(dict(mode=mode, cp=cp, s=r["s"], bytes=r["bytes"], analytic=analytic(mode, cp, args),
-                             err=(out - ref).abs().max().item()))  # fmt: skip
-    settings = dict(frames=args.frames, side=args.side, width=args.width, heads=args.heads, repeats=args.repeats,
-                    temporal_blocks=args.temporal_blocks, cores=os.cpu_count(), torch=torch.__version__,
-                    date=time.strftime("%Y-%m-%d"))  # fmt: skip
+            rows.append(
+                dict(
+                    mode=mode,
+                    cp=cp,
+                    s=r["s"],
+                    bytes=r["bytes"],
+                    analytic=analytic(mode, cp, args),
+                    err=(out - ref).abs().max().item(),
+                )
+            )
+    settings = dict(
+        frames=args.frames,
+        side=args.side,
+        width=args.width,
+        heads=args.heads,
+        repeats=args.repeats,
+        temporal_blocks=args.temporal_blocks,
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+    )
     print("\n".join(table(rows, settings)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -76,13 +76,13 @@ def check_kernels(device: torch.device, dtypes, shapes) -> list[dict]:
     for dtype in dtypes:
         for B, H, Sq, Sk, D in shapes:
             for kind in ("none", "additive", "masked"):
-                q, k, v, dout = (torch.randn(B, H, n, D, generator=gen, dtype=torch.float64)
-                                 for n in (Sq, Sk, Sk, Sq))  # fmt: skip
+                q, k, v, dout = (torch.randn(B, H, n, D, generator=gen, dtype=torch.float64) for n in (Sq, Sk, Sk, Sq))
                 bias64 = _bias(kind, (B, H, Sq, Sk), gen, "cpu")
                 scale = D**-0.5
                 ref_out, ref_lse = _math_forward(q, k, v, scale, bias64)  # float64 in, float64 math
-                ref_d = _math_backward(dout, q, k, v, ref_out, ref_lse.masked_fill(ref_lse.isneginf(), 0.0), scale,
-                                       bias64)  # fmt: skip
+                ref_d = _math_backward(
+                    dout, q, k, v, ref_out, ref_lse.masked_fill(ref_lse.isneginf(), 0.0), scale, bias64
+                )
                 on = [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
                 bias = None if bias64 is None else bias64.to(device=device, dtype=dtype)
                 out, lse = block_forward(*on[:3], scale, bias)
@@ -94,17 +94,26 @@ def check_kernels(device: torch.device, dtypes, shapes) -> list[dict]:
                 errs = [_err(out, ref_out), _err(lse, ref_lse)] + [
                     _err(g, r) for g, r in zip(grads, ref_d, strict=True)
                 ]
-                rows.append(dict(dtype=str(dtype).removeprefix("torch."), shape=(B, H, Sq, Sk, D), bias=kind,
-                                 kernel=kernel, fwd=max(errs[:2]), bwd=max(errs[2:]),
-                                 ok=max(errs) <= TOL[dtype]))  # fmt: skip
+                rows.append(
+                    dict(
+                        dtype=str(dtype).removeprefix("torch."),
+                        shape=(B, H, Sq, Sk, D),
+                        bias=kind,
+                        kernel=kernel,
+                        fwd=max(errs[:2]),
+                        bwd=max(errs[2:]),
+                        ok=max(errs) <= TOL[dtype],
+                    )
+                )
     return rows
 
 
 def model_step(device: torch.device, preset: str, layers: int, shape, steps: int) -> dict:
     """(b): forward+backward of the parallelized CogVideoXDiT at world size 1 (bf16 autocast on CUDA)."""
     T, H, W, L = shape
-    cfg = CogVideoXConfig.preset(preset, num_layers=layers, sample_frames=1 + 4 * (T - 1), sample_height=H,
-                             sample_width=W)  # fmt: skip
+    cfg = CogVideoXConfig.preset(
+        preset, num_layers=layers, sample_frames=1 + 4 * (T - 1), sample_height=H, sample_width=W
+    )
     dims = ParallelDims(1, cp_size=1, model_parallel_size=1)
     mesh = dims.build_mesh(device.type)
     with torch.device("meta"):
@@ -133,18 +142,39 @@ def model_step(device: torch.device, preset: str, layers: int, shape, steps: int
     step = statistics.median(times[1:])
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     del model, mesh
-    return dict(preset=preset, layers=layers, tokens=tokens, step=step, flops=step_flops(cfg, tokens, 1),
-                loss=loss.item(), peak_gib=peak_mem, ok=bool(torch.isfinite(loss)))  # fmt: skip
+    return dict(
+        preset=preset,
+        layers=layers,
+        tokens=tokens,
+        step=step,
+        flops=step_flops(cfg, tokens, 1),
+        loss=loss.item(),
+        peak_gib=peak_mem,
+        ok=bool(torch.isfinite(loss)),
+    )
 
 
 def default_job(device: torch.device, steps: int) -> dict:
     """(c): `cpdit-launch train` on one rank for a few steps (nccl on CUDA), with sampling and export."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "launch", "--nproc-per-node", "1", "train", f"train.output_dir={tmp}",
-               "train.run_name=gpu", f"train.steps={steps}", f"dist.backend={backend}", "parallel.cp_size=1",
-               "parallel.model_parallel_size=1", "sample.num_steps=2", "logging.wandb=false",
-               f"checkpoint.every={steps}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch",
+            "--nproc-per-node",
+            "1",
+            "train",
+            f"train.output_dir={tmp}",
+            "train.run_name=gpu",
+            f"train.steps={steps}",
+            f"dist.backend={backend}",
+            "parallel.cp_size=1",
+            "parallel.model_parallel_size=1",
+            "sample.num_steps=2",
+            "logging.wandb=false",
+            f"checkpoint.every={steps}",
+        ]
         env = {**os.environ, "WANDB_MODE": "offline"}
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
@@ -157,8 +187,14 @@ def default_job(device: torch.device, steps: int) -> dict:
         losses = [row["loss"] for row in rows if "loss" in row and "event" not in row]
         ok = r.returncode == 0 and len(losses) == steps and all(v == v for v in losses)
         ok = ok and any((run / "samples").glob("*.mp4")) and (run / "export" / "model.safetensors").is_file()
-        return dict(backend=backend, rc=r.returncode, losses=losses, seconds=time.perf_counter() - t0, ok=ok,
-                    tail="" if ok else (r.stdout[-2000:] + r.stderr[-4000:]))  # fmt: skip
+        return dict(
+            backend=backend,
+            rc=r.returncode,
+            losses=losses,
+            seconds=time.perf_counter() - t0,
+            ok=ok,
+            tail="" if ok else (r.stdout[-2000:] + r.stderr[-4000:]),
+        )
 
 
 def main(argv=None) -> int:
@@ -188,12 +224,19 @@ def main(argv=None) -> int:
     print("| dtype | B,H,Sq,Sk,D | bias | kernel | fwd err | bwd err | ok |\n|---|---|---|---|---|---|---|")
     for r in check_kernels(device, dtypes, shapes):
         failures += not r["ok"]
-        print(f"| {r['dtype']} | {','.join(map(str, r['shape']))} | {r['bias']} | {r['kernel']} | {r['fwd']:.1e} | "
-              f"{r['bwd']:.1e} | {'yes' if r['ok'] else 'NO'} |")  # fmt: skip
+        print(
+            f"| {r['dtype']} | {','.join(map(str, r['shape']))} | {r['bias']} | {r['kernel']} | {r['fwd']:.1e} | "
+            f"{r['bwd']:.1e} | {'yes' if r['ok'] else 'NO'} |"
+        )
 
     store = tempfile.NamedTemporaryFile(delete=False)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store.name}", rank=0,
-                            world_size=1, timeout=datetime.timedelta(seconds=600))  # fmt: skip
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"file://{store.name}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=600),
+    )
     print(
         "\n(b) parallelized CogVideoXDiT, world size 1, forward+backward" + ("" if args.dry_run else ", bf16 autocast")
     )
@@ -201,8 +244,11 @@ def main(argv=None) -> int:
         "\n| model | layers | tokens | step s | tokens/s | TFLOP/s | MFU | peak GiB | ok |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
-    cases = [("tiny", 2, (3, 8, 8, 16))] if args.dry_run else [(m, args.layers, (13, 60, 90, 226))
-                                                                for m in ("cogvideox-2b", "cogvideox-5b")]  # fmt: skip
+    cases = (
+        [("tiny", 2, (3, 8, 8, 16))]
+        if args.dry_run
+        else [(m, args.layers, (13, 60, 90, 226)) for m in ("cogvideox-2b", "cogvideox-5b")]
+    )
     for preset, layers, shape in cases:
         try:
             r = model_step(device, preset, layers, shape, args.steps)
@@ -213,16 +259,20 @@ def main(argv=None) -> int:
         failures += not r["ok"]
         tflops = r["flops"] / r["step"] / 1e12
         mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "n/a"
-        print(f"| {preset} | {layers} | {r['tokens']} | {r['step']:.3f} | {r['tokens'] / r['step']:.0f} | "
-              f"{tflops:.1f} | {mfu} | {r['peak_gib']:.1f} | {'yes' if r['ok'] else 'NO'} |")  # fmt: skip
+        print(
+            f"| {preset} | {layers} | {r['tokens']} | {r['step']:.3f} | {r['tokens'] / r['step']:.0f} | "
+            f"{tflops:.1f} | {mfu} | {r['peak_gib']:.1f} | {'yes' if r['ok'] else 'NO'} |"
+        )
     dist.destroy_process_group()
     os.unlink(store.name)
 
     print("\n(c) the default job on one rank")
     r = default_job(device, args.steps)
     failures += not r["ok"]
-    print(f"backend={r['backend']} exit={r['rc']} losses={[round(v, 4) for v in r['losses']]} "
-          f"{r['seconds']:.0f} s: {'ok' if r['ok'] else 'FAILED'}")  # fmt: skip
+    print(
+        f"backend={r['backend']} exit={r['rc']} losses={[round(v, 4) for v in r['losses']]} "
+        f"{r['seconds']:.0f} s: {'ok' if r['ok'] else 'FAILED'}"
+    )
     if not r["ok"]:
         print(r["tail"])
     print(f"\n{failures} failure(s); {time.perf_counter() - started:.0f} s in all")

@@ -163,8 +163,12 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         v, ok = r["verdict"], r["ok"]
-        seen = {"color": v.color, "shape": v.shape, "direction": v.direction,
-                "one object": "yes" if v.one_object and v.dark_background else "no"}  # fmt: skip
+        seen = {
+            "color": v.color,
+            "shape": v.shape,
+            "direction": v.direction,
+            "one object": "yes" if v.one_object and v.dark_background else "no",
+        }
         cells = [f"{seen[k]} {'ok' if ok[k] else 'X'}" for k in ("color", "shape", "one object", "direction")]
         print(f"| {r['prompt']} | {' | '.join(cells)} | {r['score']:.2f} |")
     total = sum(r["score"] for r in rows) / max(len(rows), 1)

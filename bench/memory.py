@@ -30,11 +30,11 @@ SHAPES = {
     "small": (
         dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, time_embed_dim=64, text_embed_dim=64),
         Workload(frames=8, height=32, width=32, text_len=24),
-    ),  # fmt: skip
+    ),
     "mid": (
         dict(num_attention_heads=12, attention_head_dim=64, num_layers=4, time_embed_dim=256, text_embed_dim=256),
         Workload(frames=13, height=16, width=16, text_len=226),
-    ),  # fmt: skip
+    ),
 }
 LAYOUTS = (
     "1x1x1:none,1x1x1:full,2x1x1:none,2x1x1:full,2x1x2:none,1x2x1:none,2x2x1:none,2x2x1:full,4x1x1:none,4x1x2:none"
@@ -65,9 +65,19 @@ def run(name: str, cp: int, tp: int, ulysses: int, ac: str) -> dict:
     tpf = (w.height // cfg.patch_size) * (w.width // cfg.patch_size)
     root = _root_elements(cfg)  # outside the blocks nothing is tensor-parallel
     traffic = estimate_traffic(cfg, w.frames, tpf, w.text_len, w.batch, dims, tp_part, root, ac)
-    return dict(shape=name, cp=cp, tp=tp, ulysses=ulysses, ac=ac, measured=max(r["peak"] for r in rows),
-                per_rank=[r["peak"] for r in rows], predicted=est.total, breakdown=dataclasses.asdict(est),
-                sent=max(r["sent"] for r in rows), predicted_sent=traffic.total)  # fmt: skip
+    return dict(
+        shape=name,
+        cp=cp,
+        tp=tp,
+        ulysses=ulysses,
+        ac=ac,
+        measured=max(r["peak"] for r in rows),
+        per_rank=[r["peak"] for r in rows],
+        predicted=est.total,
+        breakdown=dataclasses.asdict(est),
+        sent=max(r["sent"] for r in rows),
+        predicted_sent=traffic.total,
+    )
 
 
 def report(rows: list[dict]) -> str:
@@ -86,8 +96,9 @@ def report(rows: list[dict]) -> str:
             f"{sent_err} |"
         )
     worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
-    out.append(f"\n- memory: every layout within 10% of measured: {'met' if worst <= 0.10 else 'not met'} "
-               f"(worst {worst:.1%})")  # fmt: skip
+    out.append(
+        f"\n- memory: every layout within 10% of measured: {'met' if worst <= 0.10 else 'not met'} (worst {worst:.1%})"
+    )
     return "\n".join(out)
 
 
@@ -107,8 +118,11 @@ def main(argv=None) -> None:
             layout, ac = item.split(":")
             cp, tp, u = (int(v) for v in layout.split("x"))
             rows.append(run(name, cp, tp, u, ac))
-            print(f"{name} cp={cp} tp={tp} ulysses={u} {ac}: measured {rows[-1]['measured']} predicted "
-                  f"{rows[-1]['predicted']}", flush=True)  # fmt: skip
+            print(
+                f"{name} cp={cp} tp={tp} ulysses={u} {ac}: measured {rows[-1]['measured']} predicted "
+                f"{rows[-1]['predicted']}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"\nPer-rank peak of one fp32 training step, torch {torch.__version__}, CPU/gloo\n")

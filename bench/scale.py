@@ -52,10 +52,10 @@ TEXT = {"2b": 226, "5b": 226, "toy": 16}
 FRAMES = {"2b": 12, "5b": 12, "toy": 4}  # 2b, 5b: 12 x 1350 + 226 = 16426 tokens
 LAYOUTS = {  # cp x tp x ulysses : activation checkpointing (dp = 1: every layout computes the same step)
     "2b": "1x1x1:none,2x1x1:none,2x1x2:none,1x2x1:none,2x1x1:full,4x1x1:none,4x1x4:none,4x1x2:none,2x2x1:none,"
-          "4x1x1:full",
+    "4x1x1:full",
     "5b": "1x1x1:none,2x1x1:none",
     "toy": "1x1x1:none,2x1x1:none,2x1x2:none,1x2x1:none,2x1x1:full",
-}  # fmt: skip
+}
 SWEEP = {"2b": (4, 8), "toy": (8,)}  # frame counts of the frames part (the steps part adds FRAMES)
 SWEEP_LAYOUTS = "1x1x1:none,2x1x1:none,4x1x1:none,4x1x4:none"
 # Freed memory stays in the process (no mmap for large blocks, no trimming), as CUDA's caching allocator keeps it on
@@ -103,8 +103,16 @@ def _step_worker(rank, world, shape, frames, cp, tp, ulysses, ac, repeats, out):
     text = torch.randn(1, TEXT[shape], cfg.text_embed_dim, generator=g)
     timesteps = torch.tensor([500.0])
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    row = dict(params=_local_bytes(model.parameters()), optimizer=_local_bytes(states), fwd=[], fwdbwd=[], opt=[],
-               saved=[], peak=[], sent=0)  # fmt: skip
+    row = dict(
+        params=_local_bytes(model.parameters()),
+        optimizer=_local_bytes(states),
+        fwd=[],
+        fwdbwd=[],
+        opt=[],
+        saved=[],
+        peak=[],
+        sent=0,
+    )
     for i in range(repeats + 1):  # step 0 warms malloc's heap up (and counts every byte sent); not timed
         BYTES.reset()
         dist.barrier()
@@ -157,8 +165,20 @@ def run_step(shape: str, frames: int, item: str, repeats: int, part: str) -> dic
     dims = ParallelDims(cp * tp, cp, tp, ulysses)
     predicted = estimate_memory(cfg, Workload(frames, h, w, TEXT[shape]), dims, ac, foreach=False)
     tokens = TEXT[shape] + frames * (h // cfg.patch_size) * (w // cfg.patch_size)
-    return dict(row, part=part, shape=shape, frames=frames, tokens=tokens, cp=cp, tp=tp, ulysses=ulysses, ac=ac,
-                strategy=_strategy(cp, ulysses), predicted=predicted.total, flops=_step_flops(cfg, tokens))  # fmt: skip
+    return dict(
+        row,
+        part=part,
+        shape=shape,
+        frames=frames,
+        tokens=tokens,
+        cp=cp,
+        tp=tp,
+        ulysses=ulysses,
+        ac=ac,
+        strategy=_strategy(cp, ulysses),
+        predicted=predicted.total,
+        flops=_step_flops(cfg, tokens),
+    )
 
 
 def _strategy(cp: int, ulysses: int) -> str:
@@ -244,14 +264,28 @@ def run_overlap(shape: str, item: str, repeats: int, layout: str = "model") -> d
     cp, strategy = item.split(":")
     cfg = _config(shape)
     h, w = LATENT[shape]
-    frames, tpf, text = OVERLAP_LAYOUTS[layout] or (FRAMES[shape], (h // cfg.patch_size) * (w // cfg.patch_size),
-                                                    TEXT[shape])  # fmt: skip
+    frames, tpf, text = OVERLAP_LAYOUTS[layout] or (
+        FRAMES[shape],
+        (h // cfg.patch_size) * (w // cfg.patch_size),
+        TEXT[shape],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         spawn_ranks(_overlap_worker, int(cp), strategy, frames, tpf, text, repeats, str(out), directory=tmp)
         times = json.loads(out.read_text())
-    return dict(times, part="overlap", shape=shape, layout=layout, cp=int(cp), strategy=strategy, frames=frames,
-                tpf=tpf, text=text, tokens=text + frames * tpf, **OVERLAP)  # fmt: skip
+    return dict(
+        times,
+        part="overlap",
+        shape=shape,
+        layout=layout,
+        cp=int(cp),
+        strategy=strategy,
+        frames=frames,
+        tpf=tpf,
+        text=text,
+        tokens=text + frames * tpf,
+        **OVERLAP,
+    )
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -288,16 +322,19 @@ def steps_table(rows: list[dict], shape: str) -> list[str]:
             f"{r['predicted'] / MiB:.0f} | {r['predicted'] / peak - 1:+.1%} |"
         )
     for strategy in ("ring", "ulysses"):
-        r = next((r for r in rows if r["cp"] == 2 and r["tp"] == 1 and r["ac"] == "none" and r["strategy"] == strategy),
-                 None)  # fmt: skip
+        r = next(
+            (r for r in rows if r["cp"] == 2 and r["tp"] == 1 and r["ac"] == "none" and r["strategy"] == strategy), None
+        )
         if r:
             sp = ratio(base["fwdbwd"], r["fwdbwd"])
             out.append(f"- {shape} cp=2 {strategy} fwd+bwd >= 1.8x cp=1: {fmt_ratio(sp)}: {verdict(sp, 1.8)}")
     for r in rows:
         if r["cp"] == 4 and r["tp"] == 1 and r["ac"] == "none":
             share = statistics.median(r["saved"]) / statistics.median(base["saved"])
-            out.append(f"- {shape} cp=4 {r['strategy']} saved activations <= 0.30x cp=1: {share:.3f}x: "
-                       f"{'met' if share <= 0.30 else 'not met'}")  # fmt: skip
+            out.append(
+                f"- {shape} cp=4 {r['strategy']} saved activations <= 0.30x cp=1: {share:.3f}x: "
+                f"{'met' if share <= 0.30 else 'not met'}"
+            )
     return out
 
 
@@ -330,13 +367,16 @@ def frames_table(rows: list[dict], shape: str, cap: float) -> list[str]:
         worst = max(abs(p - (a + b * f)) / p for f, p in pts)
         most[(cp, ulysses)] = (cap * GiB - a) / b
         at = ", ".join(f"{p / MiB:.0f} @ {f}" for f, p in pts)
-        out.append(f"| {_name(rs[0])} | {at} | {a / MiB:.0f} + {b / MiB:.1f} F | {worst:.1%} | "
-                   f"{most[(cp, ulysses)]:.0f} |")  # fmt: skip
+        out.append(
+            f"| {_name(rs[0])} | {at} | {a / MiB:.0f} + {b / MiB:.1f} F | {worst:.1%} | {most[(cp, ulysses)]:.0f} |"
+        )
     base = most.get((1, 1))
     for (cp, ulysses), m in sorted(most.items()):
         if cp == 4 and base:
-            out.append(f"- {shape} max frames at {cp=} ({_strategy(cp, ulysses)}) >= 3.6x cp=1 under {cap:g} GiB: "
-                       f"{m / base:.2f}x: {'met' if m / base >= 3.6 else 'not met'}")  # fmt: skip
+            out.append(
+                f"- {shape} max frames at {cp=} ({_strategy(cp, ulysses)}) >= 3.6x cp=1 under {cap:g} GiB: "
+                f"{m / base:.2f}x: {'met' if m / base >= 3.6 else 'not met'}"
+            )
     return out
 
 
@@ -362,9 +402,11 @@ def overlap_table(rows: list[dict]) -> list[str]:
             resolved = comm > q3 - q1
         hidden = f"{(comp + comm - both) / comm:.0%}" if resolved else "not resolved"
         frames, tpf, text = r.get("frames", 12), r.get("tpf", 1350), r.get("text", 226)
-        out.append(f"| {r['tokens']} ({frames} x {tpf} + {text}) | {r['strategy']} | {r['cp']} | {len(r['both'])} | "
-                   f"{spread(r['both'])} | {spread(r['compute'])} | {spread(r['comm'])} | {comm / comp:.1%} | "
-                   f"{both - comp:+.3f} | {hidden} |")  # fmt: skip
+        out.append(
+            f"| {r['tokens']} ({frames} x {tpf} + {text}) | {r['strategy']} | {r['cp']} | {len(r['both'])} | "
+            f"{spread(r['both'])} | {spread(r['compute'])} | {spread(r['comm'])} | {comm / comp:.1%} | "
+            f"{both - comp:+.3f} | {hidden} |"
+        )
     return out
 
 

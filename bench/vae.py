@@ -76,8 +76,17 @@ def _worker(rank, world, name, frames, size, chunk, repeats, result):
             enc_s, enc_peak, m = _measure(lambda: vae.encoder(x_local, t_in), repeats)
             dec_s, dec_peak, y = _measure(lambda: vae.decoder(z_local, t_lat), repeats)
         m, y = gather_time(m, lat, group), gather_time(y, pix, group)
-    row = dict(config=name, frames=frames, size=size, cp=world, chunk=chunk, enc=enc_s, dec=dec_s,
-               enc_peak=enc_peak, dec_peak=dec_peak)  # fmt: skip
+    row = dict(
+        config=name,
+        frames=frames,
+        size=size,
+        cp=world,
+        chunk=chunk,
+        enc=enc_s,
+        dec=dec_s,
+        enc_peak=enc_peak,
+        dec_peak=dec_peak,
+    )
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:

@@ -15,8 +15,10 @@ def inside(directory: str | Path, name: str | Path) -> Path:
     root = Path(directory)
     path = root / name
     if path.is_symlink():
-        raise OutsideDirectory(f"{path} is a symlink (to {path.readlink()}); refused: cpdit reads only plain files "
-                               f"inside {root}. Copy the file into the directory instead")  # fmt: skip
+        raise OutsideDirectory(
+            f"{path} is a symlink (to {path.readlink()}); refused: cpdit reads only plain files "
+            f"inside {root}. Copy the file into the directory instead"
+        )
     if not path.resolve().is_relative_to(root.resolve()):
         raise OutsideDirectory(f"{path} resolves to {path.resolve()}, outside {root.resolve()}; refused")
     return path

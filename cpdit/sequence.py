@@ -25,8 +25,16 @@ class BoundSequence(Protocol):
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of shard_frames (autograd-aware)."""
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                  bias: AttentionBias | None = None, scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        bias: AttentionBias | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Attention over the joint sequence; q, k, v (B, H, L + T_local * tpf, D) -> same shape. `causal`: frame-
         causal; `bias`: additive biases/masks on global positions; `scale`: softmax
         scale (None: D ** -0.5)."""
@@ -62,8 +70,9 @@ class _LocalBound:
     def gather_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return x
 
-    def attention(self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None,
-                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    def attention(
+        self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None, scale: float | None = None
+    ) -> torch.Tensor:
         if not causal and bias is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         bias = bias or AttentionBias((self.num_frames, self.tokens_per_frame, 1))

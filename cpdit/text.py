@@ -65,8 +65,9 @@ class T5TextEncoder(nn.Module):
             raise ImportError(f"text.encoder='t5' needs transformers ({err}): pip install 'cpdit[t5]'") from err
 
         if not Path(path, "config.json").is_file():
-            raise FileNotFoundError(f"text encoder path {path!r} has no config.json (a local T5 directory is needed; "
-                                    "nothing is downloaded)")  # fmt: skip
+            raise FileNotFoundError(
+                f"text encoder path {path!r} has no config.json (a local T5 directory is needed; nothing is downloaded)"
+            )
         self.path, self.max_length = str(path), max_length
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -101,8 +102,14 @@ class T5TextEncoder(nn.Module):
                     out[i] = load_file(str(f))["embedding"].to(device)
         todo = [i for i, e in enumerate(out) if e is None]
         if todo:
-            tok = self.tokenizer([captions[i] for i in todo], padding="max_length", max_length=self.max_length,
-                                 truncation=True, add_special_tokens=True, return_tensors="pt")  # fmt: skip
+            tok = self.tokenizer(
+                [captions[i] for i in todo],
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            )
             emb = self.model(tok.input_ids.to(device)).last_hidden_state  # (n, max_length, d_model)
             for j, i in enumerate(todo):
                 out[i] = emb[j]

@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-parallel-size", type=int, default=None, help="tensor-parallel degree (parallel.model_parallel_size)"
     )
     k.add_argument("--ulysses-size", type=int, default=None, help="Ulysses part of cp (parallel.ulysses_size)")
-    p.add_argument("command", choices=COMMANDS,
-                   help="train, sample, or selfcheck (mesh + collectives); `cpdit-launch plan --help` predicts "
-                        "which layouts fit")  # fmt: skip
+    p.add_argument(
+        "command",
+        choices=COMMANDS,
+        help="train, sample, or selfcheck (mesh + collectives); `cpdit-launch plan --help` predicts which layouts fit",
+    )
     p.add_argument(
         "rest",
         nargs="*",
@@ -224,8 +226,11 @@ def run_torchrun(torchrun_args: list[str], run_dir: Path) -> int:
 
         cause = root_cause(run_dir, started)
         if cause is not None:
-            print(f"cpdit-launch: the job failed: {cause}. Each rank's full log is above (prefixed [rankN]).",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"cpdit-launch: the job failed: {cause}. Each rank's full log is above (prefixed [rankN]).",
+                file=sys.stderr,
+                flush=True,
+            )
     marker = read_marker(run_dir, started)
     if marker is not None:
         print(

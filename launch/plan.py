@@ -81,10 +81,12 @@ def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True) -> lis
     for dims in layouts(world, m.num_attention_heads, work.frames, per_node):
         _, tp_part = local_params(m, dims, fsdp=cfg.parallel.fsdp)
         for ac in AC_CHOICES:
-            mem = estimate_memory(m, work, dims, ac, fsdp=cfg.parallel.fsdp, ema=cfg.train.ema_decay > 0,
-                                  foreach=foreach)  # fmt: skip
-            traffic = estimate_traffic(m, work.frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac,
-                                       cfg.parallel.fsdp)  # fmt: skip
+            mem = estimate_memory(
+                m, work, dims, ac, fsdp=cfg.parallel.fsdp, ema=cfg.train.ema_decay > 0, foreach=foreach
+            )
+            traffic = estimate_traffic(
+                m, work.frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac, cfg.parallel.fsdp
+            )
             out.append(Candidate(dims, ac, mem, traffic))
     return out
 
@@ -119,7 +121,7 @@ def recommend(cands: list[Candidate], budget: float) -> tuple[Candidate | None, 
             "needs no activation checkpointing, "
             if best.ac == "none"
             else "needs activation checkpointing (no layout fits without it), "
-        )  # fmt: skip
+        )
         + f"and of those sends the least per sample ({best.traffic.total / best.dims.dp / GiB:.2f} GiB per rank)"
     )
     return best, why
@@ -160,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="fraction of the device a layout may use (the rest: CUDA context, NCCL, fragmentation)",
     )
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cuda: AdamW's multi-tensor step (one parameter-sized temporary); cpu: per-tensor")  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda: AdamW's multi-tensor step (one parameter-sized temporary); cpu: per-tensor",
+    )
     p.add_argument("rest", nargs="*", metavar="config.yaml | key=value", help="the job's config, as for train")
     return p
 

@@ -144,8 +144,9 @@ def _check_files(cfg: JobConfig, command: str) -> None:
             raise ConfigError(f"text.path={cfg.text.path!r} has no *.safetensors weights (cpdit never unpickles .bin)")
         want = checked_model_config(cfg).text_embed_dim if not cfg.model.pretrained else None
         if want is not None and width is not None and width != want:
-            raise ConfigError(f"T5 at text.path has width {width}, model.text_embed_dim is {want}; set "
-                              f"model.text_embed_dim={width}")  # fmt: skip
+            raise ConfigError(
+                f"T5 at text.path has width {width}, model.text_embed_dim is {want}; set model.text_embed_dim={width}"
+            )
     if cfg.model.pretrained:
         _need_dir("model.pretrained", cfg.model.pretrained, hint="a diffusers transformer directory")
         from cpdit.diffusers_io import weight_files

@@ -30,8 +30,13 @@ class RanksFailed(AssertionError):
 def _init(rank: int, world_size: int, init_file: str, timeout_s: float) -> None:
     torch.set_num_threads(1)
     os.environ["CPDIT_TEST_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, tasks, results) -> None:
@@ -70,7 +75,7 @@ class RankPool:
         self.procs = [
             ctx.Process(
                 target=_serve, args=(r, world_size, init_file, timeout_s, self.tasks[r], self.results), daemon=True
-            )  # fmt: skip
+            )
             for r in range(world_size)
         ]
         for p in self.procs:
@@ -130,8 +135,9 @@ class RankPool:
                 p.join(5)
 
 
-def spawn_ranks(fn: Callable, world_size: int, *args, directory: str | Path, timeout: float = 3600.0,
-                pg_timeout_s: float = 1800.0) -> list:  # fmt: skip
+def spawn_ranks(
+    fn: Callable, world_size: int, *args, directory: str | Path, timeout: float = 3600.0, pg_timeout_s: float = 1800.0
+) -> list:
     """fn(rank, world_size, *args) on `world_size` fresh processes (rendezvous file under `directory`); returns each
     rank's return value."""
     pool = RankPool(world_size, directory, pg_timeout_s)

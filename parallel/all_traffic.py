@@ -19,12 +19,20 @@ def _ring_bytes(kind: str, nbytes: int, n: int) -> int:
     """Bytes one rank sends in a ring collective over n ranks; `nbytes` is this rank's input."""
     if n <= 1:
         return 0
-    return {"all_reduce": 2 * (n - 1) * nbytes // n, "all_gather": (n - 1) * nbytes,
-            "reduce_scatter": (n - 1) * nbytes // n, "all_to_all": (n - 1) * nbytes // n}[kind]  # fmt: skip
+    return {
+        "all_reduce": 2 * (n - 1) * nbytes // n,
+        "all_gather": (n - 1) * nbytes,
+        "reduce_scatter": (n - 1) * nbytes // n,
+        "all_to_all": (n - 1) * nbytes // n,
+    }[kind]
 
 
-_FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
-               "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}  # fmt: skip
+_FUNCTIONAL = {
+    "all_reduce": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+}
 
 
 class _FunctionalCollectiveBytes(TorchDispatchMode):

@@ -43,11 +43,13 @@ class _CPBound:
             self._windows[key] = FrameWindows(f.segments, f.cp_rank, f.cp_group, before, after)
         return self._windows[key](x)
 
-    def attention(self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None,
-                  scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    def attention(
+        self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None, scale: float | None = None
+    ) -> torch.Tensor:
         o = self.owner
-        return context_parallel_attention(q, k, v, self.tokens, causal=causal, strategy=o.strategy, scale=scale,
-                                          head_chunks=o.head_chunks, bias=bias)  # fmt: skip
+        return context_parallel_attention(
+            q, k, v, self.tokens, causal=causal, strategy=o.strategy, scale=scale, head_chunks=o.head_chunks, bias=bias
+        )
 
 
 class ContextParallelSequence:

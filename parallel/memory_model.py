@@ -176,8 +176,9 @@ class _FSDPImage:
 
     def snapshot(self) -> dict[str, int]:
         """What holds memory now besides activations: gradients (whole ones alive, shards kept) and FSDP buffers."""
-        whole = sum(p.grad.numel() * p.grad.element_size() for ps in self.units.values() for p in ps
-                    if p.grad is not None)  # fmt: skip
+        whole = sum(
+            p.grad.numel() * p.grad.element_size() for ps in self.units.values() for p in ps if p.grad is not None
+        )
         return {"grads": whole + self.sharded_grads, "fsdp": self.buffers}
 
     def _grad_done(self, unit: nn.Module) -> None:

@@ -143,8 +143,16 @@ def parallelize_job(
 ) -> Parallelized:
     """`parallelize` the DiT, data-parallelize a trainable text encoder like it (FSDP2 as one unit, or the plain
     all-reduce), and put the first stage on the cp group."""
-    parallelize(model, dims, mesh, activation_checkpointing=activation_checkpointing, fsdp=fsdp, attention=attention,
-                layout=layout, head_chunks=head_chunks)  # fmt: skip
+    parallelize(
+        model,
+        dims,
+        mesh,
+        activation_checkpointing=activation_checkpointing,
+        fsdp=fsdp,
+        attention=attention,
+        layout=layout,
+        head_chunks=head_chunks,
+    )
     if text is not None:
         apply_data_parallel(text, dims, mesh, fsdp)
     stage = parallelize_first_stage(first_stage, dims, mesh, first_stage_cp) if first_stage is not None else None

@@ -36,8 +36,10 @@ def _share_norm(norm: nn.LayerNorm, group: dist.ProcessGroup) -> None:
 def plan_matches(model: nn.Module, plan: dict[str, str]) -> list[tuple[str, nn.Module, str]]:
     """(name, module, style) for every module of `model` whose name matches a pattern of `plan` (`*` is one dotted
     component; "" is the model itself), in module order."""
-    rules = [(re.compile(r"\.".join("[^.]+" if c == "*" else re.escape(c) for c in k.split("."))), v)
-             for k, v in plan.items()]  # fmt: skip
+    rules = [
+        (re.compile(r"\.".join("[^.]+" if c == "*" else re.escape(c) for c in k.split("."))), v)
+        for k, v in plan.items()
+    ]
     out = []
     for name, module in model.named_modules():
         style = next((v for r, v in rules if r.fullmatch(name)), None)

@@ -18,8 +18,19 @@ TEST_MODEL = ["model.preset=tiny", "data.batch_size=2"]
 
 
 def job_cmd(tmp, name, *extra, command="train", nproc=4, launcher_flags=()):
-    return [sys.executable, "-m", "launch", "--nproc-per-node", str(nproc), *launcher_flags, command,
-            f"train.output_dir={tmp}", f"train.run_name={name}", *TEST_MODEL, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "launch",
+        "--nproc-per-node",
+        str(nproc),
+        *launcher_flags,
+        command,
+        f"train.output_dir={tmp}",
+        f"train.run_name={name}",
+        *TEST_MODEL,
+        *extra,
+    ]
 
 
 def launch(tmp, name, *extra, command="train", nproc=4, check=True, launcher_flags=(), timeout=600):

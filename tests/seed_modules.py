@@ -94,8 +94,11 @@ class _AlphaBlender(nn.Module):
         if self.merge_strategy == "learned":
             return torch.sigmoid(self.mix_factor)
         assert image_only_indicator is not None, "need image_only_indicator"
-        alpha = torch.where(image_only_indicator.bool(), torch.ones(1, 1, device=image_only_indicator.device),
-                            torch.sigmoid(self.mix_factor)[..., None])  # fmt: skip
+        alpha = torch.where(
+            image_only_indicator.bool(),
+            torch.ones(1, 1, device=image_only_indicator.device),
+            torch.sigmoid(self.mix_factor)[..., None],
+        )
         return einops.rearrange(alpha, self.rearrange_pattern)
 
     def forward(self, x_spatial, x_temporal, image_only_indicator=None):
@@ -110,14 +113,27 @@ def sgm_namespace() -> dict:
     import packaging.version
 
     ns: dict = {
-        "__name__": "sgm_seed", "math": math, "torch": torch, "nn": nn, "F": F, "Any": typing.Any,
-        "Optional": typing.Optional, "rearrange": einops.rearrange, "repeat": einops.repeat,
-        "version": packaging.version, "isfunction": __import__("inspect").isfunction,
-        "SDP_IS_AVAILABLE": True, "XFORMERS_IS_AVAILABLE": False, "BACKEND_MAP": {None: {}},
-        "sdp_kernel": lambda **kw: contextlib.nullcontext(), "SDPBackend": type("SDPBackend", (), {}),
-        "checkpoint": _checkpoint, "linear": nn.Linear, "timestep_embedding": _timestep_embedding,
+        "__name__": "sgm_seed",
+        "math": math,
+        "torch": torch,
+        "nn": nn,
+        "F": F,
+        "Any": typing.Any,
+        "Optional": typing.Optional,
+        "rearrange": einops.rearrange,
+        "repeat": einops.repeat,
+        "version": packaging.version,
+        "isfunction": __import__("inspect").isfunction,
+        "SDP_IS_AVAILABLE": True,
+        "XFORMERS_IS_AVAILABLE": False,
+        "BACKEND_MAP": {None: {}},
+        "sdp_kernel": lambda **kw: contextlib.nullcontext(),
+        "SDPBackend": type("SDPBackend", (), {}),
+        "checkpoint": _checkpoint,
+        "linear": nn.Linear,
+        "timestep_embedding": _timestep_embedding,
         "AlphaBlender": _AlphaBlender,
-    }  # fmt: skip
+    }
     attention = _text("001_e65850759413b9c4.txt")
     attention = attention[attention.index("def exists(val):") :]
     video = _dedent_deep_methods(_text("000_a37ebca6bd37c311.txt"))
@@ -149,8 +165,13 @@ class _GEGLU(nn.Module):
 
 def _feed_forward(dim, mult=4, dropout=0.0):
     inner = int(mult * (2 / 3) * dim)
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner * 2, bias=False), _GEGLU(), nn.Dropout(dropout),
-                         nn.Linear(inner, dim, bias=False))  # fmt: skip
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, inner * 2, bias=False),
+        _GEGLU(),
+        nn.Dropout(dropout),
+        nn.Linear(inner, dim, bias=False),
+    )
 
 
 class _PEG(nn.Module):
@@ -185,11 +206,23 @@ def phenaki_namespace() -> dict:
     body_src = body_src.replace(cut, "        kv_input = default(context, x)\n" + cut)
     tail = code[rest:].replace("self.net.append(nn.Linear(dim, heads)\n", "self.net.append(nn.Linear(dim, heads))\n")
     ns: dict = {
-        "__name__": "phenaki_seed", "math": math, "torch": torch, "nn": nn, "F": F, "einsum": torch.einsum,
-        "rearrange": einops.rearrange, "repeat": einops.repeat, "Tuple": tuple, "beartype": lambda f: f,
-        "exists": lambda v: v is not None, "default": lambda v, d: v if v is not None else d,
-        "l2norm": lambda t: F.normalize(t, dim=-1), "leaky_relu": lambda p=0.1: nn.LeakyReLU(p),
-        "LayerNorm": _BiasFreeLayerNorm, "FeedForward": _feed_forward, "PEG": _PEG,
-    }  # fmt: skip
+        "__name__": "phenaki_seed",
+        "math": math,
+        "torch": torch,
+        "nn": nn,
+        "F": F,
+        "einsum": torch.einsum,
+        "rearrange": einops.rearrange,
+        "repeat": einops.repeat,
+        "Tuple": tuple,
+        "beartype": lambda f: f,
+        "exists": lambda v: v is not None,
+        "default": lambda v, d: v if v is not None else d,
+        "l2norm": lambda t: F.normalize(t, dim=-1),
+        "leaky_relu": lambda p=0.1: nn.LeakyReLU(p),
+        "LayerNorm": _BiasFreeLayerNorm,
+        "FeedForward": _feed_forward,
+        "PEG": _PEG,
+    }
     exec(compile(header + init_src + forward + body_src + tail, str(SEEDS / "004_89ac4dad8cf3567a.txt"), "exec"), ns)
     return ns

@@ -192,8 +192,12 @@ def test_shard_gather_round_trip(tmp_path, world):
 
 def test_frame_partition_tables():
     assert [sum(b - a for a, b in s) for s in frame_partition(13, 4)] == [4, 3, 3, 3]
-    assert frame_partition(13, 4, "zigzag") == [[(0, 2), (12, 13)], [(2, 4), (11, 12)], [(4, 6), (10, 11)],
-                                                [(6, 8), (8, 10)]]  # fmt: skip
+    assert frame_partition(13, 4, "zigzag") == [
+        [(0, 2), (12, 13)],
+        [(2, 4), (11, 12)],
+        [(4, 6), (10, 11)],
+        [(6, 8), (8, 10)],
+    ]
     assert frame_partition(4, 4, "zigzag") == [[(0, 1)], [(1, 2)], [(2, 3)], [(3, 4)]]
     assert frame_partition(49, 1) == [[(0, 49)]]
     with pytest.raises(ValueError, match="num_frames=3 < cp_size=4"):

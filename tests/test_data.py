@@ -127,7 +127,10 @@ def test_old_checkpoints_data_position_is_converted():
     """Checkpoints before the clip count stored batches per dp rank: converted with their dp and batch size."""
     from launch.job.data import DataPosition
 
-    meta = {"data": {"epoch": 2, "index": 3}, "layout": "world=4 dp_replicate=1 dp_shard=2 cp=2 (ring=2 x ulysses=1) "
-            "tp=1", "config": "data:\n  batch_size: 4\n"}  # fmt: skip
+    meta = {
+        "data": {"epoch": 2, "index": 3},
+        "layout": "world=4 dp_replicate=1 dp_shard=2 cp=2 (ring=2 x ulysses=1) tp=1",
+        "config": "data:\n  batch_size: 4\n",
+    }
     assert DataPosition.from_meta(meta) == DataPosition(2, 24)
     assert DataPosition.from_meta({"data": {"epoch": 1, "clips": 8}}) == DataPosition(1, 8)

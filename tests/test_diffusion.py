@@ -9,7 +9,7 @@ from cpdit.diffusion import (
     sample,
     sample_timesteps,
     sampling_indices,
-    v_loss_terms,  # fmt: skip
+    v_loss_terms,
 )
 
 

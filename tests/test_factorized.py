@@ -50,8 +50,17 @@ def _model(rank, world, layout, strategy):
     T, S, B, L = 5, 6, 2, 3
     torch.manual_seed(0)
     # learned strategies: temporal cross-attention to the text; fixed: sgm's default, a second temporal self-attention
-    c = FactorizedConfig(in_channels=8, num_heads=2, head_dim=4, depth=2, temporal_blocks=1, context_dim=6,
-                         use_spatial_context=strategy != "fixed", merge_strategy=strategy, norm_groups=2)  # fmt: skip
+    c = FactorizedConfig(
+        in_channels=8,
+        num_heads=2,
+        head_dim=4,
+        depth=2,
+        temporal_blocks=1,
+        context_dim=6,
+        use_spatial_context=strategy != "fixed",
+        merge_strategy=strategy,
+        norm_groups=2,
+    )
     model = SpatialVideoTransformer(c).double()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, S, 8, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -80,9 +89,13 @@ def _model(rank, world, layout, strategy):
 
 @pytest.mark.parametrize(
     "world, layout, strategy",
-    [(1, "contiguous", "learned_with_images"), (2, "contiguous", "learned"), (4, "contiguous", "learned_with_images"),
-     (4, "zigzag", "fixed")],
-)  # fmt: skip
+    [
+        (1, "contiguous", "learned_with_images"),
+        (2, "contiguous", "learned"),
+        (4, "contiguous", "learned_with_images"),
+        (4, "zigzag", "fixed"),
+    ],
+)
 def test_spatial_video_transformer_under_cp_equals_single_process(world, layout, strategy, tmp_path):
     run_ranks(_model, world, tmp_path, layout, strategy)
 
@@ -90,8 +103,15 @@ def test_spatial_video_transformer_under_cp_equals_single_process(world, layout,
 def _dit(rank, world, cp, layout, ac="none", tp=1):
     from cpdit.models.factorized.model import FactorizedDiT, FactorizedDiTConfig
 
-    c = FactorizedDiTConfig(text_embed_dim=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                            time_embed_dim=16, norm_groups=4, ff_in=True)  # fmt: skip
+    c = FactorizedDiTConfig(
+        text_embed_dim=8,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        time_embed_dim=16,
+        norm_groups=4,
+        ff_in=True,
+    )
     ref = FactorizedDiT(c).double()
     ref.init_weights(3)
     gen = torch.Generator().manual_seed(2)
@@ -114,9 +134,14 @@ def _dit(rank, world, cp, layout, ac="none", tp=1):
 
 @pytest.mark.parametrize(
     "world, cp, tp, layout, ac",
-    [(2, 2, 1, "contiguous", "full"), (4, 4, 1, "zigzag", "none"), (4, 2, 1, "contiguous", "none"),
-     (4, 2, 2, "contiguous", "none"), (2, 1, 2, "contiguous", "none")],
-)  # fmt: skip
+    [
+        (2, 2, 1, "contiguous", "full"),
+        (4, 4, 1, "zigzag", "none"),
+        (4, 2, 1, "contiguous", "none"),
+        (4, 2, 2, "contiguous", "none"),
+        (2, 1, 2, "contiguous", "none"),
+    ],
+)
 def test_factorized_dit_parallelized_equals_single_process(world, cp, tp, layout, ac, tmp_path):
     """The svd-like diffusion model through parallelize: FSDP2 over dp x cp, frames over cp with axis switching,
     heads and feed-forward columns over tp, per-stage activation checkpointing."""
@@ -129,8 +154,17 @@ def test_svd_like_preset_trains_with_the_job(tmp_path):
     samples written."""
     from job_helpers import launch, losses
 
-    launch(tmp_path, "svd", "model.preset=svd-like", "train.steps=4", "checkpoint.every=2", "data.num_samples=8",
-           "logging.wandb=false", "sample.num_steps=2", "sample.prompts=[a red circle moving left]")  # fmt: skip
+    launch(
+        tmp_path,
+        "svd",
+        "model.preset=svd-like",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "data.num_samples=8",
+        "logging.wandb=false",
+        "sample.num_steps=2",
+        "sample.prompts=[a red circle moving left]",
+    )
     by_step, rows = losses(tmp_path / "svd")
     assert sorted(by_step) == [1, 2, 3, 4] and all(v == v for v in by_step.values())
     assert "cp=2" in rows[0]["layout"] and "tp=2" in rows[0]["layout"]

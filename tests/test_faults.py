@@ -23,8 +23,16 @@ from launch.job.watchdog import EXIT_HANG, slow_ranks
 
 pytestmark = pytest.mark.slow  # real jobs with injected faults
 
-COMMON = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16", "logging.wandb=false",
-          "sample.at_end=false", "train.export=true", "optim.warmup_steps=2"]  # fmt: skip
+COMMON = [
+    "train.steps=8",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=4",
+    "data.num_samples=16",
+    "logging.wandb=false",
+    "sample.at_end=false",
+    "train.export=true",
+    "optim.warmup_steps=2",
+]
 SLOW = ["debug.step_sleep_s=0.4"]
 TABLE: list[dict] = []
 
@@ -84,8 +92,15 @@ def test_killed_worker_restarts_elastically_and_matches(reference):
     resumed = events(tmp / "kill", "resume")
     assert restart and restart[0]["attempt"] == 1 and resumed and resumed[-1]["step"] in (2, 4)
     assert_same_final_state(tmp, "kill")
-    TABLE.append(dict(fault="kill -9 of one worker (rank 2), --max-restarts 1", detected_s=round(detect, 1),
-                      steps_lost=step_at_kill - resumed[-1]["step"], exit_code=0, final_state="equal"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="kill -9 of one worker (rank 2), --max-restarts 1",
+            detected_s=round(detect, 1),
+            steps_lost=step_at_kill - resumed[-1]["step"],
+            exit_code=0,
+            final_state="equal",
+        )
+    )
 
 
 def test_a_killed_agent_takes_its_workers_with_it(tmp_path):
@@ -101,8 +116,15 @@ def test_a_killed_agent_takes_its_workers_with_it(tmp_path):
     while any(alive(w) for w in workers) and time.monotonic() - t0 < 10:
         time.sleep(0.05)
     assert not [w for w in workers if alive(w)], "workers outlived their agent"
-    TABLE.append(dict(fault="kill -9 of the launcher (torchrun's agent)", detected_s=round(time.monotonic() - t0, 1),
-                      steps_lost="run ends", exit_code=-9, final_state="no orphaned worker"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="kill -9 of the launcher (torchrun's agent)",
+            detected_s=round(time.monotonic() - t0, 1),
+            steps_lost="run ends",
+            exit_code=-9,
+            final_state="no orphaned worker",
+        )
+    )
 
 
 def test_preemption_by_signal_checkpoints_exits_75_and_resumes(reference):
@@ -117,8 +139,15 @@ def test_preemption_by_signal_checkpoints_exits_75_and_resumes(reference):
     first = events(run, "preempted")[-1]
     assert (run / MARKER).is_file()
     assert complete_checkpoints(run / "checkpoints")[-1].name == f"step_{first['step']:08d}"
-    TABLE.append(dict(fault="SIGUSR1 to one worker", detected_s=round(time.monotonic() - t0, 1), steps_lost=0,
-                      exit_code=EXIT_PREEMPTED, final_state="checkpoint at the next step boundary"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="SIGUSR1 to one worker",
+            detected_s=round(time.monotonic() - t0, 1),
+            steps_lost=0,
+            exit_code=EXIT_PREEMPTED,
+            final_state="checkpoint at the next step boundary",
+        )
+    )
     # 2) resumed; then SIGTERM to the launcher, and a second SIGTERM while it saves
     proc = start(tmp, "pre", *COMMON, *SLOW, log_name="pre2")
     wait_for_step(run, first["step"] + 1, proc)
@@ -130,9 +159,15 @@ def test_preemption_by_signal_checkpoints_exits_75_and_resumes(reference):
     second = events(run, "preempted")[-1]
     assert second["step"] > first["step"]
     assert not verify_files(complete_checkpoints(run / "checkpoints")[-1], 0, 1)  # the save was not corrupted
-    TABLE.append(dict(fault="SIGTERM x2 to the launcher (second during the save)",
-                      detected_s=round(time.monotonic() - t0, 1), steps_lost=0, exit_code=EXIT_PREEMPTED,
-                      final_state="checkpoint intact"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="SIGTERM x2 to the launcher (second during the save)",
+            detected_s=round(time.monotonic() - t0, 1),
+            steps_lost=0,
+            exit_code=EXIT_PREEMPTED,
+            final_state="checkpoint intact",
+        )
+    )
     # 3) the requeued job finishes with the uninterrupted run's weights
     launch(tmp, "pre", *COMMON)
     assert not (run / MARKER).exists()
@@ -158,15 +193,23 @@ def test_hang_is_detected_dumped_and_ends_the_job(reference):
     assert "hang detected" in (tmp / "hang.log").read_text()
     time.sleep(0.5)
     assert not any(alive(p) for p in workers)  # no stuck process left behind
-    TABLE.append(dict(fault="rank 1 stops making progress at step 3", detected_s=round(detect, 1), steps_lost=1,
-                      exit_code=EXIT_HANG, final_state="stack dumps + report naming rank 1"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="rank 1 stops making progress at step 3",
+            detected_s=round(detect, 1),
+            steps_lost=1,
+            exit_code=EXIT_HANG,
+            final_state="stack dumps + report naming rank 1",
+        )
+    )
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(reference):
     tmp = reference
     run = tmp / "full"
-    r = launch(tmp, "full", *COMMON, "debug.fail_save_at_step=4", "debug.fail_save=io_error", "debug.fail_rank=1",
-               check=False)  # fmt: skip
+    r = launch(
+        tmp, "full", *COMMON, "debug.fail_save_at_step=4", "debug.fail_save=io_error", "debug.fail_rank=1", check=False
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-4000:]
     assert "No space left on device" in out and "step_00000002 is intact" in out
@@ -174,8 +217,15 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(reference):
     assert not verify_files(run / "checkpoints" / "step_00000002", 0, 1)
     launch(tmp, "full", *COMMON)
     assert_same_final_state(tmp, "full")
-    TABLE.append(dict(fault="ENOSPC on rank 1 while saving step 4", detected_s=0.0, steps_lost=2, exit_code=1,
-                      final_state="step 2 intact; resume equal"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="ENOSPC on rank 1 while saving step 4",
+            detected_s=0.0,
+            steps_lost=2,
+            exit_code=1,
+            final_state="step 2 intact; resume equal",
+        )
+    )
 
 
 def test_corrupt_checkpoint_is_skipped_or_refused(reference):
@@ -196,8 +246,15 @@ def test_corrupt_checkpoint_is_skipped_or_refused(reference):
     assert "skipping corrupt checkpoint" in r.stderr
     assert events(tmp / "corrupt", "resume")[-1]["step"] == 4
     assert_same_final_state(tmp, "corrupt")
-    TABLE.append(dict(fault="flipped byte in the newest checkpoint", detected_s=0.0, steps_lost=2, exit_code=0,
-                      final_state="fell back to the previous one; equal"))  # fmt: skip
+    TABLE.append(
+        dict(
+            fault="flipped byte in the newest checkpoint",
+            detected_s=0.0,
+            steps_lost=2,
+            exit_code=0,
+            final_state="fell back to the previous one; equal",
+        )
+    )
 
 
 def test_incompatible_checkpoint_is_refused(reference):
@@ -220,8 +277,15 @@ def test_nan_policy_stops_and_keeps_the_last_good_checkpoint(reference):
 
 def test_fp16_loss_scaling(reference):
     tmp = reference
-    launch(tmp, "fp16", *COMMON, "train.mixed_precision=fp16", "train.loss_scale=1e12", "train.steps=4",
-           "train.export=false")  # fmt: skip
+    launch(
+        tmp,
+        "fp16",
+        *COMMON,
+        "train.mixed_precision=fp16",
+        "train.loss_scale=1e12",
+        "train.steps=4",
+        "train.export=false",
+    )
     rows = metrics(tmp / "fp16")
     overflows = [r for r in rows if r.get("event") == "loss_scale_overflow"]
     assert overflows and overflows[0]["loss_scale"] == 5e11  # the first step overflowed: scale halved, step skipped

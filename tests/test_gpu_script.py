@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_passes_on_cpu():
-    r = subprocess.run([sys.executable, "bench/gpu.py", "--dry-run"], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=400)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--dry-run"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "0 failure(s)" in r.stdout
     assert r.stdout.count("| yes |") == 7  # 6 kernel cases + the model step
@@ -26,6 +27,5 @@ def test_gpu_check_refuses_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    r = subprocess.run([sys.executable, "bench/gpu.py"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CUDA device here; use --dry-run" in r.stderr

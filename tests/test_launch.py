@@ -118,12 +118,30 @@ def test_mpirun_trains_is_preempted_and_resumes(tmp_path):
 
     from launch.job.preemption import EXIT_PREEMPTED
 
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", sys.executable, "-m", "launch", "train",
-           f"train.output_dir={tmp_path}", "train.run_name=mpi", *TEST_MODEL, "train.steps=6", "checkpoint.every=2",
-           "data.num_samples=16", "logging.wandb=false", "sample.at_end=false", "train.export=false"]  # fmt: skip
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-n",
+        "4",
+        sys.executable,
+        "-m",
+        "launch",
+        "train",
+        f"train.output_dir={tmp_path}",
+        "train.run_name=mpi",
+        *TEST_MODEL,
+        "train.steps=6",
+        "checkpoint.every=2",
+        "data.num_samples=16",
+        "logging.wandb=false",
+        "sample.at_end=false",
+        "train.export=false",
+    ]
     log = open(tmp_path / "mpi.log", "w")
-    proc = subprocess.Popen([*cmd, "debug.step_sleep_s=0.5"], env=JOB_ENV, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp_path)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "debug.step_sleep_s=0.5"], env=JOB_ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+    )
     wait_for_step(tmp_path / "mpi", 2, proc, timeout=180)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "mpi.log").read_text()[-4000:]

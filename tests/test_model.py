@@ -14,10 +14,20 @@ def _diffusers_model(rope: bool, seed: int = 0):
 
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-        text_embed_dim=24, num_layers=2, sample_width=10, sample_height=6, sample_frames=9, patch_size=2,
-        max_text_seq_length=7, use_rotary_positional_embeddings=rope,
-    )  # fmt: skip
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=32,
+        text_embed_dim=24,
+        num_layers=2,
+        sample_width=10,
+        sample_height=6,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=7,
+        use_rotary_positional_embeddings=rope,
+    )
     with torch.no_grad():  # every weight random (diffusers zero-initialises some), so parity means something
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)

@@ -16,8 +16,16 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # two network-namespace nodes
 
-RUN = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16", "logging.wandb=false",
-       "sample.at_end=false", "train.export=true", "optim.warmup_steps=2"]  # fmt: skip
+RUN = [
+    "train.steps=8",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=4",
+    "data.num_samples=16",
+    "logging.wandb=false",
+    "sample.at_end=false",
+    "train.export=true",
+    "optim.warmup_steps=2",
+]
 
 
 def sh(*cmd, check=True):
@@ -56,8 +64,22 @@ def nodes(tmp_path_factory):
 def on_node(ns, hostname, hosts, cmd):
     """cmd inside namespace ns with its own hostname and /etc/hosts (nsenter, not `ip netns exec`)."""
     script = f'mount --bind {hosts} /etc/hosts && hostname {hostname} && exec "$@"'
-    return ["timeout", "-k", "10", "300", "nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts",
-            "sh", "-c", script, "sh", *cmd]  # fmt: skip
+    return [
+        "timeout",
+        "-k",
+        "10",
+        "300",
+        "nsenter",
+        f"--net=/run/netns/{ns}",
+        "unshare",
+        "--mount",
+        "--uts",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        *cmd,
+    ]
 
 
 def descendants(pid):
@@ -90,12 +112,33 @@ def test_two_node_torchrun_with_elastic_restart(nodes):
     agents = []
     t0 = time.monotonic()
     for i, ns in enumerate(names):
-        cmd = ["python", "-m", "launch", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", "node1:29400",
-               "--rdzv-id", "cpdit-test", "--max-restarts", "1", "train", f"train.output_dir={tmp}",
-               "train.run_name=two", *TEST_MODEL, *RUN, "debug.step_sleep_s=0.3"]  # fmt: skip
+        cmd = [
+            "python",
+            "-m",
+            "launch",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-endpoint",
+            "node1:29400",
+            "--rdzv-id",
+            "cpdit-test",
+            "--max-restarts",
+            "1",
+            "train",
+            f"train.output_dir={tmp}",
+            "train.run_name=two",
+            *TEST_MODEL,
+            *RUN,
+            "debug.step_sleep_s=0.3",
+        ]
         log = open(tmp / f"node{i + 1}.log", "w")
-        agents.append(subprocess.Popen(on_node(ns, f"node{i + 1}", hosts, cmd), env=ENV, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=tmp))  # fmt: skip
+        agents.append(
+            subprocess.Popen(
+                on_node(ns, f"node{i + 1}", hosts, cmd), env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+            )
+        )
     wait_for_step(tmp / "two", 3, agents[0], timeout=180)
     started = [e for e in metrics(tmp / "two") if e.get("event") == "start"][0]
     assert started["nodes"] == 2 and "world=4" in started["layout"]
@@ -125,9 +168,19 @@ def test_two_node_torchrun_with_elastic_restart(nodes):
     print(f"two nodes: kill -> restart logged {restart_s:.1f} s; total {time.monotonic() - t0:.1f} s")
 
 
-ELASTIC = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep_last=4", "data.num_samples=16",
-           "logging.wandb=false", "sample.at_end=false", "train.export=false", "optim.warmup_steps=2",
-           "parallel.cp_size=2", "parallel.model_parallel_size=1", "debug.step_sleep_s=0.3"]  # fmt: skip
+ELASTIC = [
+    "train.steps=10",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=4",
+    "data.num_samples=16",
+    "logging.wandb=false",
+    "sample.at_end=false",
+    "train.export=false",
+    "optim.warmup_steps=2",
+    "parallel.cp_size=2",
+    "parallel.model_parallel_size=1",
+    "debug.step_sleep_s=0.3",
+]
 
 
 def test_losing_a_node_the_job_goes_on_with_the_other(nodes):
@@ -137,12 +190,32 @@ def test_losing_a_node_the_job_goes_on_with_the_other(nodes):
     tmp, names, hosts = nodes
     agents = []
     for i, ns in enumerate(names):
-        cmd = ["python", "-m", "launch", "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint",
-               "node1:29401", "--rdzv-id", "cpdit-elastic", "--max-restarts", "2", "train", f"train.output_dir={tmp}",
-               "train.run_name=elastic", *TEST_MODEL, *ELASTIC]  # fmt: skip
+        cmd = [
+            "python",
+            "-m",
+            "launch",
+            "--nnodes",
+            "1:2",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-endpoint",
+            "node1:29401",
+            "--rdzv-id",
+            "cpdit-elastic",
+            "--max-restarts",
+            "2",
+            "train",
+            f"train.output_dir={tmp}",
+            "train.run_name=elastic",
+            *TEST_MODEL,
+            *ELASTIC,
+        ]
         log = open(tmp / f"elastic{i + 1}.log", "w")
-        agents.append(subprocess.Popen(on_node(ns, f"node{i + 1}", hosts, cmd), env=ENV, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=tmp))  # fmt: skip
+        agents.append(
+            subprocess.Popen(
+                on_node(ns, f"node{i + 1}", hosts, cmd), env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+            )
+        )
     run = tmp / "elastic"
     wait_for_step(run, 3, agents[0], timeout=180)
     started = [e for e in metrics(run) if e.get("event") == "start"][0]

@@ -19,8 +19,16 @@ T, H, W, L = 13, 6, 10, 7  # 13 latent frames (uneven over cp), odd patch grid 3
 
 def _config(pos):
     # 6 heads: 3 per rank at tp=2, 2/2/1/1 at ulysses 4
-    return CogVideoXConfig.preset("tiny", num_attention_heads=6, attention_head_dim=16, text_embed_dim=16,
-                              time_embed_dim=24, pos_embedding=pos, sample_height=6, sample_width=10)  # fmt: skip
+    return CogVideoXConfig.preset(
+        "tiny",
+        num_attention_heads=6,
+        attention_head_dim=16,
+        text_embed_dim=16,
+        time_embed_dim=24,
+        pos_embedding=pos,
+        sample_height=6,
+        sample_width=10,
+    )
 
 
 def _weights(model, seed):
@@ -37,8 +45,22 @@ def _inputs(batch, seed):
     return x, txt, t, w
 
 
-def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", layout="contiguous", ac="none",
-                 batch_per_rank=1, seed=0, lora=0, replicate=1, fsdp=True):  # fmt: skip
+def check_layout(
+    rank,
+    world,
+    cp,
+    tp,
+    ulysses=1,
+    strategy="auto",
+    pos="sincos",
+    layout="contiguous",
+    ac="none",
+    batch_per_rank=1,
+    seed=0,
+    lora=0,
+    replicate=1,
+    fsdp=True,
+):
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=replicate)
     mesh = dims.build_mesh("cpu")
     cfg = _config(pos)
@@ -60,8 +82,9 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
         model = CogVideoXDiT(cfg).to(torch.float64)
         if lora:
             add_lora(model, lora)
-    parallelize(model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None,
-                fsdp=fsdp)  # fmt: skip
+    parallelize(
+        model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None, fsdp=fsdp
+    )
     materialize(model, "cpu")
     load_full_state_dict(model, sd)
     d = dims.dp_rank(rank)
@@ -69,8 +92,10 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     out_local = model(x[mine], txt[mine], t[mine], return_local=True)
     bound = model.sequence.bind(T, (H // 2) * (W // 2), L)
     w_local, ref_local = bound.shard_frames(w[mine], 1), bound.shard_frames(out_ref[mine].detach(), 1)
-    what = (f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
-            f"{strategy} {pos} {layout} ac={ac}")  # fmt: skip
+    what = (
+        f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
+        f"{strategy} {pos} {layout} ac={ac}"
+    )
     torch.testing.assert_close(out_local, ref_local, **F64, msg=lambda m: f"{what} output: {m}")
     # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
     ((out_local * w_local).sum() * dims.dp / n).backward()
@@ -79,8 +104,9 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
         if ref_grads[name] is None:
             assert p.grad is None, name
             continue
-        torch.testing.assert_close(full_tensor(p.grad), ref_grads[name], **F64,
-                                   msg=lambda m, name=name: f"{what} grad {name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            full_tensor(p.grad), ref_grads[name], **F64, msg=lambda m, name=name: f"{what} grad {name}: {m}"
+        )
     with torch.no_grad():  # the full output too (gather over cp), on every rank
         torch.testing.assert_close(model(x[mine], txt[mine], t[mine]), out_ref[mine].detach(), **F64)
 
@@ -96,8 +122,9 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     assert global_grad_norm(params) == pytest.approx(clipped, rel=1e-9), what
     for name, p in model.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(full_tensor(p.grad), ref_grads[name], **F64,
-                                       msg=lambda m, name=name: f"{what} clipped grad {name}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                full_tensor(p.grad), ref_grads[name], **F64, msg=lambda m, name=name: f"{what} clipped grad {name}: {m}"
+            )
 
     # one AdamW step on both sides
     opt_ref = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -105,8 +132,12 @@ def check_layout(rank, world, cp, tp, ulysses=1, strategy="auto", pos="sincos", 
     opt_ref.step()
     opt.step()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(full_tensor(p.detach()), dict(ref.named_parameters())[name].detach(), **F64,
-                                   msg=lambda m, name=name: f"{what} param after step {name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            full_tensor(p.detach()),
+            dict(ref.named_parameters())[name].detach(),
+            **F64,
+            msg=lambda m, name=name: f"{what} param after step {name}: {m}",
+        )
     del model, mesh, opt
 
 
@@ -134,8 +165,9 @@ def _one(rank, world):
 
 
 # 8 processes on 2 cores are slow: the 8-rank combinations (dp x cp x tp, HSDP x tp, USP x tp) are in the full suite
-@pytest.mark.parametrize("world, fn", [(1, _one), (4, _four), pytest.param(8, _eight, marks=pytest.mark.slow)],
-                         ids=["1", "4", "8"])  # fmt: skip
+@pytest.mark.parametrize(
+    "world, fn", [(1, _one), (4, _four), pytest.param(8, _eight, marks=pytest.mark.slow)], ids=["1", "4", "8"]
+)
 def test_whole_model_parity(tmp_path, world, fn):
     run_ranks(fn, world, tmp_path, timeout=600)
 

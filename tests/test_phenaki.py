@@ -40,15 +40,25 @@ def _windows(rank, world, layout, before, after):
     torch.testing.assert_close(x_local.grad, full[:, before : before + T].index_select(1, mine), **TOL)
 
 
-@pytest.mark.parametrize("world, layout, before, after", [(1, "contiguous", 2, 0), (2, "zigzag", 2, 0),
-                                                          (4, "contiguous", 2, 0), (4, "zigzag", 1, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "world, layout, before, after",
+    [(1, "contiguous", 2, 0), (2, "zigzag", 2, 0), (4, "contiguous", 2, 0), (4, "zigzag", 1, 1)],
+)
 def test_frame_windows_and_their_backward(world, layout, before, after, tmp_path):
     run_ranks(_windows, world, tmp_path, layout, before, after)
 
 
 def _config(**kw) -> PhenakiDiTConfig:
-    return PhenakiDiTConfig(text_embed_dim=8, num_attention_heads=6, attention_head_dim=4, num_layers=2,
-                            time_embed_dim=16, cpb_dim=8, self_attn_null_kv=2, **kw)  # fmt: skip
+    return PhenakiDiTConfig(
+        text_embed_dim=8,
+        num_attention_heads=6,
+        attention_head_dim=4,
+        num_layers=2,
+        time_embed_dim=16,
+        cpb_dim=8,
+        self_attn_null_kv=2,
+        **kw,
+    )
 
 
 def _inputs():
@@ -95,10 +105,14 @@ def _dit(rank, world, cp, tp, layout, attention, ac):
 
 @pytest.mark.parametrize(
     "world, cp, tp, layout, attention, ac",
-    [(2, 2, 1, "contiguous", "ring", "full"), (4, 4, 1, "zigzag", "ring", "none"),
-     (4, 2, 2, "zigzag", "ulysses", "none"), (2, 1, 2, "contiguous", "auto", "none"),
-     (4, 4, 1, "contiguous", "allgather", "none")],
-)  # fmt: skip
+    [
+        (2, 2, 1, "contiguous", "ring", "full"),
+        (4, 4, 1, "zigzag", "ring", "none"),
+        (4, 2, 2, "zigzag", "ulysses", "none"),
+        (2, 1, 2, "contiguous", "auto", "none"),
+        (4, 4, 1, "contiguous", "allgather", "none"),
+    ],
+)
 def test_phenaki_dit_parallelized_equals_single_process(world, cp, tp, layout, attention, ac, tmp_path):
     run_ranks(_dit, world, tmp_path, cp, tp, layout, attention, ac)
 
@@ -109,9 +123,17 @@ def test_phenaki_like_preset_trains_with_the_job(tmp_path):
     tp=2, FSDP, per-frame noise levels; sampling generates the frames in order."""
     from job_helpers import launch, losses
 
-    launch(tmp_path, "phenaki", "model.preset=phenaki-like", "train.steps=4", "checkpoint.every=2",
-           "data.num_samples=8", "logging.wandb=false", "sample.num_steps=2",
-           "sample.prompts=[a red circle moving left]")  # fmt: skip
+    launch(
+        tmp_path,
+        "phenaki",
+        "model.preset=phenaki-like",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "data.num_samples=8",
+        "logging.wandb=false",
+        "sample.num_steps=2",
+        "sample.prompts=[a red circle moving left]",
+    )
     by_step, rows = losses(tmp_path / "phenaki")
     assert sorted(by_step) == [1, 2, 3, 4] and all(v == v for v in by_step.values())
     assert "cp=2" in rows[0]["layout"] and "tp=2" in rows[0]["layout"]

@@ -17,8 +17,9 @@ from parallel.dims import ParallelDims
 from parallel.memory_model import Workload, _simulate, estimate_memory
 from parallel.memory_probe import measure_layout
 
-CFG = CogVideoXConfig.preset("tiny", num_attention_heads=4, attention_head_dim=32, num_layers=2, time_embed_dim=64,
-                             text_embed_dim=64)  # fmt: skip
+CFG = CogVideoXConfig.preset(
+    "tiny", num_attention_heads=4, attention_head_dim=32, num_layers=2, time_embed_dim=64, text_embed_dim=64
+)
 WORK = Workload(frames=8, height=32, width=32, text_len=24, batch=1)  # 8 x 256 video tokens + 24 text
 # (cp, tp, ulysses, AC): ring, Ulysses, TP, FSDP2, checkpointing. At this shape a model that left the TP shapes
 # whole or skipped checkpointing is off by 40-60% here; the finer FSDP2 terms (its backward prefetch, the ring's

@@ -12,8 +12,14 @@ from job_helpers import ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SHORT = ["train.steps=2", "sample.num_steps=2", "train.export=false", "logging.wandb=false", "checkpoint.every=0",
-         "sample.prompts=[a red circle moving left]"]  # fmt: skip
+SHORT = [
+    "train.steps=2",
+    "sample.num_steps=2",
+    "train.export=false",
+    "logging.wandb=false",
+    "checkpoint.every=0",
+    "sample.prompts=[a red circle moving left]",
+]
 
 
 def bash_blocks() -> list[list[str]]:

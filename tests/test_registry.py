@@ -107,8 +107,13 @@ def _loss_targets_follow_the_model(rank, world, name):
     handle = parallelize_job(model, None, dims, mesh, layout="zigzag")
     materialize(model, "cpu", seed=1)
     gen = torch.Generator().manual_seed(0)  # random weights: CogVideoX starts adaLN-zero, a zero output
-    load_full_state_dict(model, {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3
-                                 for n, p in family.build(family.presets[preset]).named_parameters()})  # fmt: skip
+    load_full_state_dict(
+        model,
+        {
+            n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3
+            for n, p in family.build(family.presets[preset]).named_parameters()
+        },
+    )
     c = model.config
     x = torch.randn(1, 7, c.in_channels, 8, 8, generator=gen, dtype=torch.float64)  # 7 frames: uneven over 2 ranks
     text = torch.randn(1, 5, c.text_embed_dim, generator=gen, dtype=torch.float64)

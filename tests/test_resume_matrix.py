@@ -30,23 +30,42 @@ from launch.job.checkpoint import checkpoint_dir, read_full_state
 # the chain fixture runs 10 jobs one after another inside the first test's time limit: 4-5 minutes on 2 cores
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-COMMON = ["data.num_samples=24", "checkpoint.every=2", "checkpoint.keep_last=1", "train.ema_decay=0.9",
-          "sample.at_end=false", "train.export=false", "logging.wandb=false", "optim.warmup_steps=2",
-          "optim.decay_steps=18"]  # fmt: skip  # every link on the reference run's schedule
+COMMON = [
+    "data.num_samples=24",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=1",
+    "train.ema_decay=0.9",
+    "sample.at_end=false",
+    "train.export=false",
+    "logging.wandb=false",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=18",
+]  # every link on the reference run's schedule
 CHAIN = [  # name, processes, layout overrides
     ("A", 4, ["parallel.cp_size=2", "parallel.model_parallel_size=2", "data.batch_size=4"]),
     ("B", 2, ["parallel.cp_size=2", "parallel.model_parallel_size=1", "data.batch_size=4"]),
     ("C", 4, ["parallel.cp_size=4", "parallel.model_parallel_size=1", "data.batch_size=4"]),
-    ("D", 4, ["parallel.cp_size=4", "parallel.model_parallel_size=1", "parallel.attention=ulysses",
-              "data.batch_size=4"]),
-    ("E", 4, ["parallel.cp_size=4", "parallel.model_parallel_size=1", "parallel.ulysses_size=2",
-              "parallel.attention=usp", "data.batch_size=4"]),
+    (
+        "D",
+        4,
+        ["parallel.cp_size=4", "parallel.model_parallel_size=1", "parallel.attention=ulysses", "data.batch_size=4"],
+    ),
+    (
+        "E",
+        4,
+        [
+            "parallel.cp_size=4",
+            "parallel.model_parallel_size=1",
+            "parallel.ulysses_size=2",
+            "parallel.attention=usp",
+            "data.batch_size=4",
+        ],
+    ),
     ("F", 4, ["parallel.cp_size=2", "parallel.model_parallel_size=1", "data.batch_size=2"]),
     ("G", 4, ["parallel.cp_size=2", "parallel.model_parallel_size=1", "parallel.fsdp=false", "data.batch_size=2"]),
-    ("H", 4, ["parallel.cp_size=1", "parallel.model_parallel_size=1", "parallel.dp_replicate=2",
-              "data.batch_size=1"]),
+    ("H", 4, ["parallel.cp_size=1", "parallel.model_parallel_size=1", "parallel.dp_replicate=2", "data.batch_size=1"]),
     ("I", 4, ["parallel.cp_size=2", "parallel.model_parallel_size=2", "data.batch_size=4"]),
-]  # fmt: skip
+]
 STEPS = 2 * len(CHAIN)
 SAME_DP_AS_REFERENCE = "ABCDE"
 LOSS_RTOL = 1e-6

@@ -62,8 +62,20 @@ def test_overlap_substitutions_remove_what_they_claim(tmp_path, strategy):
 @pytest.mark.slow
 def test_scale_bench_runs_end_to_end_at_a_toy_shape(tmp_path):
     out = tmp_path / "scale.json"
-    cmd = [sys.executable, "bench/scale.py", "--shapes", "toy", "--layouts", "1x1x1:none,2x1x1:none,2x1x2:none",
-           "--strategies", "2:ring", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "bench/scale.py",
+        "--shapes",
+        "toy",
+        "--layouts",
+        "1x1x1:none,2x1x1:none,2x1x2:none",
+        "--strategies",
+        "2:ring",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = json.loads(out.read_text())

@@ -62,46 +62,83 @@ def _param_grads(seed_module: nn.Module, convert, cpdit_module: nn.Module):
     state.update({n: torch.zeros_like(t) for n, t in state.items() if n not in grads})  # no gradient: zero
     state.update(grads)
     want = convert(state)
-    return [(f"d{n}", p.grad if p.grad is not None else torch.zeros_like(p), want[n])
-            for n, p in cpdit_module.named_parameters()]  # fmt: skip
+    return [
+        (f"d{n}", p.grad if p.grad is not None else torch.zeros_like(p), want[n])
+        for n, p in cpdit_module.named_parameters()
+    ]
 
 
 # --- sgm SpatialVideoTransformer ---------------------------------------------------------------------------------
 
 B, T, HW, L = 2, 4, (2, 3), 3
 SVD_CASES = {  # name: (seed kwargs, cpdit overrides, inputs: per-frame context / time context)
-    "linear, learned_with_images, spatial context": (dict(use_linear=True, merge_strategy="learned_with_images",
-                                                          use_spatial_context=True, context_dim=16), {}, {}),
-    "1x1 conv projections": (dict(use_linear=False, merge_strategy="learned", use_spatial_context=True,
-                                  context_dim=16), {}, {}),
-    "depth 2, fixed merge": (dict(use_linear=True, depth=2, merge_strategy="fixed", merge_factor=0.3,
-                                  use_spatial_context=True, context_dim=16), {}, {}),
+    "linear, learned_with_images, spatial context": (
+        dict(use_linear=True, merge_strategy="learned_with_images", use_spatial_context=True, context_dim=16),
+        {},
+        {},
+    ),
+    "1x1 conv projections": (
+        dict(use_linear=False, merge_strategy="learned", use_spatial_context=True, context_dim=16),
+        {},
+        {},
+    ),
+    "depth 2, fixed merge": (
+        dict(
+            use_linear=True, depth=2, merge_strategy="fixed", merge_factor=0.3, use_spatial_context=True, context_dim=16
+        ),
+        {},
+        {},
+    ),
     "no spatial context: temporal attn2 is self-attention": (dict(use_linear=True, context_dim=16), {}, {}),
     "no text context at all": (dict(use_linear=True), {}, {}),
-    "disable_temporal_crossattention": (dict(use_linear=True, context_dim=16, use_spatial_context=True,
-                                             disable_temporal_crossattention=True), {}, {}),
-    "time_depth 3 is unused (one temporal block)": (dict(use_linear=True, context_dim=16, use_spatial_context=True,
-                                                          time_depth=3), {}, {}),
-    "ff_in=False still has ff_in": (dict(use_linear=True, context_dim=16, use_spatial_context=True, ff_in=False),
-                                    {}, {}),
-    "disable_self_attn": (dict(use_linear=True, context_dim=16, use_spatial_context=True, disable_self_attn=True),
-                          {}, {}),
+    "disable_temporal_crossattention": (
+        dict(use_linear=True, context_dim=16, use_spatial_context=True, disable_temporal_crossattention=True),
+        {},
+        {},
+    ),
+    "time_depth 3 is unused (one temporal block)": (
+        dict(use_linear=True, context_dim=16, use_spatial_context=True, time_depth=3),
+        {},
+        {},
+    ),
+    "ff_in=False still has ff_in": (
+        dict(use_linear=True, context_dim=16, use_spatial_context=True, ff_in=False),
+        {},
+        {},
+    ),
+    "disable_self_attn": (
+        dict(use_linear=True, context_dim=16, use_spatial_context=True, disable_self_attn=True),
+        {},
+        {},
+    ),
     "a context per frame": (dict(use_linear=True, context_dim=16, use_spatial_context=True), {}, {"per_frame": True}),
-    "separate time context": (dict(use_linear=True, context_dim=16, time_context_dim=12), {"time_context_dim": 12},
-                              {"time_context": True}),
-    "max_time_embed_period 100": (dict(use_linear=True, context_dim=16, max_time_embed_period=100),
-                                  {"max_time_embed_period": 100.0}, {}),
-}  # fmt: skip
+    "separate time context": (
+        dict(use_linear=True, context_dim=16, time_context_dim=12),
+        {"time_context_dim": 12},
+        {"time_context": True},
+    ),
+    "max_time_embed_period 100": (
+        dict(use_linear=True, context_dim=16, max_time_embed_period=100),
+        {"max_time_embed_period": 100.0},
+        {},
+    ),
+}
 
 
 def _cpdit_svd_config(kw: dict, extra: dict) -> FactorizedConfig:
     return FactorizedConfig(
-        in_channels=32, num_heads=4, head_dim=8, depth=kw.get("depth", 1), context_dim=kw.get("context_dim"),
-        merge_strategy=kw.get("merge_strategy", "fixed"), merge_factor=kw.get("merge_factor", 0.5),
+        in_channels=32,
+        num_heads=4,
+        head_dim=8,
+        depth=kw.get("depth", 1),
+        context_dim=kw.get("context_dim"),
+        merge_strategy=kw.get("merge_strategy", "fixed"),
+        merge_factor=kw.get("merge_factor", 0.5),
         use_spatial_context=kw.get("use_spatial_context", False),
         disable_temporal_crossattention=kw.get("disable_temporal_crossattention", False),
-        disable_self_attn=kw.get("disable_self_attn", False), **extra,
-    )  # fmt: skip
+        disable_self_attn=kw.get("disable_self_attn", False),
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("case", list(SVD_CASES))
@@ -123,14 +160,22 @@ def test_svd_spatial_video_transformer_equals_sgm(sgm, case):
         shape = (B, T, L, cdim) if inputs.get("per_frame") else (B, 1, L, cdim)
         ctx = torch.randn(shape, generator=gen, dtype=torch.float64).expand(B, T, L, cdim).contiguous()
         ctx.requires_grad_()
-    tctx = torch.randn(B, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True) if "time_context" in inputs \
-        else None  # fmt: skip
+    tctx = (
+        torch.randn(B, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+        if "time_context" in inputs
+        else None
+    )
     images = torch.zeros(B, T, dtype=torch.float64)
     images[1, 0] = 1.0  # the second clip's first frame is an image
     g = torch.randn(B * T, 32, h, w, generator=gen, dtype=torch.float64)
 
-    ref = seed(x, context=None if ctx is None else ctx.flatten(0, 1), time_context=tctx, timesteps=T,
-               image_only_indicator=images)  # fmt: skip
+    ref = seed(
+        x,
+        context=None if ctx is None else ctx.flatten(0, 1),
+        time_context=tctx,
+        timesteps=T,
+        image_only_indicator=images,
+    )
     ref.backward(g)
 
     x2 = x.detach().reshape(B, T, 32, h * w).transpose(2, 3).contiguous().requires_grad_()
@@ -141,8 +186,10 @@ def test_svd_spatial_video_transformer_equals_sgm(sgm, case):
     out = mine(x2, my_ctx, images, time_context=my_t)
     out.backward(g.reshape(B, T, 32, h * w).transpose(2, 3))
 
-    pairs = [("output", out, ref.reshape(B, T, 32, h * w).transpose(2, 3)),
-             ("dx", x2.grad, x.grad.reshape(B, T, 32, h * w).transpose(2, 3))]  # fmt: skip
+    pairs = [
+        ("output", out, ref.reshape(B, T, 32, h * w).transpose(2, 3)),
+        ("dx", x2.grad, x.grad.reshape(B, T, 32, h * w).transpose(2, 3)),
+    ]
     if ctx is not None:
         want = ctx.grad if inputs.get("per_frame") else ctx.grad.sum(1)
         pairs.append(("dcontext", my_ctx.grad, want))
@@ -172,13 +219,22 @@ ATTN_CASES = {  # name: (seed kwargs, cpdit kwargs, inputs)
     "self, non-causal": (dict(), dict(), {}),
     "self, non-causal, null kv, position bias": (dict(num_null_kv=2), dict(num_null_kv=2), {"bias": True}),
     "self, causal (token ALiBi)": (dict(causal=True), dict(causal=True), {}),
-    "self, causal, null kv (ALiBi on the null keys)": (dict(causal=True, num_null_kv=3),
-                                                       dict(causal=True, num_null_kv=3), {}),
-    "self, causal, 6 heads, null kv, key padding": (dict(causal=True, num_null_kv=2, heads=6),
-                                                    dict(causal=True, num_null_kv=2, heads=6), {"padding": True}),
-    "cross, null kv, context mask": (dict(dim_context=10, num_null_kv=2), dict(context_dim=10, num_null_kv=2),
-                                     {"cross": True}),
-}  # fmt: skip
+    "self, causal, null kv (ALiBi on the null keys)": (
+        dict(causal=True, num_null_kv=3),
+        dict(causal=True, num_null_kv=3),
+        {},
+    ),
+    "self, causal, 6 heads, null kv, key padding": (
+        dict(causal=True, num_null_kv=2, heads=6),
+        dict(causal=True, num_null_kv=2, heads=6),
+        {"padding": True},
+    ),
+    "cross, null kv, context mask": (
+        dict(dim_context=10, num_null_kv=2),
+        dict(context_dim=10, num_null_kv=2),
+        {"cross": True},
+    ),
+}
 
 
 def _dense_bias(table: torch.Tensor, grid) -> torch.Tensor:
@@ -256,13 +312,16 @@ class _Stack(nn.Module):
 TRANSFORMER_CASES = {  # name: (seed kwargs, cpdit kwargs, (T, h, w))
     "temporal: causal, PEG causal, cross-attention": (
         dict(causal=True, peg=True, peg_causal=True, has_cross_attn=True, dim_context=10),
-        dict(causal=True, peg=True, peg_causal=True, context_dim=10), (6, 1, 1)),
+        dict(causal=True, peg=True, peg_causal=True, context_dim=10),
+        (6, 1, 1),
+    ),
     "spatial: PEG, position bias, cross-attention, 3 null kv": (
         dict(peg=True, has_cross_attn=True, dim_context=10, attn_num_null_kv=3),
-        dict(peg=True, context_dim=10, cross_null_kv=3), (1, 2, 3)),
-    "causal, no cross-attention, ff_mult 2": (dict(causal=True, ff_mult=2), dict(causal=True, ff_mult=2.0),
-                                              (5, 1, 1)),
-}  # fmt: skip
+        dict(peg=True, context_dim=10, cross_null_kv=3),
+        (1, 2, 3),
+    ),
+    "causal, no cross-attention, ff_mult 2": (dict(causal=True, ff_mult=2), dict(causal=True, ff_mult=2.0), (5, 1, 1)),
+}
 
 
 @pytest.mark.parametrize("case", list(TRANSFORMER_CASES))
@@ -283,8 +342,13 @@ def test_phenaki_transformer_equals_phenaki_pytorch(phenaki, case):
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]]) if text is not None else None
     table = torch.randn(HEADS, 1, 2 * h - 1, 2 * w - 1, generator=gen, dtype=torch.float64) if T == 1 else None
 
-    ref = seed(x, video_shape=(2, T, h, w), attn_bias=None if table is None else _dense_bias(table, grid),
-               context=text, cross_attn_context_mask=mask)  # fmt: skip
+    ref = seed(
+        x,
+        video_shape=(2, T, h, w),
+        attn_bias=None if table is None else _dense_bias(table, grid),
+        context=text,
+        cross_attn_context_mask=mask,
+    )
     ref.backward(g)
     x2 = x.detach().clone().requires_grad_()
     out = mine(x2, LocalSequence().bind(T, h * w, 0), AttentionBias(grid, table), text, mask, (h, w))

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.slow  # a real SLURM cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "launch" / "slurm.sbatch"
-SHORT = ["train.steps=4", "checkpoint.every=2", "data.num_samples=16", "logging.wandb=false", "sample.at_end=false",
-         "train.export=false", "optim.warmup_steps=2"]  # fmt: skip
+SHORT = [
+    "train.steps=4",
+    "checkpoint.every=2",
+    "data.num_samples=16",
+    "logging.wandb=false",
+    "sample.at_end=false",
+    "train.export=false",
+    "optim.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +50,18 @@ def run_dir_args(tmp, name):
 
 def test_sbatch_runs_the_job(cluster, tmp_path):
     t0 = time.monotonic()
-    r = slurm(cluster, "sbatch", "--wait", "--parsable", f"--output={tmp_path}/slurm-%j.out", str(SBATCH), "train",
-              *run_dir_args(tmp_path, "sb"), *SHORT, cwd=tmp_path)  # fmt: skip
+    r = slurm(
+        cluster,
+        "sbatch",
+        "--wait",
+        "--parsable",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SBATCH),
+        "train",
+        *run_dir_args(tmp_path, "sb"),
+        *SHORT,
+        cwd=tmp_path,
+    )
     wall = time.monotonic() - t0
     out = next(tmp_path.glob("slurm-*.out")).read_text()
     assert r.returncode == 0, r.stdout + r.stderr + out[-4000:] + cluster.logs()
@@ -57,8 +74,18 @@ def test_sbatch_runs_the_job(cluster, tmp_path):
 
 def test_scancel_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     slow = ["train.steps=8", "debug.step_sleep_s=0.5"]
-    r = slurm(cluster, "sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", str(SBATCH), "train",
-              *run_dir_args(tmp_path, "pre"), *SHORT, *slow, cwd=tmp_path)  # fmt: skip
+    r = slurm(
+        cluster,
+        "sbatch",
+        "--parsable",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SBATCH),
+        "train",
+        *run_dir_args(tmp_path, "pre"),
+        *SHORT,
+        *slow,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
 
@@ -89,8 +116,20 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
 
 def test_srun_starts_the_ranks_directly(cluster, tmp_path):
     t0 = time.monotonic()
-    r = slurm(cluster, "srun", "--ntasks=4", "--immediate=60", "--kill-on-bad-exit=1", "python", "-m", "launch",
-              "train", *run_dir_args(tmp_path, "srun"), *SHORT, cwd=tmp_path)  # fmt: skip
+    r = slurm(
+        cluster,
+        "srun",
+        "--ntasks=4",
+        "--immediate=60",
+        "--kill-on-bad-exit=1",
+        "python",
+        "-m",
+        "launch",
+        "train",
+        *run_dir_args(tmp_path, "srun"),
+        *SHORT,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     start = [e for e in metrics(tmp_path / "srun") if e.get("event") == "start"]
     assert start[0]["launcher"] == "slurm" and re.search(r"cp=2 .* tp=2", start[0]["layout"])

@@ -39,8 +39,10 @@ def _python(code):
 
 
 def test_exit_now_runs_atexit_and_flushes():
-    code = "import atexit; atexit.register(print, 'atexit ran'); from launch.lifeline import exit_now; " \
-           "print('buffered', end=' '); exit_now(3)"  # fmt: skip
+    code = (
+        "import atexit; atexit.register(print, 'atexit ran'); from launch.lifeline import exit_now; "
+        "print('buffered', end=' '); exit_now(3)"
+    )
     r = subprocess.run(_python(code), capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and r.stdout == "buffered atexit ran\n", r
 

@@ -19,8 +19,17 @@ from launch.job.data import build_dataset
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 
 # short runs; the NaN guard fires at step index 3 in every run, so all trajectories agree
-COMMON = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "train.log_every=1", "data.num_samples=16",
-          "sample.at_end=false", "train.export=false", "debug.nan_at_step=3", "optim.warmup_steps=2"]  # fmt: skip
+COMMON = [
+    "train.steps=6",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=3",
+    "train.log_every=1",
+    "data.num_samples=16",
+    "sample.at_end=false",
+    "train.export=false",
+    "debug.nan_at_step=3",
+    "optim.warmup_steps=2",
+]
 
 
 def launch(tmp, name, *extra, command="train", check=True):
@@ -47,8 +56,11 @@ def test_run_directory(uninterrupted):
     assert sorted(by_step) == [1, 2, 3, 5, 6] and all(v == v and v > 0 for v in by_step.values())
     skipped = [r for r in rows if r.get("event") == "skipped_step"]
     assert len(skipped) == 1 and skipped[0]["step"] == 4  # NaN guard: step skipped, counted, run goes on
-    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_00000002", "step_00000004",
-                                                                            "step_00000006"]  # fmt: skip
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == [
+        "step_00000002",
+        "step_00000004",
+        "step_00000006",
+    ]
     assert (run / "config.yaml").is_file() and (run / "loss.png").stat().st_size > 1000
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert list((run / "wandb").glob("offline-run-*/files/media/videos/samples_*.mp4"))  # the samples reach wandb
@@ -103,11 +115,19 @@ def test_resume_under_another_layout(uninterrupted):
 
 
 def test_sample_job_loads_the_last_checkpoint(uninterrupted):
-    r = launch(uninterrupted, "a", "sample.num_steps=2", "sample.sampler=ddim",
-               "sample.prompts=[a blue square moving down,a green circle moving up]", command="sample")  # fmt: skip
+    r = launch(
+        uninterrupted,
+        "a",
+        "sample.num_steps=2",
+        "sample.sampler=ddim",
+        "sample.prompts=[a blue square moving down,a green circle moving up]",
+        command="sample",
+    )
     out = uninterrupted / "a" / "samples" / "step_00000006"
-    assert sorted(p.name for p in out.glob("*.mp4")) == ["000_a_blue_square_moving_down.mp4",
-                                                         "001_a_green_circle_moving_up.mp4"]  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.mp4")) == [
+        "000_a_blue_square_moving_down.mp4",
+        "001_a_green_circle_moving_up.mp4",
+    ]
     assert "cpdit sample: wrote" in r.stdout
     d = load_config(uninterrupted / "a" / "config.yaml").data
     for video in out.glob("*.mp4"):  # the configured clip, every frame, and not a constant picture
@@ -121,8 +141,17 @@ def test_t5_text_encoder_job(tmp_path):
     pytest.importorskip("transformers")
     make_tiny_t5(tmp_path / "t5")
     # 2 steps of 2 clips (dp=1) over 4 clips: every clip's caption is encoded once, through the cache
-    launch(tmp_path, "t5", "train.steps=2", "text.encoder=t5", f"text.path={tmp_path / 't5'}", "data.num_samples=4",
-           f"text.cache_dir={tmp_path / 'cache'}", "model.text_embed_dim=16", "train.text_max_length=12")  # fmt: skip
+    launch(
+        tmp_path,
+        "t5",
+        "train.steps=2",
+        "text.encoder=t5",
+        f"text.path={tmp_path / 't5'}",
+        "data.num_samples=4",
+        f"text.cache_dir={tmp_path / 'cache'}",
+        "model.text_embed_dim=16",
+        "train.text_max_length=12",
+    )
     by_step, _ = losses(tmp_path / "t5")
     assert sorted(by_step) == [1, 2]
     cfg = load_config(tmp_path / "t5" / "config.yaml")
@@ -151,17 +180,33 @@ def test_a_failing_final_step_loses_nothing(tmp_path):
     samples and the export are all written."""
     run = tmp_path / "pf"
     (run / "loss.png").mkdir(parents=True)
-    r = launch(tmp_path, "pf", "train.steps=2", "sample.at_end=true", "train.export=true", "sample.num_steps=2",
-               "sample.prompts=[a red circle moving left]", "debug.nan_at_step=null", check=False)  # fmt: skip
+    r = launch(
+        tmp_path,
+        "pf",
+        "train.steps=2",
+        "sample.at_end=true",
+        "train.export=true",
+        "sample.num_steps=2",
+        "sample.prompts=[a red circle moving left]",
+        "debug.nan_at_step=null",
+        check=False,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     assert "ERROR in loss plot" in r.stderr and "1 of the final steps" in r.stderr
     assert [p.name for p in complete_checkpoints(run / "checkpoints")][-1] == "step_00000002"
     assert list((run / "samples").glob("*.mp4")) and (run / "export" / "model.safetensors").is_file()
 
 
-SAMPLE_AT_END = ["train.steps=2", "sample.at_end=true", "train.export=true", "sample.num_steps=2",
-                 "sample.prompts=[a red circle moving left,a blue square moving up]", "debug.nan_at_step=null",
-                 "debug.fail_rank=1", "dist.timeout_s=3000"]  # fmt: skip  # a rank left waiting would outlast the test
+SAMPLE_AT_END = [
+    "train.steps=2",
+    "sample.at_end=true",
+    "train.export=true",
+    "sample.num_steps=2",
+    "sample.prompts=[a red circle moving left,a blue square moving up]",
+    "debug.nan_at_step=null",
+    "debug.fail_rank=1",
+    "dist.timeout_s=3000",
+]  # a rank left waiting would outlast the test
 
 
 def test_sampling_that_fails_on_one_rank_stops_every_rank_at_once(tmp_path):
@@ -182,8 +227,10 @@ def test_a_rank_failing_inside_sampling_collectives_ends_the_job(tmp_path):
     r = launch_job(tmp_path, "cf", *COMMON, *SAMPLE_AT_END, "debug.fail_sample=forward", check=False, timeout=240)
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("cpdit-launch: the job failed: rank 1 raised CollectiveFailed: sampling prompt 0 on rank 1"
-                           ": RuntimeError: injected failure in a sampling forward"), last  # fmt: skip
+    assert last.startswith(
+        "cpdit-launch: the job failed: rank 1 raised CollectiveFailed: sampling prompt 0 on rank 1"
+        ": RuntimeError: injected failure in a sampling forward"
+    ), last
     assert [p.name for p in complete_checkpoints(tmp_path / "cf" / "checkpoints")][-1] == "step_00000002"
 
 
@@ -200,8 +247,11 @@ def test_a_tampered_checkpoint_is_refused_and_runs_nothing(uninterrupted, tmp_pa
     shutil.copytree(uninterrupted / "a" / "checkpoints" / "step_00000006", bad)
     marker = tmp_path / "ran"
     (bad / ".metadata").write_bytes(_nested_pickle_via_dotted_name(pickle.dumps(Touch(marker))))
-    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in bad.iterdir() if p.name not in ("manifest.json", "meta.json")}  # fmt: skip
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in bad.iterdir()
+        if p.name not in ("manifest.json", "meta.json")
+    }
     (bad / "manifest.json").write_text(json.dumps({"files": files}))
     r = launch(uninterrupted, "tampered", f"checkpoint.resume={bad}", check=False)
     assert r.returncode == 1, r.stderr[-3000:]

@@ -22,9 +22,21 @@ from launch.job.step import lr_multiplier
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 
 CLIP = 0.05
-COMMON = ["train.steps=3", "data.num_samples=16", "sample.at_end=false", "train.export=true", "checkpoint.every=1",
-          "checkpoint.keep_last=2", "optim.warmup_steps=2", "optim.start_lr_ratio=0.5", f"optim.grad_clip={CLIP}",
-          "train.ema_decay=0.5", "logging.wandb=false", "train.ucg_rate=0.3", "optim.lr=3e-3"]  # fmt: skip
+COMMON = [
+    "train.steps=3",
+    "data.num_samples=16",
+    "sample.at_end=false",
+    "train.export=true",
+    "checkpoint.every=1",
+    "checkpoint.keep_last=2",
+    "optim.warmup_steps=2",
+    "optim.start_lr_ratio=0.5",
+    f"optim.grad_clip={CLIP}",
+    "train.ema_decay=0.5",
+    "logging.wandb=false",
+    "train.ucg_rate=0.3",
+    "optim.lr=3e-3",
+]
 RUNS = {  # name: (processes, overrides)
     "batch4": (4, ["data.batch_size=4"]),
     "accum": (4, ["data.batch_size=2", "train.grad_accum=2"]),

@@ -179,9 +179,18 @@ def test_training_job_on_vae_latents_with_and_without_the_latent_cache(tmp_path)
     import imageio.v2 as imageio
     from job_helpers import launch, losses
 
-    common = ["first_stage.kind=vae", "data.num_frames=9", "data.height=32", "data.width=32", "train.steps=3",
-              "data.num_samples=4", "logging.wandb=false", "train.export=false", "sample.num_steps=2",
-              "sample.prompts=[a red circle moving left]"]  # fmt: skip
+    common = [
+        "first_stage.kind=vae",
+        "data.num_frames=9",
+        "data.height=32",
+        "data.width=32",
+        "train.steps=3",
+        "data.num_samples=4",
+        "logging.wandb=false",
+        "train.export=false",
+        "sample.num_steps=2",
+        "sample.prompts=[a red circle moving left]",
+    ]
     launch(tmp_path, "vae", *common)
     launch(tmp_path, "cached", *common, f"data.latent_cache_dir={tmp_path / 'latents'}", "sample.at_end=false")
     plain, _ = losses(tmp_path / "vae")

@@ -90,8 +90,10 @@ class ModelFamily:
         names = {f.name for f in fields(self.config_class)}
         for name in self.job_knobs:
             if name not in names or name not in docs:
-                raise TypeError(f"the {self.title} family's job knob {name!r} is not a documented field of "
-                                f"{self.config_class.__name__}")  # fmt: skip
+                raise TypeError(
+                    f"the {self.title} family's job knob {name!r} is not a documented field of "
+                    f"{self.config_class.__name__}"
+                )
         return [JobKnob(name, types[name], f"{self.title}: {docs[name]}") for name in self.job_knobs]
 
     def config(self, preset: str, overrides: Mapping[str, Any]):

@@ -45,8 +45,10 @@ def model_config(cfg: JobConfig):
         stray = [k for k in other.job_knobs if k not in family.job_knobs and getattr(m, k) is not None]
         if stray:
             presets = " or ".join(other.presets)
-            raise ValueError(f"model.{stray[0]} is a knob of the {other.title} family (model.preset={presets}), not of "
-                             f"model.preset={m.preset!r}; remove it or choose {presets}")  # fmt: skip
+            raise ValueError(
+                f"model.{stray[0]} is a knob of the {other.title} family (model.preset={presets}), not of "
+                f"model.preset={m.preset!r}; remove it or choose {presets}"
+            )
     overrides = {k: getattr(m, k) for k in (*SHARED_KNOBS, *family.job_knobs)}
     # The diffusion model's channels are the first stage's: RGB in pixel space, the VAE's latent channels otherwise.
     channels = first_stage_config(cfg).latent_channels if cfg.first_stage.kind == "vae" else 3

@@ -96,8 +96,15 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         state.load_meta(checkpoint.load(resume, modules, optimizer, ema))
         if cfg.debug.dump_resumed_state:
             checkpoint.dump_full_state(run_dir / "resumed_state.safetensors", modules, optimizer, ema)
-    log = RunLog(run_dir, cfg.train.steps, state.step, cfg.logging.wandb, cfg.logging.wandb_project, to_yaml(cfg),
-                 enabled=rank == 0)  # fmt: skip
+    log = RunLog(
+        run_dir,
+        cfg.train.steps,
+        state.step,
+        cfg.logging.wandb,
+        cfg.logging.wandb_project,
+        to_yaml(cfg),
+        enabled=rank == 0,
+    )
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.event(event="start", launcher=env.launcher, nodes=env.num_nodes, layout=dims.describe(), step=state.step)
@@ -108,12 +115,14 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     if env.local_rank == 0:
         clear_marker(run_dir)
     dataset = build_dataset(cfg, cfg.train.seed)
-    batches = DistributedBatches(dataset, cfg.data.batch_size, dims.dp_rank(rank), dims.dp, cfg.train.seed,
-                                 state.position)  # fmt: skip
+    batches = DistributedBatches(
+        dataset, cfg.data.batch_size, dims.dp_rank(rank), dims.dp, cfg.train.seed, state.position
+    )
     cache = None
     if cfg.data.latent_cache_dir:
-        cache = LatentCache(cfg.data.latent_cache_dir, latent_fingerprint(cfg), par.is_writer(rank),
-                            par.first_stage_group)  # fmt: skip
+        cache = LatentCache(
+            cfg.data.latent_cache_dir, latent_fingerprint(cfg), par.is_writer(rank), par.first_stage_group
+        )
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
     mcfg = modules.dit.config
     stage = par.first_stage
@@ -124,8 +133,9 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     d = cfg.dist
     watchdog = None
     if d.watchdog:
-        watchdog = HangWatchdog(run_dir / "hang", rank, env.world_size, d.watchdog_factor, d.watchdog_min_s,
-                                d.watchdog_warmup_s).start()  # fmt: skip
+        watchdog = HangWatchdog(
+            run_dir / "hang", rank, env.world_size, d.watchdog_factor, d.watchdog_min_s, d.watchdog_warmup_s
+        ).start()
     return Run(
         cfg=cfg,
         env=env,

@@ -68,8 +68,12 @@ def _train(run: Run) -> int:
     if failures:
         if run.env.rank == 0:
             kept = checkpoint.find_resume(run.ckpt_root, "auto")
-            print(f"cpdit: training finished and its checkpoint is saved ({kept}), but {failures} of the final steps "
-                  "(loss plot, samples, export) failed; see the errors above", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"cpdit: training finished and its checkpoint is saved ({kept}), but {failures} of the final steps "
+                "(loss plot, samples, export) failed; see the errors above",
+                file=sys.stderr,
+                flush=True,
+            )
         return 1
     return 0
 
@@ -86,10 +90,18 @@ def record(run: Run, r: StepResult) -> None:
             extra = {"loss_scale": state.loss_scale.scale} if state.loss_scale is not None else {}
             if run.cache is not None:
                 extra["latent_cache_hits"] = run.cache.hits
-            run.log.log(done, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, step_time=r.step_time,
-                        tokens_per_s=run.dims.dp * d.batch_size * cfg.train.grad_accum * run.tokens / r.step_time,
-                        mem_mb=_memory_mb(run.device), data_time=r.data_time,
-                        skipped_videos=getattr(run.dataset, "skipped", 0), **extra)  # fmt: skip
+            run.log.log(
+                done,
+                loss=r.loss,
+                lr=r.lr,
+                grad_norm=r.grad_norm,
+                step_time=r.step_time,
+                tokens_per_s=run.dims.dp * d.batch_size * cfg.train.grad_accum * run.tokens / r.step_time,
+                mem_mb=_memory_mb(run.device),
+                data_time=r.data_time,
+                skipped_videos=getattr(run.dataset, "skipped", 0),
+                **extra,
+            )
     else:  # the NaN/inf guard dropped the update
         state.consecutive_bad += 1
         state.bad_steps_total += 1
@@ -107,8 +119,17 @@ def save_checkpoint(run: Run):
     PROGRESS.enter("checkpoint")
     cfg, done = run.cfg, run.state.step
     meta = {**run.state.state_dict(), "layout": run.dims.describe(), "config": to_yaml(cfg), "architecture": run.arch}
-    return checkpoint.save(run.ckpt_root, done, run.modules, run.optimizer, run.ema, meta, cfg.checkpoint.keep_last,
-                           inject=run.faults.save_fault(done), inject_rank=cfg.debug.fail_rank)  # fmt: skip
+    return checkpoint.save(
+        run.ckpt_root,
+        done,
+        run.modules,
+        run.optimizer,
+        run.ema,
+        meta,
+        cfg.checkpoint.keep_last,
+        inject=run.faults.save_fault(done),
+        inject_rank=cfg.debug.fail_rank,
+    )
 
 
 def preempted(run: Run, saved) -> int:

@@ -50,8 +50,22 @@ class AllGatherAttention(torch.autograd.Function):
         contrib = []
         for source, kv in enumerate(blocks):
             acc = torch.zeros(kv.shape, **f32)  # (2, B, H, N_source, D)
-            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq=dq, dk=acc[0],
-                           dv=acc[1], source=source, bias=bias, dtable=dtable)  # fmt: skip
+            backward_items(
+                dout,
+                q,
+                kv[0],
+                kv[1],
+                out,
+                lse,
+                spec.items(source),
+                spec.scale,
+                dq=dq,
+                dk=acc[0],
+                dv=acc[1],
+                source=source,
+                bias=bias,
+                dtable=dtable,
+            )
             contrib.append(acc)
         mine = (2, B, H, spec.rows(spec.rank), D)
         dkv = torch.stack(all_to_all_tensors(contrib, [mine] * spec.size, spec.group)).sum(0)

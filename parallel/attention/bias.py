@@ -25,8 +25,15 @@ class BlockBias:
     """Bias of the items of one rank. `blocks[j]`: frame segments of member j in row order; local rows are
     [text (text_len) | blocks[rank]]."""
 
-    def __init__(self, bias: AttentionBias, blocks: tuple[tuple[Segment, ...], ...], rank: int, text_len: int,
-                 num_null: int = 0, max_rows: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        bias: AttentionBias,
+        blocks: tuple[tuple[Segment, ...], ...],
+        rank: int,
+        text_len: int,
+        num_null: int = 0,
+        max_rows: int = 0,
+    ):
         self.bias, self.text_len, self.num_null = bias, text_len, num_null
         self.max_rows = max_rows  # query rows per kernel call (0: a whole item): bounds the bias working set
         _, h, w = bias.grid

@@ -139,9 +139,22 @@ class ForwardState:
 
 
 def backward_items(
-    dout, q, k, v, out, lse, items: list[Item], scale: float, *, dq: torch.Tensor, dk: torch.Tensor,
-    dv: torch.Tensor, source: int = 0, bias=None, dtable: torch.Tensor | None = None,
-) -> None:  # fmt: skip
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    items: list[Item],
+    scale: float,
+    *,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    source: int = 0,
+    bias=None,
+    dtable: torch.Tensor | None = None,
+) -> None:
     """Accumulate (fp32, in place) the gradients of `items`: dq over the local rows, dk/dv over the block rows,
     and — with a BlockBias whose table is learned — the table's gradient into `dtable`."""
     for it in split_rows(items, _max_rows(bias)):

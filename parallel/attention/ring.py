@@ -72,11 +72,37 @@ def local_keys_backward(dout, q, k, v, out, lse, spec: BlockSpec, *, dq, dkv_tex
     """The gradients of local_keys_forward's part, accumulated into dq, dkv_text (2, B, H, L, D) and dnull (like
     `null`)."""
     L, n = spec.text_len, spec.rows(spec.rank)
-    backward_items(dout, q, k[:, :, :L], v[:, :, :L], out, lse, text_block_items(L, n), spec.scale, dq=dq,
-                   dk=dkv_text[0], dv=dkv_text[1], source=TEXT_SOURCE, bias=bias)  # fmt: skip
+    backward_items(
+        dout,
+        q,
+        k[:, :, :L],
+        v[:, :, :L],
+        out,
+        lse,
+        text_block_items(L, n),
+        spec.scale,
+        dq=dq,
+        dk=dkv_text[0],
+        dv=dkv_text[1],
+        source=TEXT_SOURCE,
+        bias=bias,
+    )
     if null is not None:
-        backward_items(dout, q, null[0], null[1], out, lse, null_block_items(null.shape[3], L, n), spec.scale, dq=dq,
-                       dk=dnull[0], dv=dnull[1], source=NULL_SOURCE, bias=bias)  # fmt: skip
+        backward_items(
+            dout,
+            q,
+            null[0],
+            null[1],
+            out,
+            lse,
+            null_block_items(null.shape[3], L, n),
+            spec.scale,
+            dq=dq,
+            dk=dnull[0],
+            dv=dnull[1],
+            source=NULL_SOURCE,
+            bias=bias,
+        )
 
 
 def ring_forward(q, k, v, spec: BlockSpec, bias: BlockBias | None = None, null=None):
@@ -98,8 +124,9 @@ def ring_forward(q, k, v, spec: BlockSpec, bias: BlockBias | None = None, null=N
     return state.finalize(q.dtype)
 
 
-def ring_backward(dout, q, k, v, out, lse, spec: BlockSpec, *, dq=None, dkv=None, bias=None, null=None, dtable=None,
-                  dnull=None):  # fmt: skip
+def ring_backward(
+    dout, q, k, v, out, lse, spec: BlockSpec, *, dq=None, dkv=None, bias=None, null=None, dtable=None, dnull=None
+):
     """Gradients of ring_forward. `dq` (like q) and `dkv` (2, *k.shape) are zero accumulators in acc_dtype to
     add into (views of the caller's buffers are fine); allocated when None. `dtable` (like the bias table) and
     `dnull` (like `null`) receive the partial gradients of the bias table and the null keys/values when given."""
@@ -108,8 +135,9 @@ def ring_backward(dout, q, k, v, out, lse, spec: BlockSpec, *, dq=None, dkv=None
     acc_kw = dict(dtype=acc_dtype(q.dtype), device=q.device)
     dq = torch.zeros(q.shape, **acc_kw) if dq is None else dq
     dkv = torch.zeros(2, *k.shape, **acc_kw) if dkv is None else dkv  # this rank's dK/dV: [text | own frames]
-    local_keys_backward(dout, q, k, v, out, lse, spec, dq=dq, dkv_text=dkv[:, :, :, :L], dnull=dnull, bias=bias,
-                        null=null)  # fmt: skip
+    local_keys_backward(
+        dout, q, k, v, out, lse, spec, dq=dq, dkv_text=dkv[:, :, :, :L], dnull=dnull, bias=bias, null=null
+    )
     kv = torch.stack([k[:, :, L:], v[:, :, L:]])  # (2, B, H, N_rank, D)
     acc_reqs: list = []
     acc_recv = None
@@ -126,8 +154,22 @@ def ring_backward(dout, q, k, v, out, lse, spec: BlockSpec, *, dq=None, dkv=None
             # to the next rank. The accumulator of a block starts one rank after its owner and reaches the owner
             # after R-1 hops, like the K/V block itself.
             acc = torch.zeros(2, B, H, spec.rows(source), D, **acc_kw)
-            backward_items(dout, q, kv[0], kv[1], out, lse, spec.items(source), spec.scale, dq=dq, dk=acc[0],
-                           dv=acc[1], source=source, bias=bias, dtable=dtable)  # fmt: skip
+            backward_items(
+                dout,
+                q,
+                kv[0],
+                kv[1],
+                out,
+                lse,
+                spec.items(source),
+                spec.scale,
+                dq=dq,
+                dk=acc[0],
+                dv=acc[1],
+                source=source,
+                bias=bias,
+                dtable=dtable,
+            )
             if step > 1:
                 wait_all(acc_reqs)
                 acc += acc_recv
@@ -189,9 +231,21 @@ class BlockwiseAttention(torch.autograd.Function):
             dnull = torch.zeros(2, q.shape[0], *null_kv.shape[1:], **acc)  # (2, B, H, n, D)
         for hs in _head_slices(q.shape[1], spec.head_chunks):  # each pass accumulates into its head slice
             bias, null = bound_bias(spec, table, null_kv, hs, q.shape[0], q.dtype)
-            ring_backward(dout[:, hs], q[:, hs], k[:, hs], v[:, hs], out[:, hs], lse[:, hs], spec, dq=dq[:, hs],
-                          dkv=dkv[:, :, hs], bias=bias, null=null, dtable=None if dtable is None else dtable[hs],
-                          dnull=None if dnull is None else dnull[:, :, hs])  # fmt: skip
+            ring_backward(
+                dout[:, hs],
+                q[:, hs],
+                k[:, hs],
+                v[:, hs],
+                out[:, hs],
+                lse[:, hs],
+                spec,
+                dq=dq[:, hs],
+                dkv=dkv[:, :, hs],
+                bias=bias,
+                null=null,
+                dtable=None if dtable is None else dtable[hs],
+                dnull=None if dnull is None else dnull[:, :, hs],
+            )
         gtable = None if dtable is None else dtable.to(table.dtype)
         gnull = None if dnull is None else dnull.sum(1).to(null_kv.dtype)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), gtable, gnull, None

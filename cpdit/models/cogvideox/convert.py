@@ -63,11 +63,26 @@ def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 # Config fields that mean the same in diffusers' CogVideoXTransformer3DModel and CogVideoXConfig.
 _SHARED_FIELDS = (
-    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "time_embed_dim",
-    "text_embed_dim", "patch_size", "flip_sin_to_cos", "freq_shift", "attention_bias", "norm_eps", "sample_height",
-    "sample_width", "sample_frames", "temporal_compression_ratio", "max_text_seq_length",
-    "spatial_interpolation_scale", "temporal_interpolation_scale",
-)  # fmt: skip
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "time_embed_dim",
+    "text_embed_dim",
+    "patch_size",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "attention_bias",
+    "norm_eps",
+    "sample_height",
+    "sample_width",
+    "sample_frames",
+    "temporal_compression_ratio",
+    "max_text_seq_length",
+    "spatial_interpolation_scale",
+    "temporal_interpolation_scale",
+)
 
 _UNSUPPORTED = {
     "patch_size_t": None,  # CogVideoX 1.5 temporal patching

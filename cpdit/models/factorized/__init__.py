@@ -32,7 +32,7 @@ FAMILY = ModelFamily(
         "temporal_blocks",
         "use_spatial_context",
         "disable_temporal_crossattention",
-    ),  # fmt: skip
+    ),
 )
 
 __all__ = ["FAMILY", "FACTORIZED_PRESETS", "FactorizedDiT", "FactorizedDiTConfig"]

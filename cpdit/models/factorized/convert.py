@@ -25,17 +25,27 @@ _SVD_RULES: list[Rule] = [
     (re.compile(r"(proj_in|proj_out)\.weight"), lambda m, w: {m[0]: w.reshape(w.shape[0], w.shape[1])}),
     (re.compile(r"(proj_in|proj_out|norm)\.bias|norm\.weight|time_mixer\.mix_factor"), lambda m, w: {m[0]: w}),
     (re.compile(r"time_pos_embed\.[02]\.(weight|bias)"), lambda m, w: {m[0]: w}),
-    (re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(attn[12])\.to_out\.0\.(weight|bias)"),
-     lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.to_out.{m[3]}": w}),
-    (re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(attn[12])\.(to_[qkv])\.weight"),
-     lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.{m[3]}.weight": w}),
-    (re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(ff|ff_in)\.net\.0\.proj\.(weight|bias)"),
-     lambda m, w: fused_geglu(f"{_svd_block(m[1])}.{m[2]}.{m[3]}", w)),
-    (re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(ff|ff_in)\.net\.2\.(weight|bias)"),
-     lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.out.{m[3]}": w}),
-    (re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(norm[123]|norm_in)\.(weight|bias)"),
-     lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.{m[3]}": w}),
-]  # fmt: skip
+    (
+        re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(attn[12])\.to_out\.0\.(weight|bias)"),
+        lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.to_out.{m[3]}": w},
+    ),
+    (
+        re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(attn[12])\.(to_[qkv])\.weight"),
+        lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.{m[3]}.weight": w},
+    ),
+    (
+        re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(ff|ff_in)\.net\.0\.proj\.(weight|bias)"),
+        lambda m, w: fused_geglu(f"{_svd_block(m[1])}.{m[2]}.{m[3]}", w),
+    ),
+    (
+        re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(ff|ff_in)\.net\.2\.(weight|bias)"),
+        lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.out.{m[3]}": w},
+    ),
+    (
+        re.compile(r"((?:transformer_blocks|time_stack)\.\d+)\.(norm[123]|norm_in)\.(weight|bias)"),
+        lambda m, w: {f"{_svd_block(m[1])}.{m[2]}.{m[3]}": w},
+    ),
+]
 
 
 def svd_to_cpdit(state: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:

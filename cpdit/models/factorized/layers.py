@@ -93,8 +93,10 @@ class Attention(nn.Module):
             )
         N, L, _ = x.shape
         # heads from the width: under tensor parallelism a rank holds heads / tp of them
-        q, k, v = (t.reshape(N, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in
-                   (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))  # fmt: skip
+        q, k, v = (
+            t.reshape(N, t.shape[1], -1, self.head_dim).transpose(1, 2)
+            for t in (self.to_q(x), self.to_k(ctx), self.to_v(ctx))
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim)
         return self.to_out(out.transpose(1, 2).reshape(N, L, -1))
 

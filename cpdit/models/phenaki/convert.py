@@ -70,8 +70,7 @@ def phenaki_attention_to_cpdit(state: Mapping[str, Tensor], *, cross: bool, norm
 def phenaki_transformer_to_cpdit(state: Mapping[str, Tensor], *, norm_bias: bool = False) -> dict[str, Tensor]:
     """A phenaki-pytorch Transformer -> `blocks.{i}.*` of PhenakiBlocks (the PhenakiDiT's names) and `norm_out`."""
     layers = sorted({int(m[1]) for k in state if (m := re.match(r"layers\.(\d+)\.", k))})
-    rules = [(re.compile(r"norm_out\.(gamma|beta)"),
-              lambda m, w: _layer_norm("norm_out", m[1], w, norm_bias, m[0]))]  # fmt: skip
+    rules = [(re.compile(r"norm_out\.(gamma|beta)"), lambda m, w: _layer_norm("norm_out", m[1], w, norm_bias, m[0]))]
     for i in layers:
         src, dst = f"layers.{i}.", f"blocks.{i}."
         rules += _attention_rules(f"{src}1.", f"{dst}attn.", False, norm_bias)

@@ -53,8 +53,19 @@ class Attention(nn.Module):
     distance (cpdit's extension to video; the two agree at one token per frame). `norm_bias=True` gives the norms a
     trainable bias (an extension; phenaki-pytorch's are bias-free)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, *, causal: bool = False,
-                 alibi: bool = True, num_null_kv: int = 0, scale: float = 8.0, norm_bias: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        *,
+        causal: bool = False,
+        alibi: bool = True,
+        num_null_kv: int = 0,
+        scale: float = 8.0,
+        norm_bias: bool = False,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.num_heads, self.head_dim, self.scale = heads, head_dim, scale
@@ -137,15 +148,29 @@ class PhenakiBlock(nn.Module):
     to the text (when `context_dim`), feed-forward. Defaults are phenaki-pytorch's; `self_null_kv` (null keys on the
     self-attention; phenaki-pytorch has none there) and `norm_bias` are cpdit's extensions."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, context_dim: int | None = None, causal: bool = False,
-                 alibi: bool = True, self_null_kv: int = 0, cross_null_kv: int = 2, peg: bool = False,
-                 peg_causal: bool = False, ff_mult: float = 4.0, scale: float = 8.0,
-                 norm_bias: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        context_dim: int | None = None,
+        causal: bool = False,
+        alibi: bool = True,
+        self_null_kv: int = 0,
+        cross_null_kv: int = 2,
+        peg: bool = False,
+        peg_causal: bool = False,
+        ff_mult: float = 4.0,
+        scale: float = 8.0,
+        norm_bias: bool = False,
+    ):
         super().__init__()
         self.peg = PEG(dim, peg_causal) if peg else None
         common = dict(scale=scale, norm_bias=norm_bias)
-        self.attn = Attention(dim, heads, head_dim, None, causal=causal, alibi=alibi, num_null_kv=self_null_kv,
-                              **common)  # fmt: skip
+        self.attn = Attention(
+            dim, heads, head_dim, None, causal=causal, alibi=alibi, num_null_kv=self_null_kv, **common
+        )
         self.cross = None
         if context_dim:
             self.cross = Attention(dim, heads, head_dim, context_dim, num_null_kv=cross_null_kv, **common)

@@ -94,9 +94,18 @@ class PhenakiDiT(PatchVideoModel):
             self.cpb = ContinuousPositionBias(c.cpb_dim, c.num_attention_heads, 3, c.cpb_layers)
         context = c.text_embed_dim if c.cross_attention else None
         head = (c.num_attention_heads, c.attention_head_dim)
-        layer = dict(context_dim=context, causal=c.frame_causal, alibi=c.alibi, self_null_kv=c.self_attn_null_kv,
-                     cross_null_kv=c.cross_attn_null_kv, peg=c.peg, peg_causal=c.peg_causal, ff_mult=c.ff_mult,
-                     scale=c.attn_scale, norm_bias=c.norm_bias)  # fmt: skip
+        layer = dict(
+            context_dim=context,
+            causal=c.frame_causal,
+            alibi=c.alibi,
+            self_null_kv=c.self_attn_null_kv,
+            cross_null_kv=c.cross_attn_null_kv,
+            peg=c.peg,
+            peg_causal=c.peg_causal,
+            ff_mult=c.ff_mult,
+            scale=c.attn_scale,
+            norm_bias=c.norm_bias,
+        )
         self.blocks = nn.ModuleList(PhenakiBlock(c.hidden_size, *head, **layer) for _ in range(c.num_layers))
         self.sequence: SequenceSeam = LocalSequence()
         self.heads = AllHeads()  # parallel/ sets a tensor-parallel view (and the same on every attention)
