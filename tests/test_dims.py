@@ -97,3 +97,20 @@ def test_one_writer_per_replica():
     d = ParallelDims(16, cp_size=4, model_parallel_size=2)  # dp = 2
     writers = [r for r in range(16) if d.is_writer(r)]
     assert writers == [0, 8] and sorted(d.dp_rank(r) for r in writers) == [0, 1]
+
+
+def _node_worker(rank, world, per_node):
+    dims = ParallelDims(world, cp_size=2, model_parallel_size=2)  # the default job's layout
+    mesh = dims.build_mesh("cpu")
+    tp = dist.get_process_group_ranks(mesh.get_group("tp"))
+    cp = dist.get_process_group_ranks(mesh.get_group("cp"))
+    node = rank // per_node  # torchrun numbers ranks node by node: node n holds n * per_node ... (n + 1) * per_node - 1
+    assert {r // per_node for r in tp} == {node}, f"rank {rank}: tp group {tp} leaves node {node}"
+    assert len({r // per_node for r in cp}) == 2, f"rank {rank}: cp group {cp} stays inside node {node}"
+    del mesh
+
+
+def test_tensor_parallel_groups_stay_inside_a_node(tmp_path):
+    """tp is the innermost mesh axis: on 2 nodes x 2 ranks (tests/test_multinode.py's layout) each tp group is one
+    node's ranks, and only the cp groups cross nodes, as the README says."""
+    run_ranks(_node_worker, 4, tmp_path, 2)

@@ -153,3 +153,26 @@ def test_mpirun_trains_is_preempted_and_resumes(tmp_path):
     rows = metrics(tmp_path / "mpi")
     assert [e for e in rows if e.get("event") == "resume"][0]["step"] == stopped
     assert any(e.get("step") == 6 and "loss" in e for e in rows)
+
+
+WRAPPERS = [
+    ("mpirun.sh", {"NP": "4"}, "launcher=openmpi"),  # 4 ranks on a 2-core machine: the wrapper oversubscribes
+    ("torchrun.sh", {"NNODES": "1", "NPROC_PER_NODE": "4"}, "launcher=torchrun"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, variables, launcher", WRAPPERS, ids=[w[0] for w in WRAPPERS])
+def test_the_wrapper_scripts_run_the_job(tmp_path, script, variables, launcher):
+    """launch/mpirun.sh and launch/torchrun.sh as the README gives them (one node), with this environment's python."""
+    if script == "mpirun.sh" and shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed (pip install '.[mpi]')")
+    wrapper = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", script)
+    env = {**ENV, **variables, "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV["PATH"]}
+    env.pop("MPIRUN_ARGS", None)
+    r = subprocess.run(
+        ["bash", wrapper, "selfcheck"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert launcher in r.stdout and "cpdit selfcheck: OK" in r.stdout
+    assert sorted(re.findall(r"^  rank (\d) \(local", r.stdout, re.M)) == ["0", "1", "2", "3"]

@@ -1,6 +1,7 @@
 # Two "nodes" on one machine: Linux network namespaces joined by a veth pair (10.200.0.1 / 10.200.0.2, addresses
 # that exist only inside them), each with its own hostname and hosts file. On each, cpdit-launch --nnodes 2
-# --nproc-per-node 2 with a c10d rendezvous on node1: the default job's cp and tp groups span both nodes. One
+# --nproc-per-node 2 with a c10d rendezvous on node1: the default job's tp groups stay inside a node, its cp groups
+# cross the two (tests/test_dims.py checks the groups). One
 # node's workers are killed; both agents restart their workers, the job resumes from the newest checkpoint and
 # ends with the weights of an uninterrupted single-node run.
 import os

@@ -52,19 +52,37 @@ def test_configuration_example_runs(tmp_path, command):
     assert list(tmp_path.glob("*/samples/*.mp4")), "the example's job wrote no samples"
 
 
+PLAN_ROWS = [  # the table's rows: (model, ranks) and what the README says gives them: launcher flags, overrides
+    ("CogVideoX-2B", "8", ([], [])),
+    ("CogVideoX-2B", "16 (2 nodes)", (["--nnodes", "2"], [])),
+    ("CogVideoX-5B", "8", ([], ["model.preset=cogvideox-5b"])),
+    ("CogVideoX-5B", "16 (2 nodes)", (["--nnodes", "2"], ["model.preset=cogvideox-5b"])),
+]
+
+
 @pytest.mark.slow
-def test_plan_example_gives_the_readme_table_first_row():
-    """The planner's README example, as written: its recommendation and predicted peak are the table's first row."""
+@pytest.mark.parametrize("model, ranks, extra", PLAN_ROWS, ids=[f"{m}x{r.split()[0]}" for m, r, _ in PLAN_ROWS])
+def test_plan_example_gives_the_readme_table(model, ranks, extra):
+    """The planner's README example as written (the first row), and with what the README says gives the other rows:
+    the recommendation, its predicted peak and the counts of layouts that fit are the table's."""
     assert len(PLAN_EXAMPLES) == 1, PLAN_EXAMPLES
-    cmd = [sys.executable, "-m", "launch", *shlex.split(PLAN_EXAMPLES[0])[1:]]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    argv = shlex.split(PLAN_EXAMPLES[0])[1:]
+    flags, overrides = extra
+    argv = argv[:1] + flags + argv[1:] + overrides
+    r = subprocess.run(
+        [sys.executable, "-m", "launch", *argv], env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     section = README.split("## Which layout fits", 1)[1].split("\n## ", 1)[0]
-    row = next(ln for ln in section.splitlines() if ln.startswith("| CogVideoX-2B | 8 |"))
+    row = next(ln for ln in section.splitlines() if ln.startswith(f"| {model} | {ranks} |"))
     knobs, peak = re.search(r"`([^`]+)` \(dp=(\d+)\) \| ([\d.]+) GiB", row).group(1, 3)
+    fit, total, no_ac = map(int, re.search(r"\| (\d+) of (\d+) \((\d+)\) \|$", row).groups())
     rec = next(ln for ln in r.stdout.splitlines() if ln.startswith("recommendation: "))
     assert sorted(knobs.split()) == sorted(rec.split(" (dp=")[0].removeprefix("recommendation: ").split()), rec
     assert f"it fits ({peak} of" in rec, rec
+    layouts = [ln.split("|")[1:-1] for ln in r.stdout.splitlines() if re.match(r"^\| \d+ \|", ln)]
+    fits = [cells for cells in layouts if cells[13].strip() == "yes"]
+    assert (len(fits), len(layouts), sum(c[4].strip() == "none" for c in fits)) == (fit, total, no_ac)
 
 
 def test_launcher_lines_name_their_tests():
