@@ -2,6 +2,8 @@
 # collective whose result is known in closed form. Run with `cpdit-launch selfcheck`.
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -37,7 +39,7 @@ def check_mesh_groups(dims: ParallelDims, mesh, rank: int) -> dict[str, int]:
 def selfcheck(cfg: JobConfig, env: DistEnv) -> int:
     dims = ParallelDims.from_config(cfg.parallel, env.world_size)
     with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
-        mesh = dims.build_mesh(device.type)
+        mesh = dims.build_mesh(device.type, timedelta(seconds=cfg.dist.timeout_s))
         sizes = check_mesh_groups(dims, mesh, env.rank)
         seed = dims.draw_seed(cfg.train.seed, env.rank, 0, 0)  # the first draw of step 0
         coords = {k: v for k, v in dims.coords(env.rank).items() if k in MESH_DIMS}

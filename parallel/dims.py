@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from cpdit.seeding import derive_seed
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from torch.distributed.device_mesh import DeviceMesh
 
 # Outermost first (DeviceMesh order). Adjacent ranks differ in `tp` first, then `cp_ulysses`, ...
@@ -158,11 +160,14 @@ class ParallelDims:
         )
 
     # ---- mesh --------------------------------------------------------------------------------------
-    def build_mesh(self, device_type: str = "cpu") -> ParallelMesh:
-        """The 5-D DeviceMesh over MESH_DIMS plus the flattened views in FLAT_DIMS.
+    def build_mesh(self, device_type: str = "cpu", timeout: timedelta | None = None) -> ParallelMesh:
+        """The 5-D DeviceMesh over MESH_DIMS plus the flattened views in FLAT_DIMS. `timeout` bounds every collective
+        of every group of the mesh (DeviceMesh creates its groups with c10d's default, 30 minutes for gloo, whatever
+        the world group's timeout; the job passes dist.timeout_s).
 
         Every rank must call this, in the same order as every other collective set-up."""
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.distributed_c10d import _set_pg_timeout
 
         root = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
         flat = {name: root[dims]._flatten(name) for name, dims in FLAT_DIMS.items()}
@@ -170,7 +175,11 @@ class ParallelDims:
             with warnings.catch_warnings():  # torch deprecates slicing a flattened dim out of the root
                 warnings.simplefilter("ignore")
                 flat["hsdp"] = root["dp_replicate", "dp_shard_cp"]
-        return ParallelMesh(root, flat)
+        mesh = ParallelMesh(root, flat)
+        if timeout is not None:
+            for group in mesh.groups():
+                _set_pg_timeout(timeout, group)
+        return mesh
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,13 @@ class ParallelMesh:
 
     def get_group(self, name: str):
         return self[name].get_group()
+
+    def groups(self) -> list:
+        """Every process group this rank belongs to through the mesh (each dim of the root and of every view)."""
+        out = []
+        for m in (self.root, *self.flat.values()):
+            out += [g for g in m.get_all_groups() if all(g is not h for h in out)]
+        return out
 
     @property
     def device_type(self) -> str:

@@ -114,3 +114,27 @@ def test_tensor_parallel_groups_stay_inside_a_node(tmp_path):
     """tp is the innermost mesh axis: on 2 nodes x 2 ranks (tests/test_multinode.py's layout) each tp group is one
     node's ranks, and only the cp groups cross nodes, as the README says."""
     run_ranks(_node_worker, 4, tmp_path, 2)
+
+
+def _timeout_worker(rank, world):
+    import datetime
+    import time
+
+    dims = ParallelDims(world, cp_size=2, model_parallel_size=2)
+    mesh = dims.build_mesh("cpu", datetime.timedelta(seconds=2))
+    if rank == 1:  # never joins rank 0's tp all-reduce
+        time.sleep(4)
+        return "slept"
+    if rank == 0:
+        try:
+            dist.all_reduce(torch.ones(1), group=mesh.get_group("tp"))
+        except RuntimeError as err:
+            return str(err)
+    return "other"
+
+
+def test_the_mesh_groups_take_the_jobs_timeout(tmp_path):
+    """DeviceMesh makes its groups with c10d's default timeout (30 min on gloo); build_mesh(timeout=) sets the job's
+    (dist.timeout_s) on each, so a peer that never arrives fails a sub-group collective after it."""
+    got = run_ranks(_timeout_worker, 4, tmp_path, fresh=True)
+    assert "Timed out waiting 2000ms" in got[0], got

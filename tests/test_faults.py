@@ -204,6 +204,17 @@ def test_hang_is_detected_dumped_and_ends_the_job(reference):
     )
 
 
+def test_a_peer_that_never_arrives_fails_the_job_after_dist_timeout_s(tmp_path):
+    """Without the watchdog, dist.timeout_s alone bounds a collective: rank 1 stops at step 3, and its peers'
+    collectives in the mesh's tp, cp and FSDP groups (not only the world group's) fail after 15 s; the job exits 1
+    naming the timeout."""
+    knobs = ["debug.hang_at_step=3", "debug.fail_rank=1", "dist.watchdog=false", "dist.timeout_s=15"]
+    r = launch(tmp_path, "timeout", *COMMON, *knobs, check=False, timeout=300)
+    assert r.returncode == 1, r.stderr[-4000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("cpdit-launch: the job failed: rank ") and "Timed out waiting 15000ms" in last, last
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint(reference):
     tmp = reference
     run = tmp / "full"

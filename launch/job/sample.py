@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
             f"no complete checkpoint under {run_dir / 'checkpoints'}; train first or set sample.checkpoint=DIR"
         )
     with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
-        mesh = dims.build_mesh(device.type)
+        mesh = dims.build_mesh(device.type, timedelta(seconds=cfg.dist.timeout_s))
         modules, par = build(cfg, dims, mesh, device)
         path = checkpoint.select_resume(run_dir / "checkpoints", wanted, architecture(cfg, modules.dit.config))
         optimizer = torch.optim.AdamW([q for q in modules.parameters() if q.requires_grad], lr=cfg.optim.lr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from datetime import timedelta
 
 import torch
 
@@ -32,7 +33,7 @@ def train(cfg: JobConfig, env: DistEnv) -> int:
     try:
         with distributed(env, cfg.dist.backend, cfg.dist.timeout_s) as device:
             torch.manual_seed(derive_seed(cfg.train.seed, "global"))  # for PyTorch's own draws; ours are named
-            mesh = dims.build_mesh(device.type)
+            mesh = dims.build_mesh(device.type, timedelta(seconds=cfg.dist.timeout_s))
             result = _train(start_run(cfg, env, dims, mesh, device, stop))
             del mesh
     finally:
