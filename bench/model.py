@@ -128,6 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--layouts", default="1x1,2x1,1x2,4x1,2x2", help="cp x tp layouts (dp = 1)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="per-rank peak for MFU (omit on CPU)")
+    p.add_argument("--json", default=None, help="write the raw rows (every quantity, the slowest rank's) here")
     args = p.parse_args(argv)
     for key, value in MALLOC_ENV.items():  # RSS follows live memory (bench/common.py)
         os.environ.setdefault(key, value)
@@ -155,6 +156,9 @@ def main(argv=None) -> None:
             f"{r['flops'] / r['step'] / r['world'] / 1e9:.1f} | {mfu} | {r['peak'] / 2**20:.0f} | "
             f"{r['params'] / 2**20:.1f} | {r['sent'] / 2**20:.2f} |"
         )
+    if args.json:
+        raw = dict(measured=time.strftime("%Y-%m-%d"), torch=torch.__version__, cores=cores, args=vars(args), rows=rows)
+        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
 
 
 if __name__ == "__main__":

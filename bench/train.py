@@ -1,5 +1,6 @@
 # Benchmark of the default training job per parallel layout: steps/s, tokens/s and the share of each step spent
-# loading data, from real `cpdit-launch train` runs (4 gloo processes, tiny model, synthetic videos).
+# loading data, from real `cpdit-launch train` runs (4 gloo processes, the default job's `demo` model, synthetic
+# videos).
 #
 #   python bench/train.py                  # 25 steps per layout
 #   python bench/train.py --steps 50 --layouts "cp2xtp2,cp4"
@@ -60,6 +61,7 @@ def run(name: str, steps: int, root: Path) -> dict:
         data_share=statistics.median(row["data_time"] / row["step_time"] for row in rows),
         loss=rows[-1]["loss"],
         wall=wall,
+        step_times=[row["step_time"] for row in rows],
     )
 
 
@@ -67,13 +69,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark the training job per layout.")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--json", default=None, help="write the raw rows (and every step's time) here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(name, args.steps, Path(tmp)) for name in args.layouts.split(",")]
     base = rows[0]["step"]
     print(
-        f"\ndefault job per layout (tiny model, 8 frames 16x16, batch 2 per replica, 4 processes, {os.cpu_count()} "
-        f"cores), median over steps 4..{args.steps}"
+        f"\ndefault job per layout (demo model, 8 frames 16x16, the default batch per replica, 4 processes, "
+        f"{os.cpu_count()} cores), median over steps 4..{args.steps}"
     )
     print("| layout | step s | steps/s | vs first | tokens/s | data-loading share | loss at end | wall s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -82,6 +85,9 @@ def main(argv=None) -> None:
             f"| {r['layout']} | {r['step']:.3f} | {1 / r['step']:.2f} | {base / r['step']:.2f}x | "
             f"{r['tokens_per_s']:.0f} | {r['data_share']:.1%} | {r['loss']:.3f} | {r['wall']:.0f} |"
         )
+    if args.json:
+        raw = dict(measured=time.strftime("%Y-%m-%d"), cores=os.cpu_count(), args=vars(args), rows=rows)
+        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--cp", default="1,2,4")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--chunks", default="2", help="latent frames per chunk for exact streaming on one device")
+    p.add_argument("--json", default=None, help="write the raw rows (times, peaks, errors) here")
     args = p.parse_args(argv)
     for key, value in MALLOC_ENV.items():
         os.environ.setdefault(key, value)
@@ -143,6 +144,9 @@ def main(argv=None) -> None:
             f"{r['enc_peak'] / 2**20:.0f} ({r['enc_peak'] / b['enc_peak']:.2f}x) | "
             f"{r['dec_peak'] / 2**20:.0f} ({r['dec_peak'] / b['dec_peak']:.2f}x) | {r['max_err']:.1e} |"
         )
+    if args.json:
+        raw = dict(measured=time.strftime("%Y-%m-%d"), torch=torch.__version__, args=vars(args), rows=rows)
+        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
 
 
 if __name__ == "__main__":

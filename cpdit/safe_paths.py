@@ -22,3 +22,18 @@ def inside(directory: str | Path, name: str | Path) -> Path:
     if not path.resolve().is_relative_to(root.resolve()):
         raise OutsideDirectory(f"{path} resolves to {path.resolve()}, outside {root.resolve()}; refused")
     return path
+
+
+def plain_tree(directory: str | Path) -> Path:
+    """`directory`, refused (OutsideDirectory) if anything under it is a symlink or resolves outside it: for
+    directories whose files a library reads by itself (a T5 encoder and tokenizer, loaded by transformers)."""
+    root = Path(directory)
+    for path in sorted(root.rglob("*")):
+        try:
+            inside(root, path.relative_to(root))
+        except OutsideDirectory as err:
+            raise OutsideDirectory(
+                f"{err}. A Hugging Face cache snapshot is symlinks into its blobs: copy it to a plain directory "
+                f"(cp -rL {root} DIR) and point at DIR"
+            ) from None
+    return root

@@ -2,12 +2,14 @@
 # embedding table, plus a learned position embedding (so "moving left" differs from "left moving").
 from __future__ import annotations
 
+import os
 import re
 import zlib
 
 import torch
 import torch.nn as nn
 
+from cpdit.safe_paths import inside, plain_tree
 from cpdit.seeding import generator
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -68,6 +70,7 @@ class T5TextEncoder(nn.Module):
             raise FileNotFoundError(
                 f"text encoder path {path!r} has no config.json (a local T5 directory is needed; nothing is downloaded)"
             )
+        plain_tree(path)  # transformers reads the files itself: no symlink anywhere under the directory
         self.path, self.max_length = str(path), max_length
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -98,8 +101,8 @@ class T5TextEncoder(nn.Module):
         if self.cache is not None:
             for i, c in enumerate(captions):
                 f = self.cache / f"{self._key(c)}.safetensors"
-                if f.is_file():
-                    out[i] = load_file(str(f))["embedding"].to(device)
+                if f.is_file() and not f.is_symlink():  # a planted link is never read; the entry is written anew
+                    out[i] = load_file(str(inside(self.cache, f.name)))["embedding"].to(device)
         todo = [i for i, e in enumerate(out) if e is None]
         if todo:
             tok = self.tokenizer(
@@ -115,8 +118,8 @@ class T5TextEncoder(nn.Module):
                 out[i] = emb[j]
                 if self.cache is not None:
                     self.cache.mkdir(parents=True, exist_ok=True)
-                    save_file(
-                        {"embedding": emb[j].cpu().contiguous()},
-                        str(self.cache / f"{self._key(captions[i])}.safetensors"),
-                    )
+                    f = self.cache / f"{self._key(captions[i])}.safetensors"
+                    tmp = f.with_suffix(f".tmp{os.getpid()}")
+                    save_file({"embedding": emb[j].cpu().contiguous()}, str(tmp))
+                    tmp.replace(f)  # renames over a symlink, never writes through it
         return torch.stack(out)  # (B, max_length, d_model)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cpdit.first_stage import latent_frames
+from cpdit.safe_paths import OutsideDirectory, plain_tree
 from launch.config import ConfigError, JobConfig
 from parallel.dims import ParallelDims
 
@@ -136,6 +137,10 @@ def _check_files(cfg: JobConfig, command: str) -> None:
         if importlib.util.find_spec("transformers") is None:
             raise ConfigError("text.encoder='t5' needs the transformers package: pip install 'cpdit[t5]'")
         t5 = _need_dir("text.path", cfg.text.path, "config.json", hint="point it at a local T5 encoder directory")
+        try:
+            plain_tree(t5)
+        except OutsideDirectory as err:
+            raise ConfigError(f"text.path={cfg.text.path!r}: {err}") from None
         try:
             width = json.loads((t5 / "config.json").read_text()).get("d_model")
         except ValueError as err:

@@ -176,3 +176,34 @@ def test_a_symlinked_pretrained_file_is_refused(tmp_path, which):
     (d / name).symlink_to(elsewhere / name)
     with pytest.raises(OutsideDirectory, match="is a symlink"):
         load_diffusers_state_dict(d)
+
+
+def test_a_symlinked_latent_cache_entry_is_a_miss_and_is_replaced(tmp_path):
+    """A latent cache entry (data.latent_cache_dir) that is a symlink is never read: a miss, encoded again, and the
+    new entry is renamed over the link (the target is never written through)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from launch.job.latent_cache import LatentCache
+
+    cache = LatentCache(tmp_path / "latents", "k", writer=True, group=None)
+    target = tmp_path / "elsewhere.safetensors"
+    save_file({"mean": torch.ones(2, 1, 1, 1), "logvar": torch.zeros(2, 1, 1, 1)}, str(target))
+    cache.path(0).symlink_to(target)
+    assert cache._load([0], torch.device("cpu")) is None
+    plain = cache.path(1)
+    save_file({"mean": torch.ones(2, 1, 1, 1), "logvar": torch.zeros(2, 1, 1, 1)}, str(plain))
+    assert cache._load([1], torch.device("cpu")) is not None  # a plain entry is read
+
+    class Stage:
+        def moments(self, video):
+            return torch.full((1, 2, 1, 1, 1), 5.0), torch.zeros(1, 2, 1, 1, 1)
+
+        def latents(self, mean, logvar, generator):
+            return mean
+
+    cache.encode(Stage(), torch.zeros(1), [0], None)
+    assert not cache.path(0).is_symlink() and torch.equal(
+        load_file(str(cache.path(0)))["mean"], torch.full((2, 1, 1, 1), 5.0)
+    )
+    assert torch.equal(load_file(str(target))["mean"], torch.ones(2, 1, 1, 1))

@@ -2,7 +2,7 @@
 # written here, so nothing is downloaded), with its on-disk embedding cache.
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from t5_helpers import make_tiny_t5
 
 from cpdit.text import HashedTextEncoder, T5TextEncoder, hash_tokens
@@ -51,3 +51,34 @@ def test_t5_corrupt_weights(t5_dir):
     weights.write_bytes(weights.read_bytes()[:100])  # truncated download
     with pytest.raises(RuntimeError, match="could not load a T5 encoder"):
         T5TextEncoder(str(t5_dir))
+
+
+def test_a_symlink_in_the_t5_directory_is_refused_before_loading(t5_dir, tmp_path):
+    """transformers reads the directory's files itself: one that is a symlink (to anything) is refused up front, by
+    the encoder and by the launcher's pre-flight, with the fix for a Hugging Face cache snapshot."""
+    from launch.config import ConfigError, load_config
+    from launch.preflight import preflight
+
+    weights = next(t5_dir.glob("*.safetensors"))
+    outside = tmp_path / "elsewhere.safetensors"
+    weights.rename(outside)
+    weights.symlink_to(outside)
+    with pytest.raises(ValueError, match=r"is a symlink .*cp -rL"):
+        T5TextEncoder(str(t5_dir))
+    cfg = load_config(overrides=["text.encoder=t5", f"text.path={t5_dir}", "model.text_embed_dim=16"])
+    with pytest.raises(ConfigError, match=r"text.path=.* is a symlink"):
+        preflight(cfg, 4, "train")
+
+
+def test_a_symlink_in_the_embedding_cache_is_never_read_or_written_through(t5_dir, tmp_path):
+    cache = tmp_path / "cache"
+    enc = T5TextEncoder(str(t5_dir), max_length=12, cache_dir=str(cache))
+    cache.mkdir()
+    target = tmp_path / "someone_elses.safetensors"
+    save_file({"embedding": torch.full((12, 16), 7.0)}, str(target))
+    entry = cache / f"{enc._key('a blue square')}.safetensors"
+    entry.symlink_to(target)
+    out = enc(["a blue square"])
+    assert not torch.equal(out[0], torch.full((12, 16), 7.0))  # computed, not read through the link
+    assert not entry.is_symlink() and entry.is_file()  # the entry is now a plain file
+    assert torch.equal(load_file(str(target))["embedding"], torch.full((12, 16), 7.0))  # the target is untouched

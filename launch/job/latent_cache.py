@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from cpdit.safe_paths import inside
 from parallel.comm import agree
 
 
@@ -49,7 +50,7 @@ class LatentCache:
 
     def _load(self, ids: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
-            items = [load_file(str(self.path(i))) for i in ids]
+            items = [load_file(str(inside(self.dir, self.path(i).name))) for i in ids]  # a symlink: a miss
         except (OSError, ValueError, RuntimeError):
             return None  # missing or damaged: encode again
         mean = torch.stack([t["mean"] for t in items]).to(device)  # (B, C, T, h, w)
