@@ -6,7 +6,8 @@
 # 2. the judge (bench/judge.py) on the 4 samples that job wrote;
 # 3. `cpdit-launch sample sample.prompts_file=FILE` with 8 other prompts of the vocabulary, from the job's final
 #    checkpoint, and the judge on those.
-# Prints the tables and writes every number, with each clip's verdict, to bench/results/default_job.json.
+# Prints the tables, writes every number, with each clip's verdict, to bench/results/default_job.json, and stacks the
+# default prompts' frame grids into docs/default-job-samples.png (the README's picture).
 from __future__ import annotations
 
 import json
@@ -55,6 +56,17 @@ def judged(gifs: list[Path], prompt_of) -> tuple[list[dict], dict]:
     return clips, summary
 
 
+def figure(samples: Path, dest: Path) -> None:
+    """The default prompts' frame-grid PNGs (one row each, frames left to right), top to bottom."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    rows = [imageio.imread(p)[..., :3] for p in sorted(samples.glob("*.png"))]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]  # 4 black rows between prompts
+    imageio.imwrite(dest, np.concatenate(rows)[:-4])
+
+
 def prompt_from_stem(gif: Path) -> str:
     return re.sub(r"^\d+_", "", gif.stem).replace("_", " ")
 
@@ -83,6 +95,7 @@ def main() -> int:
         f"final loss {result['final_loss']}\n\n## default prompts\n"
     )
     result["default_prompts"], result["default_summary"] = judged(sorted(RUN.glob("samples/*.gif")), prompt_from_stem)
+    figure(RUN / "samples", ROOT / "docs" / "default-job-samples.png")
     prompts = RUN / "other_prompts.txt"
     prompts.write_text("\n".join(OTHER_PROMPTS) + "\n")
     sample = [sys.executable, "-m", "launch", "sample", f"sample.prompts_file={prompts}"]
