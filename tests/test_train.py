@@ -139,14 +139,14 @@ def test_sample_job_loads_the_last_checkpoint(uninterrupted):
 
 def test_t5_text_encoder_job(tmp_path):
     pytest.importorskip("transformers")
-    make_tiny_t5(tmp_path / "t5")
+    make_tiny_t5(tmp_path / "t5model")  # not the run directory: wandb writes symlinks there
     # 2 steps of 2 clips (dp=1) over 4 clips: every clip's caption is encoded once, through the cache
     launch(
         tmp_path,
         "t5",
         "train.steps=2",
         "text.encoder=t5",
-        f"text.path={tmp_path / 't5'}",
+        f"text.path={tmp_path / 't5model'}",
         "data.num_samples=4",
         f"text.cache_dir={tmp_path / 'cache'}",
         "model.text_embed_dim=16",
@@ -156,7 +156,7 @@ def test_t5_text_encoder_job(tmp_path):
     assert sorted(by_step) == [1, 2]
     cfg = load_config(tmp_path / "t5" / "config.yaml")
     captions = {build_dataset(cfg, cfg.train.seed)[i][1] for i in range(4)}
-    keys = {T5TextEncoder(str(tmp_path / "t5"), max_length=12)._key(c) for c in captions}
+    keys = {T5TextEncoder(str(tmp_path / "t5model"), max_length=12)._key(c) for c in captions}
     assert {f.stem for f in (tmp_path / "cache").glob("*.safetensors")} == keys
 
 
