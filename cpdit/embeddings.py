@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
@@ -29,17 +30,39 @@ class TimestepMLP(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d patchify of each frame and a linear projection of the text embeddings."""
+    """Patchify of the frames and a linear projection of the text embeddings. CogVideoX 1.0: a Conv2d over each
+    frame; with `patch_size_t` (CogVideoX 1.5): a Linear over (patch_size_t x p x p) patches of consecutive frames.
+    With `learned_rows`, a trained position table `pos_embedding` (rows, hidden) of text + video tokens."""
 
-    def __init__(self, in_channels: int, hidden: int, patch_size: int, text_dim: int, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        patch_size: int,
+        text_dim: int,
+        bias: bool = True,
+        patch_size_t: int | None = None,
+        learned_rows: int = 0,
+    ):
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.patch_size, self.patch_size_t = patch_size, patch_size_t
+        if patch_size_t is None:
+            self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size, bias=bias)
+        else:  # features ordered (channel, frame, row, column) of a patch, as diffusers' CogVideoXPatchEmbed
+            self.proj = nn.Linear(in_channels * patch_size_t * patch_size * patch_size, hidden)
         self.text_proj = nn.Linear(text_dim, hidden)
+        if learned_rows:
+            self.pos_embedding = nn.Parameter(torch.zeros(learned_rows, hidden))
 
     def video(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, H, W) -> (B, T * H/p * W/p, hidden), tokens frame-major then row-major."""
+        """(B, T, C, H, W) -> (B, T/pt * H/p * W/p, hidden), tokens (patch-)frame-major then row-major."""
         B, T, C, H, W = x.shape
+        p = self.patch_size
+        if self.patch_size_t is not None:
+            patches = rearrange(
+                x, "b (t pt) c (h p1) (w p2) -> b (t h w) (c pt p1 p2)", pt=self.patch_size_t, p1=p, p2=p
+            )
+            return self.proj(patches)
         y = self.proj(x.reshape(B * T, C, H, W))  # (B*T, hidden, H/p, W/p)
         return y.flatten(2).transpose(1, 2).reshape(B, -1, y.shape[1])
 
@@ -86,14 +109,24 @@ def _rope_1d(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> tuple[torch
     return ang.cos().repeat_interleave(2, dim=1), ang.sin().repeat_interleave(2, dim=1)
 
 
-def rope_3d(frame_ids: torch.Tensor, h: int, w: int, head_dim: int, base_h: int, base_w: int):
-    """3D rotary (cos, sin), each (T_l * h * w, head_dim): [time head_dim/4 | rows 3/8 | cols 3/8]."""
-    (top, left), (bottom, right) = rope_crop_region(h, w, base_h, base_w)
+def rope_3d(frame_ids: torch.Tensor, h: int, w: int, head_dim: int, base_h: int, base_w: int, grid: str = "crop"):
+    """3D rotary (cos, sin), each (T_l * h * w, head_dim): [time head_dim/4 | rows 3/8 | cols 3/8].
+
+    grid="crop" (CogVideoX 1.0): the (h, w) grid resized and centre-cropped into the (base_h, base_w) one;
+    grid="slice" (CogVideoX 1.5, diffusers' grid_type="slice"): rows 0..h-1 and columns 0..w-1."""
     dev = frame_ids.device
+    if grid == "crop":
+        (top, left), (bottom, right) = rope_crop_region(h, w, base_h, base_w)
+        rows, cols = _linspace_pos(top, bottom, h, dev), _linspace_pos(left, right, w, dev)
+    elif grid == "slice":
+        rows = torch.arange(h, device=dev, dtype=torch.float32)
+        cols = torch.arange(w, device=dev, dtype=torch.float32)
+    else:
+        raise ValueError(f"grid={grid!r} must be 'crop' or 'slice'")
     dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
     t_cos, t_sin = _rope_1d(dim_t, frame_ids.float())
-    h_cos, h_sin = _rope_1d(dim_hw, _linspace_pos(top, bottom, h, dev))
-    w_cos, w_sin = _rope_1d(dim_hw, _linspace_pos(left, right, w, dev))
+    h_cos, h_sin = _rope_1d(dim_hw, rows)
+    w_cos, w_sin = _rope_1d(dim_hw, cols)
     T = frame_ids.numel()
 
     def combine(t, hh, ww):

@@ -114,8 +114,11 @@ class Parallelized:
 
     def local_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """A full-video tensor (..., T, ...) -> the frames of the model's `return_local=True` output (loss targets,
-        per-frame noise levels)."""
-        return self.model.sequence.frames(x.shape[dim]).shard_frames(x, dim)
+        per-frame noise levels). A model patching `frames_per_patch` frames together (CogVideoX 1.5) is split in
+        whole groups."""
+        g = self.model.frames_per_patch
+        grouped = x.unflatten(dim, (x.shape[dim] // g, g))
+        return self.model.sequence.frames(x.shape[dim] // g).shard_frames(grouped, dim).flatten(dim, dim + 1)
 
     @property
     def first_stage_group(self) -> dist.ProcessGroup | None:

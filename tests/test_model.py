@@ -76,8 +76,10 @@ def test_state_dict_round_trip_and_config():
     assert set(back) == {k for k in sd if not k.startswith("patch_embed.pos_embedding")}
     cfg = config_from_diffusers(dict(ref.config))
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.num_layers, cfg.pos_embedding) == (4, 16, 2, "sincos")
-    with pytest.raises(ValueError, match="patch_size_t=2 is not supported"):
-        config_from_diffusers({**dict(ref.config), "patch_size_t": 2})
+    with pytest.raises(ValueError, match="patch_size_t=2 comes with pos_embedding='rope'"):
+        config_from_diffusers({**dict(ref.config), "patch_size_t": 2})  # no sin-cos 1.5 checkpoint exists
+    with pytest.raises(ValueError, match="patch_bias=False with a per-frame Conv2d"):
+        config_from_diffusers({**dict(ref.config), "patch_bias": False})
     with pytest.raises(KeyError, match="unexpected key 'bogus.weight'"):
         state_dict_from_diffusers({"bogus.weight": torch.zeros(1)})
 

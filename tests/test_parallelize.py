@@ -10,14 +10,24 @@ from cpdit.lora import add_lora
 from parallel.dims import ParallelDims
 from parallel.fsdp import reduce_gradients
 from parallel.grad_norm import clip_grad_norm, global_grad_norm
-from parallel.parallelize import materialize, parallelize
+from parallel.parallelize import Parallelized, materialize, parallelize
 from parallel.state import full_tensor, load_full_state_dict
 
 F64 = dict(rtol=1e-9, atol=1e-11)  # float64: only the order of sums differs from the reference
 T, H, W, L = 13, 6, 10, 7  # 13 latent frames (uneven over cp), odd patch grid 3 x 5, 7 text tokens
 
 
-def _config(pos):
+# The checkpoint variants (tests/test_model_variants.py proves each equal to diffusers): 5B-I2V's learned table fits
+# the test shape (13 latent frames = 49 pixel frames, 6 x 10, 7 text tokens); 1.5 patches 14 frames in 7 pairs.
+VARIANTS = {
+    None: {},
+    "5b-i2v": dict(in_channels=8, use_learned_positional_embeddings=True, sample_frames=49, max_text_seq_length=L),
+    "1.5": dict(patch_size_t=2),
+    "1.5-i2v": dict(patch_size_t=2, in_channels=8, ofs_embed_dim=24),
+}
+
+
+def _config(pos, variant=None):
     # 6 heads: 3 per rank at tp=2, 2/2/1/1 at ulysses 4
     return CogVideoXConfig.preset(
         "tiny",
@@ -25,9 +35,10 @@ def _config(pos):
         attention_head_dim=16,
         text_embed_dim=16,
         time_embed_dim=24,
-        pos_embedding=pos,
+        pos_embedding="rope" if variant else pos,
         sample_height=6,
         sample_width=10,
+        **VARIANTS[variant],
     )
 
 
@@ -36,12 +47,13 @@ def _weights(model, seed):
     return {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3 for n, p in model.named_parameters()}
 
 
-def _inputs(batch, seed):
+def _inputs(batch, seed, cfg):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, T, 4, H, W, generator=gen, dtype=torch.float64)
+    frames = T + 1 if cfg.patch_size_t else T  # 7 patch-frames of 2
+    x = torch.randn(batch, frames, cfg.in_channels, H, W, generator=gen, dtype=torch.float64)
     txt = torch.randn(batch, L, 16, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 1000, (batch,), generator=gen).double()
-    w = torch.randn(batch, T, 4, H, W, generator=gen, dtype=torch.float64)  # loss weights: nontrivial grads
+    w = torch.randn(batch, frames, 4, H, W, generator=gen, dtype=torch.float64)  # loss weights: nontrivial grads
     return x, txt, t, w
 
 
@@ -60,17 +72,18 @@ def check_layout(
     lora=0,
     replicate=1,
     fsdp=True,
+    variant=None,
 ):
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=replicate)
     mesh = dims.build_mesh("cpu")
-    cfg = _config(pos)
+    cfg = _config(pos, variant)
     ref = CogVideoXDiT(cfg).double()
     if lora:
         add_lora(ref, lora)
     sd = _weights(ref, seed)
     ref.load_state_dict(sd)
     B = dims.dp * batch_per_rank
-    x, txt, t, w = _inputs(B, seed + 1)
+    x, txt, t, w = _inputs(B, seed + 1, cfg)
     out_ref = ref(x, txt, t)
     n = out_ref.numel()
     (out_ref * w).sum().div(n).backward()
@@ -90,11 +103,11 @@ def check_layout(
     d = dims.dp_rank(rank)
     mine = slice(d * batch_per_rank, (d + 1) * batch_per_rank)
     out_local = model(x[mine], txt[mine], t[mine], return_local=True)
-    bound = model.sequence.bind(T, (H // 2) * (W // 2), L)
-    w_local, ref_local = bound.shard_frames(w[mine], 1), bound.shard_frames(out_ref[mine].detach(), 1)
+    local = Parallelized(dims, mesh, model, None).local_frames  # the job's loss targets (whole patch-frames)
+    w_local, ref_local = local(w[mine]), local(out_ref[mine].detach())
     what = (
         f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
-        f"{strategy} {pos} {layout} ac={ac}"
+        f"{strategy} {pos} {layout} ac={ac} variant={variant}"
     )
     torch.testing.assert_close(out_local, ref_local, **F64, msg=lambda m: f"{what} output: {m}")
     # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
@@ -162,6 +175,20 @@ def _eight(rank, world):
 
 def _one(rank, world):
     check_layout(rank, world, cp=1, tp=1, pos="rope", ac="full")
+
+
+def _variants(rank, world):
+    """Each checkpoint variant on 4 ranks: cp=2 x tp=2 (zigzag for 1.5, whose 7 patch-frames split unevenly),
+    Ulysses 4, USP 2 x 2 with activation checkpointing, and dp=2 x cp=2 under FSDP2."""
+    for variant in ("5b-i2v", "1.5", "1.5-i2v"):
+        check_layout(rank, world, cp=2, tp=2, variant=variant, layout="zigzag" if variant == "1.5" else "contiguous")
+    check_layout(rank, world, cp=4, tp=1, ulysses=4, strategy="ulysses", variant="5b-i2v", layout="zigzag")
+    check_layout(rank, world, cp=4, tp=1, ulysses=2, strategy="usp", variant="1.5-i2v", ac="full")
+    check_layout(rank, world, cp=2, tp=1, variant="1.5", ac="selective")  # dp=2 x cp=2
+
+
+def test_variant_parity(tmp_path):
+    run_ranks(_variants, 4, tmp_path, timeout=600)
 
 
 # 8 processes on 2 cores are slow: the 8-rank combinations (dp x cp x tp, HSDP x tp, USP x tp) are in the full suite

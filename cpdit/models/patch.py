@@ -31,6 +31,8 @@ class PatchVideoModel(nn.Module):
     """Base of FactorizedDiT and PhenakiDiT: `patch_embed`, `time_embed`, `norm_out`, `proj_out`, and
     deterministic initialisation by parameter name (identical on every rank, whatever the sharding)."""
 
+    frames_per_patch = 1  # every latent frame is a frame of tokens (context parallelism partitions frames)
+
     def __init__(self, in_channels: int, out_channels: int, patch_size: int, hidden: int, time_embed_dim: int):
         super().__init__()
         p = patch_size

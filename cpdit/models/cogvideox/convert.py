@@ -14,6 +14,9 @@ _KEYS = [
     ("patch_embed.text_proj.", "patch_embed.text_proj."),
     ("time_embed.fc1.", "time_embedding.linear_1."),
     ("time_embed.fc2.", "time_embedding.linear_2."),
+    ("ofs_embed.fc1.", "ofs_embedding.linear_1."),
+    ("ofs_embed.fc2.", "ofs_embedding.linear_2."),
+    ("patch_embed.pos_embedding", "patch_embed.pos_embedding"),  # learned table: (rows, D) here, (1, rows, D) there
     ("blocks.{i}.norm1.", "transformer_blocks.{i}.norm1."),
     ("blocks.{i}.norm2.", "transformer_blocks.{i}.norm2."),
     ("blocks.{i}.attn.to_q.", "transformer_blocks.{i}.attn1.to_q."),
@@ -29,7 +32,7 @@ _KEYS = [
     ("norm_out.norm.", "norm_out.norm."),
     ("proj_out.", "proj_out."),
 ]
-_IGNORED_DIFFUSERS = ("patch_embed.pos_embedding",)  # recomputed from ids
+_TABLE = "patch_embed.pos_embedding"  # diffusers saves it only when learned (a sin-cos one is not persistent)
 
 
 def _compile(src: str) -> re.Pattern:
@@ -53,12 +56,17 @@ def _rename(sd: dict[str, torch.Tensor], pairs: list[tuple[str, str]], what: str
 
 
 def state_dict_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_DIFFUSERS)}
-    return _rename(sd, [(b, a) for a, b in _KEYS], "diffusers state dict")
+    out = _rename(sd, [(b, a) for a, b in _KEYS], "diffusers state dict")
+    if _TABLE in out:
+        out[_TABLE] = out[_TABLE][0]  # (1, rows, D) -> (rows, D): FSDP shards the rows
+    return out
 
 
 def state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _rename(sd, _KEYS, "cpdit state dict")
+    out = _rename(sd, _KEYS, "cpdit state dict")
+    if _TABLE in out:
+        out[_TABLE] = out[_TABLE][None]
+    return out
 
 
 # Config fields that mean the same in diffusers' CogVideoXTransformer3DModel and CogVideoXConfig.
@@ -82,25 +90,23 @@ _SHARED_FIELDS = (
     "max_text_seq_length",
     "spatial_interpolation_scale",
     "temporal_interpolation_scale",
+    "use_learned_positional_embeddings",  # CogVideoX-5B-I2V
+    "patch_size_t",  # CogVideoX 1.5
+    "ofs_embed_dim",  # CogVideoX1.5-5B-I2V
 )
-
-_UNSUPPORTED = {
-    "patch_size_t": None,  # CogVideoX 1.5 temporal patching
-    "ofs_embed_dim": None,  # 5B-I2V offset embedding
-    "use_learned_positional_embeddings": False,
-}
 
 
 def config_from_diffusers(cfg: dict) -> CogVideoXConfig:
     """CogVideoXConfig from a diffusers CogVideoXTransformer3DModel config.json dict."""
-    for key, ok in _UNSUPPORTED.items():
-        if cfg.get(key, ok) != ok:
-            raise ValueError(f"diffusers config {key}={cfg[key]!r} is not supported by cpdit (needs {ok!r})")
+    if not cfg.get("patch_bias", True) and cfg.get("patch_size_t") is None:
+        raise ValueError(
+            "patch_bias=False with a per-frame Conv2d patch embedding is not supported (no such checkpoint)"
+        )
     if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
         raise ValueError(f"activation_fn={cfg['activation_fn']!r} unsupported (CogVideoX uses gelu-approximate)")
     if not cfg.get("norm_elementwise_affine", True):
         raise ValueError("norm_elementwise_affine=False is not supported")
-    kwargs = {n: cfg[n] for n in _SHARED_FIELDS if n in cfg and cfg[n] is not None}
+    kwargs = {n: cfg[n] for n in _SHARED_FIELDS if n in cfg and cfg[n] is not None}  # None: the default
     kwargs["pos_embedding"] = "rope" if cfg.get("use_rotary_positional_embeddings") else "sincos"
     return CogVideoXConfig(**kwargs)
 
@@ -115,6 +121,6 @@ def config_to_diffusers(config: CogVideoXConfig) -> dict:
         timestep_activation_fn="silu",
         norm_elementwise_affine=True,
         dropout=0.0,
-        patch_bias=True,
+        patch_bias=config.patch_size_t is None,  # 1.5's Linear patch embedding has a bias whatever this says
     )
     return out
