@@ -107,7 +107,7 @@ def check_layout(
     w_local, ref_local = local(w[mine]), local(out_ref[mine].detach())
     what = (
         f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
-        f"{strategy} {pos} {layout} ac={ac} variant={variant}"
+        f"{strategy} {cfg.pos_embedding} {layout} ac={ac} variant={variant}"
     )
     torch.testing.assert_close(out_local, ref_local, **F64, msg=lambda m: f"{what} output: {m}")
     # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
