@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cpdit.first_stage import latent_frames
+from cpdit.models.cogvideox.config import CogVideoXConfig
 from cpdit.safe_paths import OutsideDirectory, plain_tree
 from launch.config import ConfigError, JobConfig
 from parallel.dims import ParallelDims
@@ -55,15 +56,40 @@ def checked_first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, i
     return c.latent_channels, r, c.spatial_factor
 
 
+def _job_model(cfg: JobConfig):
+    """The DiT config of the job: its preset's, or the config.json of model.pretrained (None where that directory
+    cannot be read: _check_files names it)."""
+    if not cfg.model.pretrained:
+        return checked_model_config(cfg)
+    from cpdit.diffusers_io import weight_files
+    from cpdit.models.registry import family_of_diffusers
+
+    try:
+        config = weight_files(cfg.model.pretrained)[0]
+    except (OSError, ValueError, OutsideDirectory):
+        return None
+    try:
+        return family_of_diffusers(config).diffusers.config_from(config)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {err}") from None
+
+
 def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
     channels, tf, sf = checked_first_stage(cfg, dims)
-    m = checked_model_config(cfg) if not cfg.model.pretrained else None
+    m = _job_model(cfg)
     d, p = cfg.data, cfg.parallel
+    what = f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else f"model.preset={cfg.model.preset}"
+    latents = latent_frames(d.num_frames, tf)
     if m is not None:
+        if isinstance(m, CogVideoXConfig):
+            _check_cogvideox(cfg, m, what, latents, tf, sf)
         if m.in_channels != channels:
             raise ConfigError(
                 f"model.in_channels={m.in_channels}, but the first stage ({cfg.first_stage.kind}) gives {channels} "
                 f"channels; remove model.in_channels or set it to {channels}"
+                if not cfg.model.pretrained
+                else f"{what} takes {m.in_channels} latent channels, but the first stage ({cfg.first_stage.kind}) "
+                f"gives {channels}; use its first stage (first_stage.kind=vae for CogVideoX)"
             )
         for name, size in (("data.height", d.height), ("data.width", d.width)):
             if size % (m.patch_size * sf):
@@ -73,10 +99,14 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
                     f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
         _check_family(cfg, m, dims.tp)
-    latents = latent_frames(d.num_frames, tf)
-    if latents < p.cp_size:
+    per_patch = m.frames_per_patch if isinstance(m, CogVideoXConfig) else 1
+    patch_frames = -(-latents // per_patch)  # after CogVideoX 1.5's leading copies of frame 0
+    if patch_frames < p.cp_size:
+        count = f"{latents} latent frames"
+        if per_patch > 1:
+            count += f" in {patch_frames} patch-frame(s) of {per_patch} (model.patch_size_t)"
         raise ConfigError(
-            f"data.num_frames={d.num_frames} ({latents} latent frames) < parallel.cp_size={p.cp_size}: every "
+            f"data.num_frames={d.num_frames} ({count}) < parallel.cp_size={p.cp_size}: every "
             "context-parallel rank needs at least one frame; lower parallel.cp_size or raise data.num_frames"
         )
     if d.dataset == "synthetic" and d.num_samples < d.batch_size * dims.dp:
@@ -90,6 +120,40 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
         )
     if cfg.debug.fail_rank >= dims.world_size:
         raise ConfigError(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {dims.world_size}-rank job")
+
+
+def _check_cogvideox(cfg: JobConfig, m: CogVideoXConfig, what: str, latents: int, tf: int, sf: int) -> None:
+    if m.use_learned_positional_embeddings:
+        _check_learned_table(cfg, m, what, latents, tf, sf)
+    if m.image_conditioned:
+        raise ConfigError(
+            f"{what} is an image-to-video transformer (in_channels={m.in_channels} = 2 x {m.out_channels}: "
+            "noisy and image latents); cpdit trains and samples text-to-video models so far: use a "
+            "text-to-video checkpoint or preset (cogvideox-5b, cogvideox1.5-5b)"
+        )
+
+
+def _check_learned_table(cfg: JobConfig, m: CogVideoXConfig, what: str, latents: int, tf: int, sf: int) -> None:
+    """A learned position table (CogVideoX-5B-I2V) has rows for the checkpoint's shape only."""
+    frames_for = 1 + (m.sample_latent_frames - 1) * tf  # the clip length this first stage encodes to them
+    want = {
+        "data.num_frames": (frames_for, latents == m.sample_latent_frames, cfg.data.num_frames),
+        "data.height": (m.sample_height * sf, cfg.data.height // sf == m.sample_height, cfg.data.height),
+        "data.width": (m.sample_width * sf, cfg.data.width // sf == m.sample_width, cfg.data.width),
+        "train.text_max_length": (
+            m.max_text_seq_length,
+            cfg.train.text_max_length == m.max_text_seq_length,
+            cfg.train.text_max_length,
+        ),
+    }
+    wrong = [f"{k}={v} (needs {good})" for k, (good, ok, v) in want.items() if not ok]
+    if wrong:
+        fix = " ".join(f"{k}={good}" for k, (good, ok, _) in want.items() if not ok)
+        raise ConfigError(
+            f"{what} has a learned position table (use_learned_positional_embeddings) for {frames_for} frames "
+            f"of {m.sample_height * sf}x{m.sample_width * sf} and {m.max_text_seq_length} text tokens only: "
+            f"{', '.join(wrong)}; set {fix}"
+        )
 
 
 def _check_family(cfg: JobConfig, m, tp: int) -> None:

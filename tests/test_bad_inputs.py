@@ -238,6 +238,26 @@ CASES = [
         "is not a directory; a complete checkpoint directory",
     ),
     (
+        "CogVideoX 1.5 frames fewer than cp",
+        ["model.pos_embedding=rope", "model.patch_size_t=2", "data.num_frames=2"],
+        {},
+        "data.num_frames=2 (2 latent frames in 1 patch-frame(s) of 2 (model.patch_size_t)) < parallel.cp_size=2",
+    ),
+    (
+        "learned position table of another shape",
+        ["model.pretrained={tmp}/i2v"],
+        {},
+        "model.pretrained={tmp}/i2v has a learned position table (use_learned_positional_embeddings) for 3 frames "
+        "of 8x8 and 16 text tokens only: data.num_frames=8 (needs 3), data.height=16 (needs 8), data.width=16 "
+        "(needs 8); set data.num_frames=3 data.height=8 data.width=8",
+    ),
+    (
+        "image-to-video transformer",
+        ["model.pretrained={tmp}/i2v", "data.num_frames=3", "data.height=8", "data.width=8"],
+        {},
+        "is an image-to-video transformer (in_channels=6 = 2 x 3: noisy and image latents)",
+    ),
+    (
         "unknown key with a suggestion",
         ["sample.num_frames=3"],
         {},
@@ -269,7 +289,28 @@ def tmp(tmp_path_factory):
     (root / "outside").mkdir()
     (root / "outside" / "config.json").write_text("{}")
     (root / "outside" / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../elsewhere.safetensors"}}')
+    _diffusers_dir(root / "i2v", in_channels=6, out_channels=3, use_learned_positional_embeddings=True)
     return root
+
+
+def _diffusers_dir(path, **arch):
+    """A tiny CogVideoX transformer in diffusers' layout, written by cpdit's own converters (no diffusers needed):
+    5B-I2V-shaped, for the pixel first stage (3 channels), 3 frames of 8 x 8, 16 text tokens."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from cpdit import CogVideoXConfig, CogVideoXDiT
+    from cpdit.models.cogvideox.convert import config_to_diffusers, state_dict_to_diffusers
+
+    config = CogVideoXConfig.preset(
+        "tiny", pos_embedding="rope", text_embed_dim=32, sample_frames=9, max_text_seq_length=16, **arch
+    )
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config_to_diffusers(config)))
+    save_file(
+        state_dict_to_diffusers(CogVideoXDiT(config).state_dict()), str(path / "diffusion_pytorch_model.safetensors")
+    )
 
 
 @pytest.mark.parametrize("name, argv, environ, message", CASES, ids=[c[0] for c in CASES])

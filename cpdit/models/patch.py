@@ -62,3 +62,18 @@ class PatchVideoModel(nn.Module):
         assign = assign or (lambda param, value: param.copy_(value.to(param.device)))
         for name, param in self.named_parameters():
             assign(param, self.initial_value(name, param.shape, param.dtype, seed))
+
+
+def patch_frame_padding(frames: int, frames_per_patch: int) -> int:
+    """Leading copies of the first latent frame that make `frames` a multiple of `frames_per_patch`. CogVideoX 1.5
+    patches pairs of latent frames while its VAE gives an odd count: its pipelines sample the padded count and drop
+    the leading frames before decoding, and its fine-tuning repeats the first latent frame in front."""
+    return -frames % frames_per_patch
+
+
+def pad_leading_frames(x: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    """(..., T, ...) -> (..., n + T, ...): `n` copies of frame 0 in front."""
+    if n == 0:
+        return x
+    first = x.narrow(dim, 0, 1)
+    return torch.cat([first.expand(*[n if d == dim % x.dim() else -1 for d in range(x.dim())]), x], dim)

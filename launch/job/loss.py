@@ -8,6 +8,7 @@ import time
 import torch
 
 from cpdit.diffusion import add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
+from cpdit.models.patch import pad_leading_frames, patch_frame_padding
 from parallel.progress import PROGRESS
 
 FIRST_STAGE_STREAM = 1 << 20  # draw indices at and above this seed the first stage's posterior samples
@@ -49,6 +50,8 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
         x0 = run.cache.encode(run.first_stage, video.to(device), run.batches.last_ids, gen).float()
     else:
         x0 = run.first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
+    # a model patching frames_per_patch latent frames together (CogVideoX 1.5): copies of frame 0 in front
+    x0 = pad_leading_frames(x0, patch_frame_padding(x0.shape[1], run.modules.dit.frames_per_patch))
     B = x0.shape[0]
     idx, noise, keep = diffusion_draws(x0.shape, run.schedule.num_idx, run, step, micro * B, run.frame_causal)
     noise, keep = noise.to(device), keep.to(device)

@@ -13,6 +13,7 @@ import torch
 
 from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
 from cpdit.first_stage import FirstStage, latent_frames
+from cpdit.models.patch import patch_frame_padding
 from cpdit.models.registry import family_of
 from cpdit.seeding import generator
 from launch.config import JobConfig
@@ -111,6 +112,9 @@ def sample_videos(
     fault = cfg.debug.fail_sample if rank == cfg.debug.fail_rank else None
     written: list[tuple[Path, str]] = []
     errors: list[str] = []
+    padding = patch_frame_padding(
+        latent_frames(d.num_frames, first_stage.temporal_factor), modules.dit.frames_per_patch
+    )
 
     def noise_for(i: int, k: int | None) -> torch.Tensor:
         """Prompt k's starting noise: this rank's own work (the text encoder may be FSDP-sharded: a collective)."""
@@ -118,6 +122,7 @@ def sample_videos(
             raise RuntimeError(f"injected failure preparing a prompt on rank {rank} (debug.fail_sample)")
         gen = generator(cfg.sample.seed, "sample", k or 0)  # prompt k's noise, whichever rank draws it
         frames, sf = latent_frames(d.num_frames, first_stage.temporal_factor), first_stage.spatial_factor
+        frames += padding  # CogVideoX 1.5: sampled with leading frames that are dropped before decoding
         return torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
 
     modules.eval()
@@ -140,7 +145,8 @@ def sample_videos(
                 denoise = cfg_denoiser(
                     partial(predict, text=text), cfg.sample.guidance_scale, steps, cfg.sample.dynamic_cfg
                 )
-                video = first_stage.decode(run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler))
+                latents = run(denoise, noise, schedule, cfg.sample.num_steps, cfg.sample.sampler)
+                video = first_stage.decode(latents[:, padding:])
             except Exception as err:
                 raise CollectiveFailed(f"sampling prompt {k} on rank {rank}: {type(err).__name__}: {err}") from err
             if writer and k is not None:

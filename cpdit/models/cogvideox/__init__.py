@@ -23,7 +23,7 @@ FAMILY = ModelFamily(
         "blocks.*.attn.norm_q": "shared_norm",  # one per-head-dim LayerNorm shared by all heads
         "blocks.*.attn.norm_k": "shared_norm",
     },
-    job_knobs=("pos_embedding",),
+    job_knobs=("pos_embedding", "patch_size_t"),
     lora=True,
     planned=True,
     diffusers=DiffusersFormat(
