@@ -26,9 +26,9 @@ class ConfigError(ValueError):
 class SharedModelKnobs:
     preset: str = "demo"
     """Named architecture: `demo` (the default job's small model), `tiny` (the tests'), `cogvideox-2b`,
-    `cogvideox-5b` (full 3D attention); `svd-like` (factorized spatial/temporal blocks); `phenaki-like`
-    (frame-causal attention with ALiBi, continuous position bias and null keys/values). Fields below override it
-    when set."""
+    `cogvideox-5b` (full 3D attention), `cogvideox-5b-i2v`, `cogvideox1.5-5b`, `cogvideox1.5-5b-i2v`; `svd-like`
+    (factorized spatial/temporal blocks); `phenaki-like` (frame-causal attention with ALiBi, continuous position
+    bias and null keys/values). Fields below override it when set."""
     num_layers: int | None = None
     """Transformer blocks (None: the preset's)."""
     num_attention_heads: int | None = None

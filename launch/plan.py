@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from cpdit.first_stage import latent_frames
+from cpdit.models.patch import patch_frame_padding
 from cpdit.models.registry import FAMILIES, family_of
 from launch.config import ConfigError, JobConfig, load_config
 from parallel.dims import ParallelDims, TopologyError
@@ -54,7 +55,10 @@ def workload(cfg: JobConfig) -> tuple[object, Workload]:
         )
     d = cfg.data
     frames = latent_frames(d.num_frames, tf)
-    return m, Workload(frames, d.height // sf, d.width // sf, cfg.train.text_max_length, d.batch_size)
+    frames += patch_frame_padding(frames, m.frames_per_patch)  # CogVideoX 1.5: leading copies of frame 0
+    return m, Workload(
+        frames, d.height // sf, d.width // sf, cfg.train.text_max_length, d.batch_size, m.frames_per_patch
+    )
 
 
 def layouts(world: int, heads: int, frames: int, per_node: int) -> list[ParallelDims]:
@@ -78,14 +82,14 @@ def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True) -> lis
     m, work = workload(cfg)
     tpf = (work.height // m.patch_size) * (work.width // m.patch_size)
     root, out = _root_params(m), []
-    for dims in layouts(world, m.num_attention_heads, work.frames, per_node):
+    for dims in layouts(world, m.num_attention_heads, work.token_frames, per_node):
         _, tp_part = local_params(m, dims, fsdp=cfg.parallel.fsdp)
         for ac in AC_CHOICES:
             mem = estimate_memory(
                 m, work, dims, ac, fsdp=cfg.parallel.fsdp, ema=cfg.train.ema_decay > 0, foreach=foreach
             )
             traffic = estimate_traffic(
-                m, work.frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac, cfg.parallel.fsdp
+                m, work.token_frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac, cfg.parallel.fsdp
             )
             out.append(Candidate(dims, ac, mem, traffic))
     return out
@@ -190,9 +194,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, TopologyError) as err:
         print(f"cpdit-launch plan: error: {err}")
         return 2
+    patches = f" ({work.token_frames} patch-frames of {work.frames_per_patch})" if work.frames_per_patch > 1 else ""
     print(
         f"cpdit-launch plan: {cfg.model.preset} ({m.num_layers} layers, hidden {m.hidden_size}), "
-        f"{work.frames} latent frames of {work.height}x{work.width}, {work.text_len} text tokens, micro-batch "
+        f"{work.frames} latent frames{patches} of {work.height}x{work.width}, {work.text_len} text tokens, micro-batch "
         f"{work.batch}, {world} ranks of {args.device_memory_gib:g} GiB (a layout fits in {args.headroom:.0%} of it); "
         "fp32 training, predicted per rank (PREDICTIONS of parallel/memory_model.py, not measurements):\n"
     )

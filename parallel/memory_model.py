@@ -35,6 +35,13 @@ class Workload:
     """Text tokens."""
     batch: int = 1
     """Samples per micro-step and data-parallel rank."""
+    frames_per_patch: int = 1
+    """Latent frames per patch-frame (CogVideoX 1.5: 2; `frames` then counts the padded latent frames)."""
+
+    @property
+    def token_frames(self) -> int:
+        """Frames of tokens: what context parallelism partitions."""
+        return self.frames // self.frames_per_patch
 
 
 @dataclass
@@ -216,7 +223,7 @@ def _tokens_per_frame(cfg, work: Workload) -> int:
 
 
 def _local_frames(work: Workload, dims: ParallelDims) -> int:
-    return max(even_split(work.frames, dims.cp)) if dims.cp > 1 else work.frames
+    return max(even_split(work.token_frames, dims.cp)) if dims.cp > 1 else work.token_frames
 
 
 def local_params(cfg, dims: ParallelDims, fsdp: bool = True) -> tuple[int, int]:

@@ -258,6 +258,19 @@ CASES = [
         "is an image-to-video transformer (in_channels=6 = 2 x 3: noisy and image latents)",
     ),
     (
+        "5B-I2V preset at another shape",
+        ["model.preset=cogvideox-5b-i2v"],
+        {},
+        "model.preset=cogvideox-5b-i2v has a learned position table (use_learned_positional_embeddings) for 13 frames "
+        "of 60x90 and 226 text tokens only",
+    ),
+    (
+        "1.5 image-to-video preset",
+        ["model.preset=cogvideox1.5-5b-i2v"],
+        {},
+        "model.preset=cogvideox1.5-5b-i2v is an image-to-video transformer (in_channels=6 = 2 x 3",
+    ),
+    (
         "unknown key with a suggestion",
         ["sample.num_frames=3"],
         {},

@@ -52,16 +52,22 @@ def test_configuration_example_runs(tmp_path, command):
     assert list(tmp_path.glob("*/samples/*.mp4")), "the example's job wrote no samples"
 
 
+V15_CLIP = ["data.num_frames=81", "data.height=768", "data.width=1360"]  # CogVideoX 1.5's own shape
 PLAN_ROWS = [  # the table's rows: (model, ranks) and what the README says gives them: launcher flags, overrides
     ("CogVideoX-2B", "8", ([], [])),
     ("CogVideoX-2B", "16 (2 nodes)", (["--nnodes", "2"], [])),
     ("CogVideoX-5B", "8", ([], ["model.preset=cogvideox-5b"])),
     ("CogVideoX-5B", "16 (2 nodes)", (["--nnodes", "2"], ["model.preset=cogvideox-5b"])),
+    ("CogVideoX-5B-I2V", "8", ([], ["model.preset=cogvideox-5b-i2v"])),
+    ("CogVideoX1.5-5B, 81 frames of 768x1360", "8", ([], ["model.preset=cogvideox1.5-5b", *V15_CLIP])),
+    ("CogVideoX1.5-5B-I2V, 81 frames of 768x1360", "8", ([], ["model.preset=cogvideox1.5-5b-i2v", *V15_CLIP])),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, ranks, extra", PLAN_ROWS, ids=[f"{m}x{r.split()[0]}" for m, r, _ in PLAN_ROWS])
+@pytest.mark.parametrize(
+    "model, ranks, extra", PLAN_ROWS, ids=[f"{m.split(',')[0]}x{r.split()[0]}" for m, r, _ in PLAN_ROWS]
+)
 def test_plan_example_gives_the_readme_table(model, ranks, extra):
     """The planner's README example as written (the first row), and with what the README says gives the other rows:
     the recommendation, its predicted peak and the counts of layouts that fit are the table's."""

@@ -52,8 +52,10 @@ def model_config(cfg: JobConfig):
     overrides = {k: getattr(m, k) for k in (*SHARED_KNOBS, *family.job_knobs)}
     # The diffusion model's channels are the first stage's: RGB in pixel space, the VAE's latent channels otherwise.
     channels = first_stage_config(cfg).latent_channels if cfg.first_stage.kind == "vae" else 3
-    overrides["in_channels"] = m.in_channels or channels
-    overrides["out_channels"] = m.out_channels or overrides["in_channels"]
+    preset = family.presets[m.preset]
+    ratio = preset.in_channels // (preset.out_channels or preset.in_channels)  # 2: [noisy | image] latents in
+    overrides["in_channels"] = m.in_channels or ratio * channels
+    overrides["out_channels"] = m.out_channels or overrides["in_channels"] // ratio
     return family.config(m.preset, overrides)
 
 
