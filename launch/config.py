@@ -227,6 +227,8 @@ class TrainConfig:
     16x16 pixel frames need no shift toward noise)."""
     ucg_rate: float = 0.1
     """Probability of dropping the caption (classifier-free guidance training)."""
+    image_dropout: float = 0.05
+    """Image-to-video models: probability that a sample's image latents are zeros (SAT's noised_image_dropout)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     loss_scale: float = 65536.0
@@ -452,6 +454,7 @@ def validate(job: JobConfig) -> None:
     ranges = {  # key: (value, low, high, inclusive high)
         "train.ema_decay": (job.train.ema_decay, 0.0, 1.0, False),
         "train.ucg_rate": (job.train.ucg_rate, 0.0, 1.0, True),
+        "train.image_dropout": (job.train.image_dropout, 0.0, 1.0, True),
         "optim.grad_clip": (job.optim.grad_clip, 0.0, float("inf"), True),
         "optim.weight_decay": (job.optim.weight_decay, 0.0, float("inf"), True),
         "optim.min_lr_ratio": (job.optim.min_lr_ratio, 0.0, 1.0, True),

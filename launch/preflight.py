@@ -74,7 +74,7 @@ def _job_model(cfg: JobConfig):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {err}") from None
 
 
-def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
+def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
     channels, tf, sf = checked_first_stage(cfg, dims)
     m = _job_model(cfg)
     d, p = cfg.data, cfg.parallel
@@ -82,11 +82,13 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
     latents = latent_frames(d.num_frames, tf)
     if m is not None:
         if isinstance(m, CogVideoXConfig):
-            _check_cogvideox(cfg, m, what, latents, tf, sf)
-        if m.in_channels != channels:
+            _check_cogvideox(cfg, m, what, latents, tf, sf, command)
+        image = isinstance(m, CogVideoXConfig) and m.image_conditioned  # [noisy | image] latents in
+        if m.in_channels != channels * (2 if image else 1):
+            want = f"2 x {channels} = {2 * channels}" if image else str(channels)
             raise ConfigError(
                 f"model.in_channels={m.in_channels}, but the first stage ({cfg.first_stage.kind}) gives {channels} "
-                f"channels; remove model.in_channels or set it to {channels}"
+                f"channels; remove model.in_channels or set it to {want}"
                 if not cfg.model.pretrained
                 else f"{what} takes {m.in_channels} latent channels, but the first stage ({cfg.first_stage.kind}) "
                 f"gives {channels}; use its first stage (first_stage.kind=vae for CogVideoX)"
@@ -122,15 +124,26 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims) -> None:
         raise ConfigError(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {dims.world_size}-rank job")
 
 
-def _check_cogvideox(cfg: JobConfig, m: CogVideoXConfig, what: str, latents: int, tf: int, sf: int) -> None:
+def _check_cogvideox(
+    cfg: JobConfig, m: CogVideoXConfig, what: str, latents: int, tf: int, sf: int, command: str
+) -> None:
     if m.use_learned_positional_embeddings:
         _check_learned_table(cfg, m, what, latents, tf, sf)
-    if m.image_conditioned:
-        raise ConfigError(
-            f"{what} is an image-to-video transformer (in_channels={m.in_channels} = 2 x {m.out_channels}: "
-            "noisy and image latents); cpdit trains and samples text-to-video models so far: use a "
-            "text-to-video checkpoint or preset (cogvideox-5b, cogvideox1.5-5b)"
+    if m.image_conditioned:  # trains; sampling from an image and caching its latents are not there yet
+        why = (
+            f"{what} is an image-to-video transformer (in_channels={m.in_channels} = 2 x {m.out_channels}: noisy "
+            "and image latents)"
         )
+        if command == "sample" or cfg.sample.at_end:
+            raise ConfigError(
+                f"{why}: sampling it needs an image per prompt, which cpdit-launch sample does not take yet; train "
+                "with sample.at_end=false"
+            )
+        if cfg.data.latent_cache_dir:
+            raise ConfigError(
+                f"{why}: its image latents are encoded from a freshly noised first frame each step, which "
+                "data.latent_cache_dir does not keep yet; remove data.latent_cache_dir"
+            )
 
 
 def _check_learned_table(cfg: JobConfig, m: CogVideoXConfig, what: str, latents: int, tf: int, sf: int) -> None:
@@ -260,6 +273,6 @@ def preflight(cfg: JobConfig, world_size: int, command: str = "train") -> Parall
     """Raise ConfigError/TopologyError for anything that would fail later; return the validated topology."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     if command in ("train", "sample"):
-        _check_shapes(cfg, dims)
+        _check_shapes(cfg, dims, command)
         _check_files(cfg, command)
     return dims

@@ -120,6 +120,21 @@ class Parallelized:
         grouped = x.unflatten(dim, (x.shape[dim] // g, g))
         return self.model.sequence.frames(x.shape[dim] // g).shard_frames(grouped, dim).flatten(dim, dim + 1)
 
+    def holds_first_frame(self, num_frames: int) -> bool:
+        """Whether this rank's frames of a clip of `num_frames` latent frames (before CogVideoX 1.5's padding)
+        include frame 0 (contiguous and zigzag layouts alike)."""
+        g = self.model.frames_per_patch
+        frames = self.model.sequence.frames(-(-num_frames // g))
+        return 0 in frames.frame_ids(torch.device("cpu")).tolist()
+
+    @property
+    def local_first_stage(self):
+        """The first stage as this rank alone runs it (the context-parallel VAE's own stage): for encoding what
+        only this rank needs, without a collective."""
+        from parallel.vae_stage import ContextParallelVAE
+
+        return self.first_stage.stage if isinstance(self.first_stage, ContextParallelVAE) else self.first_stage
+
     @property
     def first_stage_group(self) -> dist.ProcessGroup | None:
         """The group whose ranks share one encoding (the latent cache's), or None when each rank encodes alone."""

@@ -9,6 +9,7 @@ import torch
 
 from cpdit.diffusion import add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
 from cpdit.models.patch import pad_leading_frames, patch_frame_padding
+from launch.job.image_cond import micro_batch_image_latents
 from parallel.progress import PROGRESS
 
 FIRST_STAGE_STREAM = 1 << 20  # draw indices at and above this seed the first stage's posterior samples
@@ -50,9 +51,13 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
         x0 = run.cache.encode(run.first_stage, video.to(device), run.batches.last_ids, gen).float()
     else:
         x0 = run.first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
-    # a model patching frames_per_patch latent frames together (CogVideoX 1.5): copies of frame 0 in front
-    x0 = pad_leading_frames(x0, patch_frame_padding(x0.shape[1], run.modules.dit.frames_per_patch))
     B = x0.shape[0]
+    image = None
+    if run.image_conditioned:  # [noisy | image] latents in: the noised first frame at latent frame 0
+        image = micro_batch_image_latents(run, video, x0.shape, step, micro * B)
+    # a model patching frames_per_patch latent frames together (CogVideoX 1.5): copies of frame 0 in front
+    pad = patch_frame_padding(x0.shape[1], run.modules.dit.frames_per_patch)
+    x0 = pad_leading_frames(x0, pad)
     idx, noise, keep = diffusion_draws(x0.shape, run.schedule.num_idx, run, step, micro * B, run.frame_causal)
     noise, keep = noise.to(device), keep.to(device)
     a = run.schedule.alpha(idx).to(device)  # (B,) or per frame (B, T)
@@ -60,7 +65,8 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
     PROGRESS.enter("forward")
     with run.autocast:
         text = run.modules.encode(captions) * keep[:, None, None]
-        v = run.modules.dit(x_t, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
+        x_in = x_t if image is None else torch.cat([x_t, pad_leading_frames(image, pad)], dim=2)
+        v = run.modules.dit(x_in, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
     local = run.parallel.local_frames
     err = v_loss_terms(v.float(), local(x_t), local(x0), local(a) if a.dim() == 2 else a)
     return err.sum() / (x0[0].numel() * B * cfg.train.grad_accum), data_time

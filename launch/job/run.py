@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from cpdit.diffusion import Schedule
 from cpdit.first_stage import FirstStage, latent_frames
+from cpdit.models.cogvideox.config import CogVideoXConfig
 from cpdit.models.registry import family_of
 from launch.config import JobConfig, to_yaml
 from launch.env import DistEnv
@@ -60,6 +61,8 @@ class Run:
     cache: LatentCache | None
     autocast: torch.autocast
     frame_causal: bool
+    image_conditioned: bool
+    """Image-to-video: [noisy | image] latents into the model (launch/job/image_cond.py)."""
     tokens: int
     """Tokens per sample (text + latent frames x patches), for tokens/s."""
     watchdog: HangWatchdog | None
@@ -160,6 +163,7 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         cache=cache,
         autocast=torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
         frame_causal=family_of(mcfg).frame_causal(mcfg),
+        image_conditioned=isinstance(mcfg, CogVideoXConfig) and mcfg.image_conditioned,
         tokens=tokens,
         watchdog=watchdog,
     )
