@@ -60,9 +60,9 @@ def test_i2v_job_matches_single_process(tmp_path, stage):
     for step, tol in ((1, 2e-5), (2, 1e-3)):  # fp32, other reduction orders
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=tol), step
         assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=tol), step
-    if not stage:  # the image latents reach the model: without them (all dropped) the gradients differ (not the
-        # losses yet: adaLN-zero starts from a zero output, and the first step's warm-up lr is 0)
-        launch(tmp_path, "dropped", *I2V, *SINGLE, "train.image_dropout=1.0", nproc=1)
-        dropped = _steps(tmp_path / "dropped")
-        for step in (1, 2):
-            assert dropped[step]["grad_norm"] != pytest.approx(ref[step]["grad_norm"], rel=1e-3), step
+    # the image latents reach the model: without them (all dropped) the gradients differ (not the losses yet:
+    # adaLN-zero starts from a zero output, and the first step's warm-up lr is 0)
+    launch(tmp_path, "dropped", *I2V, *stage, *SINGLE, "train.image_dropout=1.0", nproc=1)
+    dropped = _steps(tmp_path / "dropped")
+    for step in (1, 2):
+        assert dropped[step]["grad_norm"] != pytest.approx(ref[step]["grad_norm"], rel=1e-3), step

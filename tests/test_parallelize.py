@@ -24,6 +24,7 @@ VARIANTS = {
     "5b-i2v": dict(in_channels=8, use_learned_positional_embeddings=True, sample_frames=49, max_text_seq_length=L),
     "1.5": dict(patch_size_t=2),
     "1.5-i2v": dict(patch_size_t=2, in_channels=8, ofs_embed_dim=24),
+    "i2v-pixel": dict(in_channels=6, out_channels=3),  # image-to-video on the pixel stage
 }
 
 
@@ -53,7 +54,7 @@ def _inputs(batch, seed, cfg):
     x = torch.randn(batch, frames, cfg.in_channels, H, W, generator=gen, dtype=torch.float64)
     txt = torch.randn(batch, L, 16, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 1000, (batch,), generator=gen).double()
-    w = torch.randn(batch, frames, 4, H, W, generator=gen, dtype=torch.float64)  # loss weights: nontrivial grads
+    w = torch.randn(batch, frames, cfg.out_channels, H, W, generator=gen, dtype=torch.float64)  # loss weights
     return x, txt, t, w
 
 
@@ -73,6 +74,7 @@ def check_layout(
     replicate=1,
     fsdp=True,
     variant=None,
+    image_inputs=None,
 ):
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=replicate)
     mesh = dims.build_mesh("cpu")
@@ -84,6 +86,9 @@ def check_layout(
     ref.load_state_dict(sd)
     B = dims.dp * batch_per_rank
     x, txt, t, w = _inputs(B, seed + 1, cfg)
+    rank_input = None  # image-to-video: [noisy | image] latents as one process builds them, and as this rank does
+    if image_inputs is not None:
+        x, rank_input = image_inputs(x, dims, rank, batch_per_rank)
     out_ref = ref(x, txt, t)
     n = out_ref.numel()
     (out_ref * w).sum().div(n).backward()
@@ -102,7 +107,8 @@ def check_layout(
     load_full_state_dict(model, sd)
     d = dims.dp_rank(rank)
     mine = slice(d * batch_per_rank, (d + 1) * batch_per_rank)
-    out_local = model(x[mine], txt[mine], t[mine], return_local=True)
+    x_mine = x[mine] if rank_input is None else rank_input(model, mesh)
+    out_local = model(x_mine, txt[mine], t[mine], return_local=True)
     local = Parallelized(dims, mesh, model, None).local_frames  # the job's loss targets (whole patch-frames)
     w_local, ref_local = local(w[mine]), local(out_ref[mine].detach())
     what = (
@@ -121,7 +127,7 @@ def check_layout(
             full_tensor(p.grad), ref_grads[name], **F64, msg=lambda m, name=name: f"{what} grad {name}: {m}"
         )
     with torch.no_grad():  # the full output too (gather over cp), on every rank
-        torch.testing.assert_close(model(x[mine], txt[mine], t[mine]), out_ref[mine].detach(), **F64)
+        torch.testing.assert_close(model(x_mine, txt[mine], t[mine]), out_ref[mine].detach(), **F64)
 
     # clipping to half the norm: the global norm over the shards is the reference's, the norm after is the clip,
     # and every full gradient is the reference's as torch.nn.utils.clip_grad_norm_ scales it
