@@ -269,7 +269,12 @@ class SampleConfig:
     )
     """Prompts to sample (or use prompts_file)."""
     prompts_file: str | None = None
-    """A text file with one prompt per line."""
+    """A text file with one prompt per line (image-to-video: `image<TAB>prompt` lines)."""
+    images: list[str] = field(default_factory=list)
+    """Image-to-video models: one image per prompt of sample.prompts, in the same order (data.width x
+    data.height files)."""
+    image_sigma: float = 0.0
+    """Image-to-video: pixel noise added to the conditioning image before encoding (0: none)."""
     sampler: str = "ddim"
     """ddim or dpmpp_2m."""
     num_steps: int = 25
@@ -460,6 +465,7 @@ def validate(job: JobConfig) -> None:
         "optim.min_lr_ratio": (job.optim.min_lr_ratio, 0.0, 1.0, True),
         "optim.start_lr_ratio": (job.optim.start_lr_ratio, 0.0, 1.0, True),
         "sample.guidance_scale": (job.sample.guidance_scale, 0.0, float("inf"), True),
+        "sample.image_sigma": (job.sample.image_sigma, 0.0, float("inf"), True),
     }
     for key, (value, low, high, closed) in ranges.items():
         if not (low <= value < high or (closed and value == high)):

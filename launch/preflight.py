@@ -100,6 +100,7 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
                     f"{name}={size} is not divisible by the patch size {m.patch_size} x first-stage downsampling "
                     f"{sf}; use a multiple of {unit} (or change model.patch_size)"
                 )
+        _check_images(cfg, image, what, command)
         _check_family(cfg, m, dims.tp)
     per_patch = m.frames_per_patch if isinstance(m, CogVideoXConfig) else 1
     patch_frames = -(-latents // per_patch)  # after CogVideoX 1.5's leading copies of frame 0
@@ -129,21 +130,47 @@ def _check_cogvideox(
 ) -> None:
     if m.use_learned_positional_embeddings:
         _check_learned_table(cfg, m, what, latents, tf, sf)
-    if m.image_conditioned:  # trains; sampling from an image and caching its latents are not there yet
+    if m.image_conditioned:  # trains and samples; caching its image latents is not there yet
         why = (
             f"{what} is an image-to-video transformer (in_channels={m.in_channels} = 2 x {m.out_channels}: noisy "
             "and image latents)"
         )
-        if command == "sample" or cfg.sample.at_end:
-            raise ConfigError(
-                f"{why}: sampling it needs an image per prompt, which cpdit-launch sample does not take yet; train "
-                "with sample.at_end=false"
-            )
         if cfg.data.latent_cache_dir:
             raise ConfigError(
                 f"{why}: its image latents are encoded from a freshly noised first frame each step, which "
                 "data.latent_cache_dir does not keep yet; remove data.latent_cache_dir"
             )
+
+
+def _check_images(cfg: JobConfig, image_model: bool, what: str, command: str) -> None:
+    """Image-to-video sampling: every prompt has a readable image of the clips' size; no images for other models."""
+    from launch.job.prompts import load_image, read_requests
+
+    if command != "sample" and not cfg.sample.at_end:
+        return
+    try:
+        requests = read_requests(cfg)
+    except (ValueError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    if not image_model:
+        if any(r.image for r in requests):
+            raise ConfigError(
+                f"sample.images / image<TAB>prompt lines are for image-to-video models; {what} is text-to-video: "
+                "remove the images"
+            )
+        return
+    for r in requests:
+        if not r.image:
+            raise ConfigError(
+                f"{what} samples from an image: prompt {r.prompt!r} has none; give sample.images (one per prompt) "
+                "or image<TAB>prompt lines in sample.prompts_file"
+            )
+        if not Path(r.image).is_file():
+            raise ConfigError(f"the image {r.image!r} of prompt {r.prompt!r} does not exist")
+        try:
+            load_image(r.image, cfg.data.height, cfg.data.width)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_learned_table(cfg: JobConfig, m: CogVideoXConfig, what: str, latents: int, tf: int, sf: int) -> None:

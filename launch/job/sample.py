@@ -12,15 +12,19 @@ from pathlib import Path
 import torch
 
 from cpdit.diffusion import Schedule, cfg_denoiser, sample, sample_frames_in_order, sampling_indices
-from cpdit.first_stage import FirstStage, latent_frames
-from cpdit.models.patch import patch_frame_padding
+from cpdit.first_stage import latent_frames
+from cpdit.image_cond import image_latents
+from cpdit.models.cogvideox.config import CogVideoXConfig
+from cpdit.models.patch import pad_leading_frames, patch_frame_padding
 from cpdit.models.registry import family_of
 from cpdit.seeding import generator
 from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.job.media import write_video
+from launch.job.prompts import load_image, read_requests
 from parallel.comm import agree
 from parallel.dims import ParallelDims
+from parallel.parallelize import Parallelized
 
 
 class SamplingFailed(RuntimeError):
@@ -30,19 +34,6 @@ class SamplingFailed(RuntimeError):
 class CollectiveFailed(RuntimeError):
     """A rank failed inside sampling's collectives; its peers are waiting in them for it. Not to be caught: the
     process ends, and its launcher (torchrun, mpirun, srun) stops the others at once."""
-
-
-def read_prompts(cfg: JobConfig) -> list[str]:
-    if cfg.sample.prompts_file:
-        path = Path(cfg.sample.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"sample.prompts_file={str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        prompts = list(cfg.sample.prompts)
-    if not prompts:
-        raise ValueError("no prompts: set sample.prompts or sample.prompts_file")
-    return prompts
 
 
 @contextmanager
@@ -90,7 +81,7 @@ def agreed(what: str, rank: int, fn):
 
 @torch.no_grad()
 def sample_videos(
-    cfg: JobConfig, modules, first_stage: FirstStage, ema, dims: ParallelDims, out_dir: Path, env: DistEnv
+    cfg: JobConfig, modules, par: Parallelized, ema, out_dir: Path, env: DistEnv
 ) -> tuple[list[tuple[Path, str]], list[str]]:
     """Collective over all ranks. Returns ([(mp4 written by this rank, its prompt)], [write errors of this rank]).
 
@@ -98,9 +89,11 @@ def sample_videos(
     (sample.seed, k), so a prompt's video does not depend on the layout. The ranks stop together when one fails:
     in its own work (the prompts, a text embedding, the noise) every rank raises SamplingFailed at once; inside the
     model's collectives the failing rank raises CollectiveFailed, which ends its process and so the job. A failed
-    write is reported and the loop goes on (the other ranks are in the same forwards)."""
-    rank = env.rank
-    prompts = agreed("reading the prompts", rank, lambda: read_prompts(cfg))
+    write is reported and the loop goes on (the other ranks are in the same forwards). An image-to-video model
+    samples from prompt k's image, encoded as in training (on the rank holding latent frame 0: zeros elsewhere)."""
+    rank, dims, first_stage = env.rank, par.dims, par.first_stage
+    requests = agreed("reading the prompts", rank, lambda: read_requests(cfg))
+    prompts = [r.prompt for r in requests]
     dp_rank, dp = dims.dp_rank(rank), dims.dp
     mine = list(range(dp_rank, len(prompts), dp))
     per_rank = -(-len(prompts) // dp)  # every replica runs the same number of forwards (FSDP collectives)
@@ -112,28 +105,44 @@ def sample_videos(
     fault = cfg.debug.fail_sample if rank == cfg.debug.fail_rank else None
     written: list[tuple[Path, str]] = []
     errors: list[str] = []
-    padding = patch_frame_padding(
-        latent_frames(d.num_frames, first_stage.temporal_factor), modules.dit.frames_per_patch
-    )
+    frames = latent_frames(d.num_frames, first_stage.temporal_factor)
+    padding = patch_frame_padding(frames, modules.dit.frames_per_patch)
+    image_model = isinstance(c, CogVideoXConfig) and c.image_conditioned
 
     def noise_for(i: int, k: int | None) -> torch.Tensor:
         """Prompt k's starting noise: this rank's own work (the text encoder may be FSDP-sharded: a collective)."""
         if fault == "prompt" and i == 0:
             raise RuntimeError(f"injected failure preparing a prompt on rank {rank} (debug.fail_sample)")
         gen = generator(cfg.sample.seed, "sample", k or 0)  # prompt k's noise, whichever rank draws it
-        frames, sf = latent_frames(d.num_frames, first_stage.temporal_factor), first_stage.spatial_factor
-        frames += padding  # CogVideoX 1.5: sampled with leading frames that are dropped before decoding
-        return torch.randn(1, frames, c.in_channels, d.height // sf, d.width // sf, generator=gen)
+        sf = first_stage.spatial_factor
+        # CogVideoX 1.5: sampled with leading frames that are dropped before decoding
+        noise = torch.randn(1, frames + padding, c.out_channels, d.height // sf, d.width // sf, generator=gen)
+        return noise, image_for(k) if image_model else None
+
+    def image_for(k: int | None) -> torch.Tensor:
+        """Prompt k's image latents (1, T, C, h, w), padded as the noise: this rank's own work (no collective)."""
+        sf, C = first_stage.spatial_factor, first_stage.latent_channels
+        out = torch.zeros(1, frames, C, d.height // sf, d.width // sf)
+        if k is not None and par.holds_first_frame(frames):
+            gen = generator(cfg.sample.seed, "image", k)
+            image = load_image(requests[k].image, d.height, d.width)[None, None]  # (1, 1, 3, H, W)
+            if cfg.sample.image_sigma > 0:
+                image = image + cfg.sample.image_sigma * torch.randn(image.shape, generator=gen)
+            device = next(modules.dit.parameters()).device  # where the first stage runs too
+            encoded = par.local_first_stage.encode(image.to(device), gen).float().cpu()
+            out = image_latents(encoded, frames, torch.ones(1, dtype=torch.bool))
+        return pad_leading_frames(out, padding)
 
     modules.eval()
     with ema_weights(modules.dit, ema):
         for i, k in enumerate(mine):
-            noise = agreed(f"preparing prompt {i} of the replica", rank, lambda i=i, k=k: noise_for(i, k))
+            noise, image = agreed(f"preparing prompt {i} of the replica", rank, lambda i=i, k=k: noise_for(i, k))
             prompt = prompts[k if k is not None else 0]
 
-            def predict(x, idx, text, i=i):  # (v_c, v_u): the conditional and unconditional branch in one batch
+            def predict(x, idx, text, i=i, image=image):  # (v_c, v_u): both branches in one batch
                 if fault == "forward" and i == 0:
                     raise RuntimeError(f"injected failure in a sampling forward on rank {rank} (debug.fail_sample)")
+                x = x if image is None else torch.cat([x, image.to(x)], dim=2)  # [noisy | image] latents
                 both = modules.dit(
                     torch.cat([x, x]), torch.cat([text, torch.zeros_like(text)]), torch.cat([idx, idx]).float()
                 )
@@ -183,7 +192,7 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
         ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
         meta = checkpoint.load(path, modules, optimizer, ema)
         out = run_dir / "samples" / f"step_{meta['step']:08d}"
-        files, errors = sample_videos(cfg, modules, par.first_stage, ema, dims, out, env)
+        files, errors = sample_videos(cfg, modules, par, ema, out, env)
         for f, _ in files:
             print(f"cpdit sample: wrote {f}", flush=True)
         for e in errors:
