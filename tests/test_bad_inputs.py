@@ -9,6 +9,8 @@ from launch.cli import main
 
 TORCHRUN = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
+TINY_I2V = ["model.preset=tiny", "model.in_channels=6", "model.out_channels=3", "model.pos_embedding=rope"]
+
 CASES = [
     # --- topologies ---
     ("cp x tp does not divide world", ["--cp-size", "3"], {}, "cp_size=3 x model_parallel_size=2 = 6 does not divide"),
@@ -252,11 +254,11 @@ CASES = [
         "(needs 8); set data.num_frames=3 data.height=8 data.width=8",
     ),
     (
-        "image-to-video transformer",
+        "image-to-video checkpoint without images",
         ["model.pretrained={tmp}/i2v", "data.num_frames=3", "data.height=8", "data.width=8"],
         {},
-        "is an image-to-video transformer (in_channels=6 = 2 x 3: noisy and image latents): sampling it needs an "
-        "image per prompt, which cpdit-launch sample does not take yet; train with sample.at_end=false",
+        "model.pretrained={tmp}/i2v samples from an image: prompt 'a red circle moving left' has none; give "
+        "sample.images (one per prompt) or image<TAB>prompt lines in sample.prompts_file",
     ),
     (
         "5B-I2V preset at another shape",
@@ -266,10 +268,10 @@ CASES = [
         "of 60x90 and 226 text tokens only",
     ),
     (
-        "1.5 image-to-video preset",
+        "1.5 image-to-video preset without images",
         ["model.preset=cogvideox1.5-5b-i2v"],
         {},
-        "model.preset=cogvideox1.5-5b-i2v is an image-to-video transformer (in_channels=6 = 2 x 3",
+        "model.preset=cogvideox1.5-5b-i2v samples from an image: prompt 'a red circle moving left' has none",
     ),
     (
         "image-to-video latent cache",
@@ -283,6 +285,42 @@ CASES = [
         ],
         {},
         "which data.latent_cache_dir does not keep yet; remove data.latent_cache_dir",
+    ),
+    (
+        "image-to-video prompts without images",
+        TINY_I2V,
+        {},
+        "samples from an image: prompt 'a red circle moving left' has none",
+    ),
+    (
+        "image-to-video image missing",
+        [*TINY_I2V, "sample.prompts=[x]", "sample.images=[{tmp}/nope.png]"],
+        {},
+        "the image '{tmp}/nope.png' of prompt 'x' does not exist",
+    ),
+    (
+        "image-to-video image of another size",
+        [*TINY_I2V, "sample.prompts=[x]", "sample.images=[{tmp}/small.png]"],
+        {},
+        "image '{tmp}/small.png' is 8x8 (width x height); the clips are 16x16 (data.width x data.height)",
+    ),
+    (
+        "image-to-video image unreadable",
+        [*TINY_I2V, "sample.prompts=[x]", "sample.images=[{tmp}/garbage.png]"],
+        {},
+        "image '{tmp}/garbage.png' cannot be read",
+    ),
+    (
+        "image count differs from prompts",
+        [*TINY_I2V, "sample.images=[{tmp}/small.png]"],
+        {},
+        "sample.images has 1 images for 4 prompts (sample.prompts): give one per prompt",
+    ),
+    (
+        "images for a text-to-video model",
+        ["sample.prompts=[x]", "sample.images=[{tmp}/small.png]"],
+        {},
+        "are for image-to-video models; model.preset=demo is text-to-video: remove the images",
     ),
     (
         "unknown key with a suggestion",
@@ -317,6 +355,11 @@ def tmp(tmp_path_factory):
     (root / "outside" / "config.json").write_text("{}")
     (root / "outside" / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../elsewhere.safetensors"}}')
     _diffusers_dir(root / "i2v", in_channels=6, out_channels=3, use_learned_positional_embeddings=True)
+    import imageio.v2 as imageio
+    import numpy as np
+
+    imageio.imwrite(root / "small.png", np.zeros((8, 8, 3), np.uint8))
+    (root / "garbage.png").write_bytes(b"not a png")
     return root
 
 

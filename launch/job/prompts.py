@@ -41,6 +41,8 @@ def read_requests(cfg: JobConfig) -> list[Request]:
                 "per prompt, in the same order"
             )
         out = [Request(p, images[i] if images else None) for i, p in enumerate(s.prompts)]
+    if not out and s.prompts_file:
+        raise ValueError(f"sample.prompts_file={s.prompts_file!r} holds no prompt (one per line)")
     if not out:
         raise ValueError("no prompts: set sample.prompts or sample.prompts_file")
     return out
@@ -52,10 +54,10 @@ def read_prompts(cfg: JobConfig) -> list[str]:
 
 def load_image(path: str, height: int, width: int) -> torch.Tensor:
     """An RGB image file -> (3, H, W) in [-1, 1]; ValueError naming the path unless it is height x width."""
-    import imageio.v2 as imageio
+    import imageio.v3 as iio
 
     try:
-        pixels = np.asarray(imageio.imread(path))
+        pixels = np.asarray(iio.imread(path, plugin="pillow"))  # PNG, JPEG, ... (no guessing through every plugin)
     except (OSError, ValueError, SyntaxError) as err:
         raise ValueError(f"image {path!r} cannot be read: {type(err).__name__}: {err}") from None
     if pixels.ndim == 2:
