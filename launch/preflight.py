@@ -62,14 +62,14 @@ def _job_model(cfg: JobConfig):
     if not cfg.model.pretrained:
         return checked_model_config(cfg)
     from cpdit.diffusers_io import weight_files
-    from cpdit.models.registry import family_of_diffusers
+    from launch.job.build import pretrained_config
 
     try:
-        config = weight_files(cfg.model.pretrained)[0]
+        weight_files(cfg.model.pretrained)
     except (OSError, ValueError, OutsideDirectory):
         return None
     try:
-        return family_of_diffusers(config).diffusers.config_from(config)
+        return pretrained_config(cfg.model.pretrained)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {err}") from None
 

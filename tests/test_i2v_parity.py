@@ -89,3 +89,13 @@ def _eight(rank, world):  # dp=2 x cp=2 x tp=2: each replica's own draws
 @pytest.mark.parametrize("world, fn", [(4, _four), pytest.param(8, _eight, marks=pytest.mark.slow)], ids=["4", "8"])
 def test_image_conditioning_parity(tmp_path, world, fn):
     run_ranks(fn, world, tmp_path, timeout=600)
+
+
+def test_the_reference_holds_the_image_at_frame_0():
+    """The hook's one-process input: the noisy latents, then the image at latent frame 0 and zeros after it."""
+    from parallel.dims import ParallelDims
+
+    x = torch.randn(1, T, 6, H, W, dtype=torch.float64)
+    full, _ = image_inputs("pixel", dropout=0.0)(x, ParallelDims(1), 0, 1)
+    assert full.shape == (1, T, 6, H, W) and torch.equal(full[:, :, :3], x[:, :, :3])
+    assert full[:, 0, 3:].abs().sum() > 0 and not full[:, 1:, 3:].any()

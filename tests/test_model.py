@@ -9,14 +9,14 @@ from cpdit.models.cogvideox.convert import config_from_diffusers, state_dict_fro
 diffusers = pytest.importorskip("diffusers")
 
 
-def _diffusers_model(rope: bool, seed: int = 0):
+def _diffusers_model(rope: bool, seed: int = 0, **arch):
+    """A tiny diffusers CogVideoX transformer (`arch`: config overrides), every weight random."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(
         num_attention_heads=4,
         attention_head_dim=16,
-        in_channels=4,
         out_channels=4,
         time_embed_dim=32,
         text_embed_dim=24,
@@ -26,11 +26,13 @@ def _diffusers_model(rope: bool, seed: int = 0):
         sample_frames=9,
         patch_size=2,
         max_text_seq_length=7,
-        use_rotary_positional_embeddings=rope,
+        **{"in_channels": 4, "use_rotary_positional_embeddings": rope, **arch},
     )
     with torch.no_grad():  # every weight random (diffusers zero-initialises some), so parity means something
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
+        if model.config.use_learned_positional_embeddings:  # a buffer in diffusers, a trained table
+            model.patch_embed.pos_embedding.copy_(torch.randn_like(model.patch_embed.pos_embedding) * 0.2)
     return model.eval()
 
 

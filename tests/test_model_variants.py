@@ -4,6 +4,7 @@
 # a save_pretrained directory, exported back to one that diffusers loads, and its LoRA adapters load into diffusers.
 import pytest
 import torch
+from test_model import _diffusers_model
 
 from cpdit import CogVideoXConfig, CogVideoXDiT
 from cpdit.lora import add_lora
@@ -14,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
-# diffusers config of each variant, tiny: 4 heads x 16, 2 blocks, sample shape 9 frames (3 latents) of 6 x 10
+# diffusers config overrides of each variant (test_model's tiny model otherwise)
 VARIANTS = {
     "5b-i2v": dict(in_channels=8, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
     "1.5": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False),
@@ -22,33 +23,13 @@ VARIANTS = {
         in_channels=8, use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False, ofs_embed_dim=32
     ),
 }
-TEXT_LEN = 7
+TEXT_LEN = 7  # test_model's max_text_seq_length
 
 
 def diffusers_variant(variant: str, seed: int = 0):
-    from diffusers import CogVideoXTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=4,
-        attention_head_dim=16,
-        out_channels=4,
-        time_embed_dim=32,
-        text_embed_dim=24,
-        num_layers=2,
-        sample_width=10,
-        sample_height=6,
-        sample_frames=9,
-        patch_size=2,
-        max_text_seq_length=TEXT_LEN,
-        **{"in_channels": 4, **VARIANTS[variant]},
-    )
-    with torch.no_grad():  # every weight random (diffusers zero-initialises some), the learned table too
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-        if model.config.use_learned_positional_embeddings:
-            model.patch_embed.pos_embedding.copy_(torch.randn_like(model.patch_embed.pos_embedding) * 0.2)
-    return model.eval()
+    """test_model's tiny diffusers model (4 heads x 16, 2 blocks, sample shape 9 frames = 3 latents of 6 x 10, 7 text
+    tokens) as this variant, every weight random, the learned table too."""
+    return _diffusers_model(rope=True, seed=seed, **VARIANTS[variant])
 
 
 def pipeline_rope(model, lh: int, lw: int, frames: int):

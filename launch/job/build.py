@@ -59,13 +59,18 @@ def model_config(cfg: JobConfig):
     return family.config(m.preset, overrides)
 
 
+def pretrained_config(path: str):
+    """The DiT config of a diffusers transformer directory (its config.json, through its family's converter)."""
+    config = weight_files(path)[0]
+    return family_of_diffusers(config).diffusers.config_from(config)
+
+
 def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> tuple[Trainable, Parallelized]:
     """The DiT of the model's family, the text encoder and the first stage, parallelized (parallel/parallelize.py)
     and materialised, with the layout handle the job uses (which ranks write, the first stage, local frames)."""
     if cfg.model.pretrained:  # the architecture comes from the checkpoint
-        config = weight_files(cfg.model.pretrained)[0]
-        family = family_of_diffusers(config)
-        mcfg = family.diffusers.config_from(config)
+        mcfg = pretrained_config(cfg.model.pretrained)
+        family = family_of(mcfg)
     else:
         mcfg = model_config(cfg)
         family = family_of(mcfg)
