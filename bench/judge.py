@@ -1,14 +1,18 @@
 # A judge of sample videos for the synthetic moving-shapes vocabulary (launch/job/data.py): does a clip show ONE
-# object of the prompted colour and shape, moving in the prompted direction, on a dark background?
+# object of the prompted colour and shape, moving in the prompted direction, on a dark background? In the
+# image-to-video mode (captions "a shape moving left", data.dataset=synthetic_i2v) the colour and shape are the
+# conditioning image's, and the object must also start where the image has it.
 #
 #   python bench/judge.py runs/default/samples            # every *.gif under it, prompt read from the file name
+#   python bench/judge.py --i2v PROMPTS runs/i2v-demo/samples   # image<TAB>prompt lines; sample k is kkk_*.gif
 #   python bench/judge.py --validate                       # ground-truth clips (all right) and noise (all wrong)
 #
 # Per clip: the background is the median of the border pixels; foreground = pixels far from it; colour = the
 # nearest dataset colour to the foreground's mean; one object = the largest 4-connected component holds >= 85% of
 # the foreground in >= 75% of the frames; shape = the best template fit (circle, square, triangle) of that component
 # over centre and size, summed over the frames; direction = the sign of the larger axis of the centroid's
-# displacement over the clip.
+# displacement over the clip. Image-to-video: the image is judged as a one-frame clip (its colour, shape and the
+# object's centroid); start = the sample's first-frame centroid within START_TOLERANCE of the frame side of it.
 from __future__ import annotations
 
 import argparse
@@ -21,12 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.job.data import COLORS, MOTIONS, SHAPES, SyntheticShapes, _shape_mask  # noqa: E402
+from launch.job.data import COLORS, MOTIONS, SHAPES, SyntheticShapes, SyntheticShapesI2V, _shape_mask  # noqa: E402
 
 FG_THRESHOLD = 0.25  # max-channel distance from the background (colours in [0, 1])
 ONE_OBJECT_SHARE = 0.85
 MIN_MOVE = 0.08  # centroid displacement over the clip, as a share of the frame size
+START_TOLERANCE = 0.125  # image-to-video: first-frame centroid distance from the image's, as a share of the side
 PROMPT = re.compile(r"a[_ ](\w+)[_ ](\w+)[_ ]moving[_ ](\w+)")
+MOTION_PROMPT = re.compile(r"a[_ ]shape[_ ]moving[_ ](\w+)")
 
 
 @dataclass
@@ -36,12 +42,26 @@ class Verdict:
     direction: str
     one_object: bool
     dark_background: bool
+    start: tuple[float, float] | None = None  # the object's centroid in its first frame, (y / H, x / W)
 
     def matches(self, color: str, shape: str, direction: str) -> dict[str, bool]:
         return {
             "color": self.color == color,
             "shape": self.shape == shape,
             "one object": self.one_object and self.dark_background,
+            "direction": self.direction == direction,
+        }
+
+    def matches_image(self, image: Verdict, direction: str) -> dict[str, bool]:
+        """Image-to-video: colour and shape are the image's (an image without one object matches nothing), the
+        object starts where the image has it, and moves as the caption says."""
+        has = image.one_object and image.dark_background
+        near = has and self.start is not None and np.hypot(*np.subtract(self.start, image.start)) <= START_TOLERANCE
+        return {
+            "color": has and self.color == image.color,
+            "shape": has and self.shape == image.shape,
+            "one object": self.one_object and self.dark_background,
+            "start": bool(near),
             "direction": self.direction == direction,
         }
 
@@ -129,7 +149,8 @@ def judge(frames: np.ndarray) -> Verdict:
     if not (one_object and dark):  # colour, shape and motion belong to an object: noise or several blobs have none
         return Verdict("none", "none", "none", one_object, dark)
     shape = max(SHAPES, key=lambda k: fit[k])
-    return Verdict(color, shape, direction, True, True)
+    start = (float((centroids[0][0] + 0.5) / H), float((centroids[0][1] + 0.5) / W))
+    return Verdict(color, shape, direction, True, True, start)
 
 
 def parse_prompt(text: str) -> tuple[str, str, str] | None:
@@ -137,6 +158,11 @@ def parse_prompt(text: str) -> tuple[str, str, str] | None:
     if not m or m[1] not in COLORS or m[2] not in SHAPES or m[3] not in MOTIONS:
         return None
     return m[1], m[2], m[3]
+
+
+def parse_motion_prompt(text: str) -> str | None:
+    m = MOTION_PROMPT.search(text.lower())
+    return m[1] if m and m[1] in MOTIONS else None
 
 
 def read_frames(path: Path) -> np.ndarray:
@@ -158,9 +184,29 @@ def score(items: list[tuple[str, np.ndarray]]) -> list[dict]:
     return rows
 
 
+def score_i2v(items: list[tuple[str, np.ndarray, np.ndarray]]) -> list[dict]:
+    """[(caption, image (H, W, 3), frames)] -> one row per clip, judged against its conditioning image."""
+    rows = []
+    for prompt, image, frames in items:
+        direction = parse_motion_prompt(prompt)
+        if direction is None:
+            raise ValueError(f"prompt {prompt!r} is not 'a shape moving <direction>' (the image-to-video captions)")
+        seen = judge(image[None])
+        v = judge(frames)
+        ok = v.matches_image(seen, direction)
+        label = f"{prompt} (image: {seen.color} {seen.shape} at {_where(seen.start)})"
+        rows.append({"prompt": label, "verdict": v, "ok": ok, "score": sum(ok.values()) / len(ok)})
+    return rows
+
+
+def _where(start: tuple[float, float] | None) -> str:
+    return "-" if start is None else f"y={start[0]:.2f} x={start[1]:.2f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    print("| prompt | colour | shape | one object | direction | score |")
-    print("|---|---|---|---|---|---|")
+    keys = ["color", "shape", "one object", *(["start"] if rows and "start" in rows[0]["ok"] else []), "direction"]
+    print(f"| prompt | {' | '.join(k.replace('color', 'colour') for k in keys)} | score |")
+    print("|---" * (len(keys) + 2) + "|")
     for r in rows:
         v, ok = r["verdict"], r["ok"]
         seen = {
@@ -168,8 +214,9 @@ def print_table(rows: list[dict]) -> None:
             "shape": v.shape,
             "direction": v.direction,
             "one object": "yes" if v.one_object and v.dark_background else "no",
+            "start": _where(v.start),
         }
-        cells = [f"{seen[k]} {'ok' if ok[k] else 'X'}" for k in ("color", "shape", "one object", "direction")]
+        cells = [f"{seen[k]} {'ok' if ok[k] else 'X'}" for k in keys]
         print(f"| {r['prompt']} | {' | '.join(cells)} | {r['score']:.2f} |")
     total = sum(r["score"] for r in rows) / max(len(rows), 1)
     perfect = sum(r["score"] == 1.0 for r in rows)
@@ -185,15 +232,59 @@ def ground_truth(n: int, frames: int = 8, size: int = 16, seed: int = 1) -> list
     return out
 
 
+def ground_truth_i2v(
+    n: int, frames: int = 8, size: int = 16, seed: int = 1
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(caption, image, clip)] of the image-to-video dataset: the image is the clip's first frame."""
+    ds = SyntheticShapesI2V(n, frames, size, size, seed)
+    out = []
+    for i in range(n):
+        video, caption = ds[i]
+        clip = ((video.permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+        out.append((caption, clip[0], clip))
+    return out
+
+
 def noise(prompts: list[str], frames: int = 8, size: int = 16, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [(p, rng.uniform(0, 1, (frames, size, size, 3)).astype(np.float32)) for p in prompts]
+
+
+def validation_i2v(n: int, seed: int = 1) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """The image-to-video judge's checks: ground truth (all right), noise (all wrong), the image held still (right
+    but for the direction), and each clip judged against the next clip's image (start, colour, shape mostly wrong)."""
+    truth = ground_truth_i2v(n, seed=seed)
+    shifted = [(p, truth[(i + 1) % n][1], clip) for i, (p, _, clip) in enumerate(truth)]
+    return {
+        "ground truth (SyntheticShapesI2V, 16x16, 8 frames)": truth,
+        "uniform noise, same captions and images": [
+            (p, image, clip) for (p, image, _), (_, clip) in zip(truth, noise([p for p, _, _ in truth]), strict=True)
+        ],
+        "the image held still for every frame": [(p, image, np.repeat(image[None], 8, 0)) for p, image, _ in truth],
+        "each clip against the next clip's image": shifted,
+    }
+
+
+def read_i2v_samples(prompts_file: Path, samples: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The image<TAB>prompt lines of a prompts file (image paths relative to the file) with sample k's gif."""
+    items = []
+    lines = [ln for ln in prompts_file.read_text().splitlines() if ln.strip()]
+    for k, line in enumerate(lines):
+        image, _, prompt = line.partition("\t")
+        gifs = sorted(samples.rglob(f"{k:03d}_*.gif"))
+        if not gifs:
+            raise FileNotFoundError(f"no sample {k:03d}_*.gif under {samples} (prompt {prompt.strip()!r})")
+        path = Path(image.strip())
+        path = path if path.is_absolute() else prompts_file.parent / path
+        items.append((prompt.strip(), read_frames(path)[0], read_frames(gifs[0])))
+    return items
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="Judge sample videos of the synthetic moving-shapes vocabulary.")
     ap.add_argument("samples", nargs="?", help="a directory of sample gifs (searched recursively)")
     ap.add_argument("--validate", action="store_true", help="judge ground-truth clips and noise instead")
+    ap.add_argument("--i2v", metavar="PROMPTS", help="image-to-video: the prompts file (image<TAB>prompt lines)")
     args = ap.parse_args()
     if args.validate:
         truth = ground_truth(48)
@@ -201,9 +292,15 @@ def main() -> int:
         print_table(score(truth))
         print("\n## uniform noise, same prompts\n")
         print_table(score(noise([p for p, _ in truth])))
+        for title, items in validation_i2v(48).items():
+            print(f"\n## image-to-video: {title}\n")
+            print_table(score_i2v(items))
         return 0
     if not args.samples:
         ap.error("give a samples directory or --validate")
+    if args.i2v:
+        print_table(score_i2v(read_i2v_samples(Path(args.i2v), Path(args.samples))))
+        return 0
     items = []
     for gif in sorted(Path(args.samples).rglob("*.gif")):
         want = parse_prompt(gif.stem)

@@ -156,7 +156,9 @@ class TextConfig:
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"
-    """`synthetic` (built-in moving shapes with captions) or `folder` (videos/*.mp4 + labels/*.txt)."""
+    """`synthetic` (built-in moving shapes with captions), `synthetic_i2v` (the same for image-to-video models:
+    captions name only the motion, the first frame shows colour, shape and start) or `folder` (videos/*.mp4 +
+    labels/*.txt)."""
     path: str | None = None
     """Dataset root for `folder`."""
     num_frames: int = 8
@@ -170,7 +172,7 @@ class DataConfig:
     batch_size: int = 8
     """Clips per data-parallel rank per micro-step."""
     num_samples: int = 256
-    """Clips in the synthetic dataset."""
+    """Clips in a synthetic dataset."""
     random_crop: bool = False
     """folder dataset: random temporal offset and spatial crop (else from the start, centered)."""
     latent_cache_dir: str | None = None
@@ -340,7 +342,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.attention": STRATEGIES,
     "parallel.layout": ("contiguous", "zigzag"),
     "dist.backend": ("auto", "nccl", "gloo"),
-    "data.dataset": ("synthetic", "folder"),
+    "data.dataset": ("synthetic", "synthetic_i2v", "folder"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "sample.sampler": ("ddim", "dpmpp_2m"),
     "model.pos_embedding": ("sincos", "rope"),

@@ -102,6 +102,12 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
                 )
         _check_images(cfg, image, what, command)
         _check_family(cfg, m, dims.tp)
+        if d.dataset == "synthetic_i2v" and not image and command == "train":
+            raise ConfigError(
+                f"data.dataset='synthetic_i2v' captions name only the motion (colour, shape and start are in the "
+                f"first frame), but {what} is text-to-video and never sees it; use data.dataset='synthetic', or an "
+                "image-to-video model (model.in_channels = 2 x model.out_channels)"
+            )
     per_patch = m.frames_per_patch if isinstance(m, CogVideoXConfig) else 1
     patch_frames = -(-latents // per_patch)  # after CogVideoX 1.5's leading copies of frame 0
     if patch_frames < p.cp_size:
@@ -112,7 +118,7 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
             f"data.num_frames={d.num_frames} ({count}) < parallel.cp_size={p.cp_size}: every "
             "context-parallel rank needs at least one frame; lower parallel.cp_size or raise data.num_frames"
         )
-    if d.dataset == "synthetic" and d.num_samples < d.batch_size * dims.dp:
+    if d.dataset != "folder" and d.num_samples < d.batch_size * dims.dp:
         raise ConfigError(
             f"data.num_samples={d.num_samples} is less than data.batch_size={d.batch_size} x {dims.dp} data-parallel "
             "ranks; raise data.num_samples or lower data.batch_size"

@@ -293,6 +293,20 @@ CASES = [
         "samples from an image: prompt 'a red circle moving left' has none",
     ),
     (
+        "image-to-video captions for a text-to-video model",
+        ["data.dataset=synthetic_i2v"],
+        {},
+        "data.dataset='synthetic_i2v' captions name only the motion (colour, shape and start are in the first "
+        "frame), but model.preset=demo is text-to-video and never sees it; use data.dataset='synthetic', or an "
+        "image-to-video model (model.in_channels = 2 x model.out_channels)",
+    ),
+    (
+        "image-to-video image of a prompts file missing (relative to the file)",
+        [*TINY_I2V, "sample.prompts_file={tmp}/i2v_prompts.txt"],
+        {},
+        "the image '{tmp}/missing.png' of prompt 'a shape moving left' does not exist",
+    ),
+    (
         "image-to-video image missing",
         [*TINY_I2V, "sample.prompts=[x]", "sample.images=[{tmp}/nope.png]"],
         {},
@@ -360,6 +374,7 @@ def tmp(tmp_path_factory):
 
     imageio.imwrite(root / "small.png", np.zeros((8, 8, 3), np.uint8))
     (root / "garbage.png").write_bytes(b"not a png")
+    (root / "i2v_prompts.txt").write_text("missing.png\ta shape moving left\n")  # relative: beside the file
     return root
 
 

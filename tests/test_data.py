@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cpdit.seeding import generator
-from launch.job.data import DistributedBatches, SyntheticShapes, VideoFolder
+from launch.job.data import MOTIONS, DistributedBatches, SyntheticShapes, SyntheticShapesI2V, VideoFolder
 
 
 def test_synthetic_is_deterministic_and_captioned():
@@ -16,6 +16,30 @@ def test_synthetic_is_deterministic_and_captioned():
     assert v.min() >= -1 and v.max() <= 1
     assert cap.startswith("a ") and " moving " in cap
     assert not torch.equal(v[0], v[-1])  # the shape moves
+
+
+def test_synthetic_i2v_captions_only_the_motion_and_the_first_frame_shows_the_rest():
+    """data.dataset=synthetic_i2v: "a shape moving <direction>"; the whole shape stays in the frame every frame
+    (start drawn among those that keep it inside); colour, shape and start vary; the default set is unchanged."""
+    ds = SyntheticShapesI2V(64, num_frames=8, height=16, width=16, seed=2)
+    starts, looks = set(), set()
+    for i in range(len(ds)):
+        video, caption = ds[i]
+        color, shape, motion, rng = ds.describe(i)
+        assert caption == f"a shape moving {motion}" and motion in MOTIONS
+        (cy, cx), r, (dx, dy) = ds.start(motion, rng), ds.radius(), MOTIONS[motion]
+        for t in range(8):  # the shape's centre keeps a radius from every border all the way
+            y, x = cy + dy * 16 * ds.TRAVEL * t / 7, cx + dx * 16 * ds.TRAVEL * t / 7
+            assert r - 1e-9 <= y <= 16 - r + 1e-9 and r - 1e-9 <= x <= 16 - r + 1e-9, (i, t, y, x)
+        assert (video[0] > -1).any()
+        starts.add(tuple(torch.nonzero(video[0, 0] > -1).float().mean(0).round().tolist()))
+        looks.add((color, shape))
+        assert torch.equal(video, SyntheticShapesI2V(64, 8, 16, 16, seed=2)[i][0])
+    assert len(starts) > 20 and len(looks) >= 16  # of 18 (colour, shape) pairs
+    # the text-to-video set draws the same (colour, shape, motion) and renders as before: start fixed by caption
+    t2v = SyntheticShapes(64, 8, 16, 16, seed=2)
+    assert [t2v.describe(i)[:3] for i in range(8)] == [ds.describe(i)[:3] for i in range(8)]
+    assert t2v[0][1] == "a {} {} moving {}".format(*t2v.describe(0)[:3])
 
 
 def _write_mp4(path, frames, fps=16):

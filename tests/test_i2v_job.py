@@ -2,7 +2,8 @@
 # CogVideoX (in_channels = 2 x the first stage's channels) trained by real jobs. The 4-rank job (cp=2 x tp=2, FSDP2,
 # zigzag) takes the single-process job's steps with the pixel stage and with the VAE stage (whose context-parallel
 # encode gives the clip's latents; only the rank holding latent frame 0 encodes the noised first frames, the other
-# gets zeros), and the image latents reach the model (dropping them all changes the loss).
+# gets zeros), and the image latents reach the model (dropping them all changes the loss). A checkpoint resumes
+# exactly under another layout.
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -103,3 +104,37 @@ def test_i2v_samples_from_images_equal_under_cp(tmp_path):
     other = {p.name: np.stack(imageio.mimread(str(p))).astype(float) for p in out.rglob("*.mp4")}
     for name in one:  # the same prompt and noise from the other image: another video
         assert np.abs(one[name] - other[name]).mean() > 0.25, name  # measured: 0.58 and more (4 steps of training)
+
+
+def test_i2v_checkpoint_resumes_exactly_under_another_layout(tmp_path):
+    """An image-to-video run (the I2V dataset) checkpointed at step 2 on cp=2 x tp=2 resumes in one process: the
+    state it holds after the resume equals the checkpoint bit for bit and steps 3-4 give the uninterrupted run's
+    losses (the image noise and dropout draws are per sample, not per layout)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from launch.job.checkpoint import checkpoint_dir, read_full_state
+
+    common = [
+        *I2V,
+        "data.dataset=synthetic_i2v",
+        "checkpoint.every=2",
+        "train.export=false",
+        "optim.warmup_steps=1",
+        "optim.decay_steps=4",
+        "train.image_dropout=0.25",
+    ]
+    launch(tmp_path, "reference", *common, "train.steps=4")
+    launch(tmp_path, "first", *common, "train.steps=2")
+    src = checkpoint_dir(tmp_path / "first" / "checkpoints", 2)
+    shutil.copytree(src, checkpoint_dir(tmp_path / "second" / "checkpoints", 2))
+    launch(tmp_path, "second", *common, *SINGLE, "train.steps=4", "debug.dump_resumed_state=true", nproc=1)
+    saved, loaded = read_full_state(src), load_file(str(tmp_path / "second" / "resumed_state.safetensors"))
+    assert set(saved) == set(loaded) and any(k.startswith("optim.state.") for k in saved)
+    for key in sorted(saved):
+        assert torch.equal(loaded[key], saved[key]), key
+    ref, got = _steps(tmp_path / "reference"), _steps(tmp_path / "second")
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step  # fp32, other layouts

@@ -1,5 +1,6 @@
-# Video datasets for the training job: built-in synthetic moving shapes (the default; nothing downloaded) and the
-# CogVideoX fine-tuning layout (videos/*.mp4 + labels/*.txt). Both yield (video (F, 3, H, W) in [-1, 1], caption).
+# Video datasets for the training job: built-in synthetic moving shapes (the default; nothing downloaded), their
+# image-to-video variant, and the CogVideoX fine-tuning layout (videos/*.mp4 + labels/*.txt). Each yields
+# (video (F, 3, H, W) in [-1, 1], caption).
 # Sampling is by data-parallel rank; the ranks of one cp x tp group read the same clips.
 from __future__ import annotations
 
@@ -59,19 +60,60 @@ class SyntheticShapes(torch.utils.data.Dataset):
         motion = list(MOTIONS)[rng.integers(len(MOTIONS))]
         return color, shape, motion, rng
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        color, shape, motion, rng = self.describe(i)
-        h, w, f = self.h, self.w, self.f
-        r = min(h, w) * self.RADIUS
+    def radius(self) -> float:
+        return min(self.h, self.w) * self.RADIUS
+
+    def start(self, motion: str, rng: np.random.Generator) -> tuple[float, float]:
+        """(cy, cx) of the shape in frame 0: at the edge it moves away from, centred across its motion."""
+        h, w, r = self.h, self.w, self.radius()
+        dx, dy = MOTIONS[motion]
+        return (h / 2 if dy == 0 else (h - r if dy < 0 else r)), (w / 2 if dx == 0 else (w - r if dx < 0 else r))
+
+    def caption(self, color: str, shape: str, motion: str) -> str:
+        return f"a {color} {shape} moving {motion}"
+
+    def render(self, color: str, shape: str, motion: str, cy: float, cx: float) -> torch.Tensor:
+        """(F, 3, H, W) in [-1, 1]: the shape centred at (cy, cx) in frame 0, travelling TRAVEL of the frame side."""
+        h, w, f, r = self.h, self.w, self.f, self.radius()
         dx, dy = MOTIONS[motion]
         speed = min(h, w) * self.TRAVEL / max(f - 1, 1)
-        cy = h / 2 if dy == 0 else (h - r if dy < 0 else r)
-        cx = w / 2 if dx == 0 else (w - r if dx < 0 else r)
         video = np.zeros((f, 3, h, w), dtype=np.float32)
         rgb = np.asarray(COLORS[color], dtype=np.float32)[:, None]
         for t in range(f):
             video[t][:, _shape_mask(shape, h, w, cy + dy * speed * t, cx + dx * speed * t, r)] = rgb
-        return torch.from_numpy(video * 2 - 1), f"a {color} {shape} moving {motion}"
+        return torch.from_numpy(video * 2 - 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        color, shape, motion, rng = self.describe(i)
+        cy, cx = self.start(motion, rng)
+        return self.render(color, shape, motion, cy, cx), self.caption(color, shape, motion)
+
+
+class SyntheticShapesI2V(SyntheticShapes):
+    """The image-to-video variant (`data.dataset=synthetic_i2v`): the caption names only the motion ("a shape
+    moving left"); colour, shape and where the shape starts vary and are seen only in the first frame, the image
+    the model is conditioned on. A slightly smaller shape (radius 0.3 of the frame side) travels a little further
+    (0.35) from a start drawn uniformly among those that keep it inside the frame all the way: across its motion
+    anywhere in the middle 40% of the frame, along it within 5% of the edge it leaves. (A smaller shape, radius 0.22
+    travelling 0.45, took the demo model twice the steps to come out as one object.)"""
+
+    RADIUS = 0.3
+    TRAVEL = 0.35
+
+    def start(self, motion: str, rng: np.random.Generator) -> tuple[float, float]:
+        h, w, r = self.h, self.w, self.radius()
+        dx, dy = MOTIONS[motion]
+        travel = min(h, w) * self.TRAVEL
+
+        def span(size: int, d: int) -> tuple[float, float]:  # the centre's range along one axis
+            lo, hi = r, size - r
+            return (lo + travel, hi) if d < 0 else (lo, hi - travel) if d > 0 else (lo, hi)
+
+        (y0, y1), (x0, x1) = span(h, dy), span(w, dx)
+        return float(rng.uniform(y0, y1)), float(rng.uniform(x0, x1))
+
+    def caption(self, color: str, shape: str, motion: str) -> str:
+        return f"a shape moving {motion}"
 
 
 class VideoFolder(torch.utils.data.Dataset):
@@ -219,8 +261,11 @@ class DistributedBatches:
         return torch.stack([v for v, _ in items]), [c for _, c in items]
 
 
+SYNTHETIC = {"synthetic": SyntheticShapes, "synthetic_i2v": SyntheticShapesI2V}
+
+
 def build_dataset(cfg, seed: int):
     d = cfg.data
-    if d.dataset == "synthetic":
-        return SyntheticShapes(d.num_samples, d.num_frames, d.height, d.width, seed)
+    if d.dataset in SYNTHETIC:
+        return SYNTHETIC[d.dataset](d.num_samples, d.num_frames, d.height, d.width, seed)
     return VideoFolder(d.path, d.num_frames, d.height, d.width, d.fps, random_crop=d.random_crop, seed=seed)

@@ -1,6 +1,7 @@
 # What to sample: the prompts (sample.prompts, or sample.prompts_file with one per line) and, for image-to-video
-# models, one image per prompt (sample.images in the same order, or `image<TAB>prompt` lines). Read by the launcher's
-# pre-flight (every path and size checked before any process starts) and by the sampling job.
+# models, one image per prompt (sample.images in the same order, or `image<TAB>prompt` lines, relative paths from the
+# file's directory). Read by the launcher's pre-flight (every path and size checked before any process starts) and
+# by the sampling job.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ def read_requests(cfg: JobConfig) -> list[Request]:
             if not line.strip():
                 continue
             image, tab, prompt = line.partition("\t")
-            out.append(Request(prompt.strip(), image.strip()) if tab else Request(line.strip(), None))
+            out.append(Request(prompt.strip(), _beside(path, image.strip())) if tab else Request(line.strip(), None))
         if s.images:
             raise ValueError("sample.images and sample.prompts_file: give the images in the file (image<TAB>prompt)")
     else:
@@ -46,6 +47,12 @@ def read_requests(cfg: JobConfig) -> list[Request]:
     if not out:
         raise ValueError("no prompts: set sample.prompts or sample.prompts_file")
     return out
+
+
+def _beside(prompts_file: Path, image: str) -> str:
+    """An image path of a prompts file: relative ones are relative to the file's directory (the file and its
+    images travel together), not to where the job was started."""
+    return image if Path(image).is_absolute() else str(prompts_file.parent / image)
 
 
 def read_prompts(cfg: JobConfig) -> list[str]:
