@@ -231,6 +231,10 @@ class TrainConfig:
     """Probability of dropping the caption (classifier-free guidance training)."""
     image_dropout: float = 0.05
     """Image-to-video models: probability that a sample's image latents are zeros (SAT's noised_image_dropout)."""
+    image_noise: str = "step"
+    """Image-to-video models: when the conditioning frame's pixel noise is drawn. "step": anew each step (SAT's
+    training); "clip": once per clip, from train.seed and the clip's index (diffusers' I2V fine-tuning script, which
+    encodes the noised image once before training), what data.latent_cache_dir keeps."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     loss_scale: float = 65536.0
@@ -344,6 +348,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "data.dataset": ("synthetic", "synthetic_i2v", "folder"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.image_noise": ("step", "clip"),
     "sample.sampler": ("ddim", "dpmpp_2m"),
     "model.pos_embedding": ("sincos", "rope"),
     "text.encoder": ("hashed", "t5"),

@@ -136,16 +136,14 @@ def _check_cogvideox(
 ) -> None:
     if m.use_learned_positional_embeddings:
         _check_learned_table(cfg, m, what, latents, tf, sf)
-    if m.image_conditioned:  # trains and samples; caching its image latents is not there yet
-        why = (
+    if m.image_conditioned and cfg.data.latent_cache_dir and cfg.train.image_noise != "clip":
+        raise ConfigError(
             f"{what} is an image-to-video transformer (in_channels={m.in_channels} = 2 x {m.out_channels}: noisy "
-            "and image latents)"
+            f"and image latents) and train.image_noise={cfg.train.image_noise!r} noises its first frame anew each "
+            "step, which data.latent_cache_dir cannot keep: set train.image_noise=clip (the noise drawn once per "
+            "clip, as diffusers' I2V fine-tuning script does; the cache keeps that image's posterior) or remove "
+            "data.latent_cache_dir"
         )
-        if cfg.data.latent_cache_dir:
-            raise ConfigError(
-                f"{why}: its image latents are encoded from a freshly noised first frame each step, which "
-                "data.latent_cache_dir does not keep yet; remove data.latent_cache_dir"
-            )
 
 
 def _check_images(cfg: JobConfig, image_model: bool, what: str, command: str) -> None:

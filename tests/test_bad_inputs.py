@@ -284,7 +284,7 @@ CASES = [
             "data.latent_cache_dir={tmp}/lc",
         ],
         {},
-        "which data.latent_cache_dir does not keep yet; remove data.latent_cache_dir",
+        "train.image_noise='step' noises its first frame anew each step, which data.latent_cache_dir cannot keep: set train.image_noise=clip",
     ),
     (
         "image-to-video prompts without images",

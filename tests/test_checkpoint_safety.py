@@ -195,14 +195,8 @@ def test_a_symlinked_latent_cache_entry_is_a_miss_and_is_replaced(tmp_path):
     save_file({"mean": torch.ones(2, 1, 1, 1), "logvar": torch.zeros(2, 1, 1, 1)}, str(plain))
     assert cache._load([1], torch.device("cpu")) is not None  # a plain entry is read
 
-    class Stage:
-        def moments(self, video):
-            return torch.full((1, 2, 1, 1, 1), 5.0), torch.zeros(1, 2, 1, 1, 1)
-
-        def latents(self, mean, logvar, generator):
-            return mean
-
-    cache.encode(Stage(), torch.zeros(1), [0], None)
+    encoded = {"mean": torch.full((1, 2, 1, 1, 1), 5.0), "logvar": torch.zeros(1, 2, 1, 1, 1)}
+    assert cache.entries([0], torch.device("cpu"), lambda: encoded) is encoded  # a miss: computed
     assert not cache.path(0).is_symlink() and torch.equal(
         load_file(str(cache.path(0)))["mean"], torch.full((2, 1, 1, 1), 5.0)
     )

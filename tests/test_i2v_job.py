@@ -10,7 +10,7 @@ import pytest
 import torch
 from job_helpers import launch, losses
 
-from cpdit.image_cond import draw_image_noise, image_latents, noised_first_frame
+from cpdit.image_cond import draw_image_noise, draw_keep, image_latents, noised_first_frame
 
 pytestmark = pytest.mark.slow  # real cpdit-launch jobs
 
@@ -37,10 +37,11 @@ SINGLE = ["parallel.cp_size=1", "parallel.model_parallel_size=1"]
 
 def test_recipe():
     """sigma = exp(N(-3, 0.5)); the image at latent frame 0, zeros after it and where dropped."""
-    sigmas = torch.stack([draw_image_noise(torch.Generator().manual_seed(i), (3, 4, 4), 0.0)[0] for i in range(4000)])
+    sigmas = torch.stack([draw_image_noise(torch.Generator().manual_seed(i), (3, 4, 4))[0] for i in range(4000)])
     assert sigmas.log().mean().item() == pytest.approx(-3.0, abs=0.05)
     assert sigmas.log().std().item() == pytest.approx(0.5, abs=0.05)
-    assert all(draw_image_noise(torch.Generator().manual_seed(i), (3, 4, 4), 1.0)[2].item() is False for i in range(5))
+    assert all(draw_keep(torch.Generator().manual_seed(i), 1.0).item() is False for i in range(5))
+    assert all(draw_keep(torch.Generator().manual_seed(i), 0.0).item() is True for i in range(5))
     video = torch.randn(2, 5, 3, 4, 4)
     noisy = noised_first_frame(video, torch.tensor([0.0, 1.0]), torch.ones(2, 1, 3, 4, 4))
     assert torch.equal(noisy[0], video[0, :1]) and torch.equal(noisy[1], video[1, :1] + 1)
@@ -138,3 +139,46 @@ def test_i2v_checkpoint_resumes_exactly_under_another_layout(tmp_path):
     assert sorted(got) == [3, 4]
     for step in (3, 4):
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step  # fp32, other layouts
+
+
+def test_i2v_latent_cache_equals_the_run_without_it_and_resumes_under_another_layout(tmp_path):
+    """train.image_noise=clip: each clip's first frame is noised once (diffusers' I2V fine-tuning recipe), so the
+    latent cache keeps its posterior beside the clip's. 4 clips in batches of 2: steps 3-4 are the second epoch, read
+    from the cache (both posteriors), and a cp=2 x tp=2 run with the cache takes the uncached run's steps; resumed at
+    step 2 in one process (another layout, the cp run's entries), it still does."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from launch.job.checkpoint import checkpoint_dir
+
+    common = [*I2V, *VAE, "train.image_noise=clip", "data.num_samples=4", "data.batch_size=2", "train.export=false"]
+    common += ["train.steps=4", "checkpoint.every=2", "optim.warmup_steps=1", "train.image_dropout=0.25"]
+    cache = f"data.latent_cache_dir={tmp_path / 'latents'}"
+    launch(tmp_path, "plain", *common)
+    launch(tmp_path, "cached", *common, cache)
+    ref, got = _steps(tmp_path / "plain"), _steps(tmp_path / "cached")
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    for step in ref:  # the same computation, the posteriors read back bit for bit
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6), step
+        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-6), step
+    assert [got[s]["latent_cache_hits"] for s in (1, 2, 3, 4)] == [0, 0, 2, 4]
+    entries = sorted((tmp_path / "latents").glob("*.safetensors"))
+    assert len(entries) == 4
+    entry = load_file(str(entries[0]))
+    assert set(entry) == {"mean", "logvar", "image_mean", "image_logvar"}
+    assert entry["image_mean"].shape[1] == 1 and entry["image_mean"].shape[0] == entry["mean"].shape[0]
+    # resumed under another layout from the cached run's checkpoint, every clip a hit
+    shutil.copytree(
+        checkpoint_dir(tmp_path / "cached" / "checkpoints", 2), checkpoint_dir(tmp_path / "resumed" / "checkpoints", 2)
+    )
+    launch(tmp_path, "resumed", *common, *SINGLE, cache, nproc=1)
+    resumed = _steps(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4] and [resumed[s]["latent_cache_hits"] for s in (3, 4)] == [2, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step  # fp32, other layout
+        assert resumed[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-3), step
+    # the knob matters: noised anew each step, the same clips give other gradients from step 2 on
+    launch(tmp_path, "per_step", *[c for c in common if c != "train.image_noise=clip"], "train.steps=2")
+    per_step = _steps(tmp_path / "per_step")
+    assert per_step[2]["grad_norm"] != pytest.approx(ref[2]["grad_norm"], rel=1e-3)

@@ -26,15 +26,15 @@ def _stage(kind):
     return VAEStage(CogVideoXVAE(VAE_PRESETS["tiny"]).double())
 
 
-def _fake_run(dims, rank, parallel, dropout):
+def _fake_run(dims, rank, parallel, dropout, noise):
     """What micro_batch_image_latents reads of a run."""
-    train = SimpleNamespace(seed=0, image_dropout=dropout)
+    train = SimpleNamespace(seed=0, image_dropout=dropout, image_noise=noise)
     return SimpleNamespace(
         dims=dims, env=SimpleNamespace(rank=rank), cfg=SimpleNamespace(train=train), parallel=parallel, device="cpu"
     )
 
 
-def image_inputs(kind, dropout=0.3):
+def image_inputs(kind, dropout=0.3, noise="step"):
     """check_layout's hook: x (the noisy latents, B = dp x batch) -> [x | image latents] of one process for every
     data-parallel replica's draws, and this rank's own [x | image latents] from its parallelized model."""
     stage = _stage(kind)
@@ -48,17 +48,17 @@ def image_inputs(kind, dropout=0.3):
         parts = []
         for d in range(dims.dp):  # replica d's samples with replica d's draws (a rank of that replica)
             r = next(r for r in range(dims.world_size) if dims.dp_rank(r) == d)
-            run = _fake_run(dims, r, Parallelized(dims, None, one, stage), dropout)
-            mine = video[d * per_rank : (d + 1) * per_rank]
-            parts.append(micro_batch_image_latents(run, mine, (per_rank, T, C, H, W), 0, 0))
+            run = _fake_run(dims, r, Parallelized(dims, None, one, stage), dropout, noise)
+            mine, ids = video[d * per_rank : (d + 1) * per_rank], list(range(d * per_rank, (d + 1) * per_rank))
+            parts.append(micro_batch_image_latents(run, mine, (per_rank, T, C, H, W), 0, 0, ids))
         full = torch.cat([x, torch.cat(parts).to(x)], dim=2)
 
         def mine(model, mesh):
             d = dims.dp_rank(rank)
             cp_stage = ContextParallelVAE(stage, mesh.get_group("cp")) if kind == "vae" and dims.cp > 1 else stage
-            run = _fake_run(dims, rank, Parallelized(dims, mesh, model, cp_stage), dropout)
-            shape = (per_rank, T, C, H, W)
-            img = micro_batch_image_latents(run, video[d * per_rank : (d + 1) * per_rank], shape, 0, 0).to(x)
+            run = _fake_run(dims, rank, Parallelized(dims, mesh, model, cp_stage), dropout, noise)
+            shape, ids = (per_rank, T, C, H, W), list(range(d * per_rank, (d + 1) * per_rank))
+            img = micro_batch_image_latents(run, video[d * per_rank : (d + 1) * per_rank], shape, 0, 0, ids).to(x)
             return torch.cat([x[d * per_rank : (d + 1) * per_rank], img], dim=2)
 
         return full, mine
@@ -74,6 +74,8 @@ def _four(rank, world):
     for kind, variant in (("pixel", "i2v-pixel"), ("vae", "5b-i2v")):
         check_layout(rank, world, cp=2, tp=2, variant=variant, image_inputs=image_inputs(kind))
     check_layout(rank, world, cp=2, tp=2, variant="5b-i2v", layout="zigzag", image_inputs=image_inputs("vae"))
+    # train.image_noise=clip (each clip's own pixel noise, what the latent cache keeps)
+    check_layout(rank, world, cp=2, tp=2, variant="5b-i2v", image_inputs=image_inputs("vae", noise="clip"))
     check_layout(
         rank, world, cp=4, tp=1, ulysses=2, strategy="usp", variant="i2v-pixel", image_inputs=image_inputs("pixel")
     )

@@ -9,7 +9,7 @@ import torch
 
 from cpdit.diffusion import add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
 from cpdit.models.patch import pad_leading_frames, patch_frame_padding
-from launch.job.image_cond import micro_batch_image_latents
+from launch.job.image_cond import holds_image, image_moments, micro_batch_image_latents
 from parallel.progress import PROGRESS
 
 FIRST_STAGE_STREAM = 1 << 20  # draw indices at and above this seed the first stage's posterior samples
@@ -35,6 +35,16 @@ def diffusion_draws(
     return torch.stack(idx), torch.stack(noise), torch.stack(keep)
 
 
+def cache_entries(run, video: torch.Tensor, ids: list[int]) -> dict[str, torch.Tensor]:
+    """Collective (the first stage's group): the latent cache's entries of clips `ids` (launch/job/latent_cache.py);
+    an image-to-video model's noised first frames only where they are used or written."""
+    mean, logvar = run.first_stage.moments(video.to(run.device))  # each (B, C, T, h, w)
+    out = {"mean": mean, "logvar": logvar}
+    if run.image_conditioned and (run.cache.writer or holds_image(run, video)):
+        out["image_mean"], out["image_logvar"] = image_moments(run, video, ids)
+    return out
+
+
 def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
     """(this rank's share of its replica's mean loss over the step's accumulated batch, data seconds). The share
     sums over cp to the replica's mean; FSDP (or the plain all-reduce) averages over dp."""
@@ -47,14 +57,17 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
     seed = run.dims.draw_seed(cfg.train.seed, run.env.rank, step, FIRST_STAGE_STREAM + micro)
     gen = torch.Generator().manual_seed(seed)
     PROGRESS.enter("first stage")
+    ids, cached = run.batches.last_ids, None
     if run.cache is not None:
-        x0 = run.cache.encode(run.first_stage, video.to(device), run.batches.last_ids, gen).float()
+        cached = run.cache.entries(ids, device, lambda: cache_entries(run, video, ids))
+        x0 = run.first_stage.latents(cached["mean"], cached["logvar"], gen).float()
     else:
         x0 = run.first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
     B = x0.shape[0]
     image = None
     if run.image_conditioned:  # [noisy | image] latents in: the noised first frame at latent frame 0
-        image = micro_batch_image_latents(run, video, x0.shape, step, micro * B)
+        moments = (cached["image_mean"], cached["image_logvar"]) if cached and "image_mean" in cached else None
+        image = micro_batch_image_latents(run, video, x0.shape, step, micro * B, ids, moments)
     # a model patching frames_per_patch latent frames together (CogVideoX 1.5): copies of frame 0 in front
     pad = patch_frame_padding(x0.shape[1], run.modules.dit.frames_per_patch)
     x0 = pad_leading_frames(x0, pad)

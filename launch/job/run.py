@@ -122,12 +122,17 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         dataset, cfg.data.batch_size, dims.dp_rank(rank), dims.dp, cfg.train.seed, state.position
     )
     cache = None
+    mcfg = modules.dit.config
+    image_conditioned = isinstance(mcfg, CogVideoXConfig) and mcfg.image_conditioned
     if cfg.data.latent_cache_dir:
         cache = LatentCache(
-            cfg.data.latent_cache_dir, latent_fingerprint(cfg), par.is_writer(rank), par.first_stage_group
+            cfg.data.latent_cache_dir,
+            latent_fingerprint(cfg, image_conditioned),
+            par.is_writer(rank),
+            par.first_stage_group,
+            image=image_conditioned,
         )
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
-    mcfg = modules.dit.config
     stage = par.first_stage
     sf, frames = stage.spatial_factor, latent_frames(cfg.data.num_frames, stage.temporal_factor)
     tokens = cfg.train.text_max_length + frames * (cfg.data.height // sf // mcfg.patch_size) * (
@@ -163,7 +168,7 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         cache=cache,
         autocast=torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
         frame_causal=family_of(mcfg).frame_causal(mcfg),
-        image_conditioned=isinstance(mcfg, CogVideoXConfig) and mcfg.image_conditioned,
+        image_conditioned=image_conditioned,
         tokens=tokens,
         watchdog=watchdog,
     )
