@@ -8,6 +8,9 @@
 #                (13 latent frames of 60x90, patch 2: 1350 tokens per frame, + 226 text tokens; `--layers` blocks),
 #                forward+backward: tokens/s, TFLOP/s and MFU against `--peak-tflops`;
 #   (c) job      the default job for a few steps on one rank with dist.backend=nccl (sampling and export included).
+# --dry-run adds (a0): the CUDA kernel calls themselves (flash and memory-efficient, forward with LSE and backward) on
+# fake CUDA tensors (FakeTensorMode: the ops' meta kernels, no device), their outputs' shapes and dtypes checked
+# against what the attention code expects (tests/test_cuda_paths.py runs the same cases).
 # Exits 1 on any mismatch or failure, 2 without a CUDA device (unless --dry-run).
 #
 #   python bench/gpu.py --peak-tflops 989     # H100/H200 bf16 dense peak
@@ -35,7 +38,9 @@ from model import step_flops  # noqa: E402
 
 from cpdit import CogVideoXConfig, CogVideoXDiT  # noqa: E402
 from parallel.attention.kernels import (  # noqa: E402
+    _cuda_backward,
     _cuda_flash_ok,
+    _cuda_forward,
     _math_backward,
     _math_forward,
     block_backward,
@@ -106,6 +111,57 @@ def check_kernels(device: torch.device, dtypes, shapes) -> list[dict]:
                     )
                 )
     return rows
+
+
+# (dtype, head size, bias): flash (fp16/bf16, D % 8 == 0, D <= 256, no bias) and memory-efficient (fp32, a bias, or
+# a head size flash does not take); each at a square block and at lengths that pad (LSE to 32, bias rows to 16)
+FAKE_CASES = [
+    (dtype, D, bias, Sq, Sk)
+    for dtype, D, bias in (
+        (torch.bfloat16, 64, False),
+        (torch.float16, 128, False),
+        (torch.bfloat16, 64, True),
+        (torch.float32, 64, False),
+        (torch.float32, 64, True),
+        (torch.bfloat16, 260, False),
+    )
+    for Sq, Sk in ((128, 128), (100, 77))
+]
+
+
+def fake_cuda_kernel(dtype: torch.dtype, D: int, with_bias: bool, Sq: int, Sk: int, B: int = 2, H: int = 3) -> dict:
+    """(a0): the CUDA forward and backward of one block on fake CUDA tensors; `problems` lists every output whose
+    shape, dtype or device differs from what the attention code expects (out and dq/dk/dv like q/k/v, LSE
+    (B, H, Sq) float32)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    problems = []
+
+    def expect(name, got, shape, dt):
+        if tuple(got.shape) != tuple(shape) or got.dtype != dt or got.device.type != "cuda":
+            problems.append(f"{name}: {tuple(got.shape)} {got.dtype} on {got.device}, expected {tuple(shape)} {dt}")
+
+    with FakeTensorMode():
+        q = torch.empty(B, H, Sq, D, device="cuda", dtype=dtype)
+        k, v = (torch.empty(B, H, Sk, D, device="cuda", dtype=dtype) for _ in range(2))
+        bias = torch.empty(1, H, Sq, Sk, device="cuda", dtype=dtype) if with_bias else None
+        kernel = "flash" if _cuda_flash_ok(q, bias) else "efficient"
+        try:
+            out, lse = _cuda_forward(q, k, v, D**-0.5, bias)
+            expect("out", out, q.shape, dtype)
+            expect("lse", lse, (B, H, Sq), torch.float32)
+            grads = _cuda_backward(torch.empty_like(q), q, k, v, out, lse, D**-0.5, bias)[:3]
+            for name, g, like in zip(("dq", "dk", "dv"), grads, (q, k, v), strict=True):
+                expect(name, g, like.shape, dtype)
+        except Exception as err:  # a wrong argument list: the op's schema or meta kernel refuses it
+            problems.append(f"{type(err).__name__}: {err}")
+    return dict(
+        dtype=str(dtype).removeprefix("torch."),
+        shape=(B, H, Sq, Sk, D),
+        bias=with_bias,
+        kernel=kernel,
+        problems=problems,
+    )
 
 
 def model_step(device: torch.device, preset: str, layers: int, shape, steps: int) -> dict:
@@ -216,6 +272,13 @@ def main(argv=None) -> int:
     failures = 0
 
     if args.dry_run:
+        print("\n(a0) CUDA kernel calls on fake CUDA tensors (argument lists, output shapes and dtypes)\n")
+        print("| dtype | B,H,Sq,Sk,D | bias | kernel | ok |\n|---|---|---|---|---|")
+        for case in FAKE_CASES:
+            r = fake_cuda_kernel(*case)
+            failures += bool(r["problems"])
+            verdict = "; ".join(r["problems"]) or "fine"
+            print(f"| {r['dtype']} | {','.join(map(str, r['shape']))} | {r['bias']} | {r['kernel']} | {verdict} |")
         dtypes, shapes = [torch.float32, torch.bfloat16], [(1, 2, 33, 47, 64)]
     else:
         dtypes = [torch.float32, torch.float16, torch.bfloat16]

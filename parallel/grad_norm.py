@@ -10,12 +10,20 @@ from torch.distributed.tensor import DTensor, Replicate
 from parallel.comm import all_reduce
 
 
+def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of every element, a float64 scalar on the tensors' device: one foreach norm (float64
+    accumulation, as torch's clip_grad_norm_), no host copy."""
+    return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float64)).pow(2).sum()
+
+
 @torch.no_grad()
 def global_grad_norm(params: list[torch.Tensor]) -> float:
-    """L2 norm of the full gradient, identical on every rank: local squared sums are added per (mesh, sharded
-    dims) signature, then reduced once per signature over the dims where the gradient is sharded."""
-    plain = torch.zeros((), dtype=torch.float64)
-    groups: dict[tuple, list] = {}
+    """L2 norm of the full gradient, identical on every rank: local squared sums per (mesh, sharded dims)
+    signature, each reduced once over the dims where the gradient is sharded, added on the device; the one
+    device-to-host copy is the returned float (torchtitan's clipping does the same; a copy per parameter would stall
+    a GPU once per parameter per step)."""
+    plain: list[torch.Tensor] = []
+    groups: dict[tuple, tuple] = {}
     for p in params:
         g = p.grad
         if g is None:
@@ -29,18 +37,20 @@ def global_grad_norm(params: list[torch.Tensor]) -> float:
             sharded = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
             mesh = g.device_mesh  # keyed by its ranks: the same order on every rank and in every run
             key = (sharded, tuple(mesh.mesh_dim_names or ()), tuple(mesh.mesh.flatten().tolist()))
-            entry = groups.setdefault(key, [mesh, sharded, 0.0])
-            entry[2] = entry[2] + g.to_local().double().pow(2).sum().cpu()
+            groups.setdefault(key, (mesh, sharded, []))[2].append(g.to_local())
         else:
-            plain += g.double().pow(2).sum().cpu()
-    total = plain
+            plain.append(g)
+    parts = [_squares(plain)] if plain else []
     for key in sorted(groups):
-        mesh, sharded, s = groups[key]
-        s = torch.as_tensor(s, dtype=torch.float64).to(mesh.device_type)
+        mesh, sharded, local = groups[key]
+        s = _squares(local)
         for d in sharded:
             all_reduce(s, mesh.get_group(d), f"grad norm, mesh dim {d}")
-        total = total + s.cpu()
-    return math.sqrt(total.item()) if torch.isfinite(total) else float("nan")
+        parts.append(s)
+    if not parts:
+        return 0.0
+    total = torch.stack([s.to(parts[0].device) for s in parts]).sum().item()
+    return math.sqrt(total) if math.isfinite(total) else float("nan")
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 # bench/gpu.py is the check to run the day a CUDA device is lent; on CPU its --dry-run goes through the same three
-# parts (kernel paths vs float64, the parallelized model step, the default job on one rank) at small shapes, so the
-# script cannot rot between GPU days. Without CUDA and without --dry-run it refuses (exit 2).
+# parts (kernel paths vs float64, the parallelized model step, the default job on one rank) at small shapes, plus the
+# CUDA kernel calls on fake CUDA tensors, so the script cannot rot between GPU days. Without CUDA and without
+# --dry-run it refuses (exit 2).
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ def test_gpu_check_dry_run_passes_on_cpu():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "0 failure(s)" in r.stdout
     assert r.stdout.count("| yes |") == 7  # 6 kernel cases + the model step
+    assert r.stdout.count("| fine |") == 12  # (a0): the CUDA kernel calls on fake CUDA tensors
     assert "backend=gloo exit=0" in r.stdout and ": ok" in r.stdout
 
 

@@ -1,5 +1,7 @@
 # Per-block attention kernels that return the log-sum-exp (LSE), their backward given the *global* out/LSE,
 # and the one LSE-merge helper. Everything above this file (ring, Ulysses, all-gather) is built from these.
+# The CUDA calls use what fake CUDA tensors support on a CPU-only build (narrow and pad, not Python indexing or
+# copy_), so that tests/test_cuda_paths.py runs them on a machine without a GPU.
 #
 # Block results are combined with  lse = logaddexp(lse_a, lse_b),  out = w_a*out_a + w_b*out_b,
 # w_x = exp(lse_x - lse) <= 1, in fp32 (derivation: ring-flash-attention's "update_out_and_lse",
@@ -37,8 +39,7 @@ def _cuda_bias(bias, q, k):
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     sk = shape[-1]
     pad = -sk % 16
-    out = torch.empty((*shape[:-1], sk + pad), dtype=q.dtype, device=q.device)[..., :sk]
-    return out.copy_(bias.expand(shape))
+    return torch.nn.functional.pad(bias.to(q.dtype).expand(shape), (0, pad)).narrow(-1, 0, sk)  # row stride sk + pad
 
 
 def _cuda_forward(q, k, v, scale, bias):
@@ -47,7 +48,7 @@ def _cuda_forward(q, k, v, scale, bias):
         out, lse, *_ = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
         return out, lse
     out, lse, _, _ = _aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
-    return out, lse[..., : q.shape[-2]]  # efficient attention pads the LSE to a multiple of 32
+    return out, lse.narrow(-1, 0, q.shape[-2])  # efficient attention pads the LSE to a multiple of 32
 
 
 def _cuda_backward(dout, q, k, v, out, lse, scale, bias):
