@@ -211,7 +211,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     mixed_precision: str = "no"
-    """Autocast dtype: no, bf16 or fp16."""
+    """no, bf16 or fp16: autocast in that dtype, and under FSDP2 its parameters all-gathered in that dtype with fp32
+    master weights, gradient reduce-scatter and AdamW state (parallel/fsdp.py precision_policy)."""
     log_every: int = 1
     """Log metrics every N steps."""
     output_dir: str = "runs"

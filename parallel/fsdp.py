@@ -41,8 +41,9 @@ def apply_fsdp(
     """fully_shard each block, then the root, over `mesh` (dp_shard x cp; or (dp_replicate, dp_shard x cp): HSDP).
 
     FSDP averages over the dp x cp ranks of the mesh; cp gradients must be summed, so the output gradient is
-    scaled by cp first (set_gradient_divide_factor would need ReduceOp.PREMUL_SUM, which gloo lacks)."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    scaled by cp first (set_gradient_divide_factor would need ReduceOp.PREMUL_SUM, which gloo lacks).
+    Mixed precision: see `precision_policy`."""
+    mp = precision_policy(param_dtype, reduce_dtype)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -50,9 +51,23 @@ def apply_fsdp(
         scale_output_grad(model, float(cp))
 
 
-def shard_module(module: nn.Module, mesh: DeviceMesh, reduce_dtype: torch.dtype | None = torch.float32) -> None:
+def precision_policy(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision as torchtitan runs it: the sharded parameters, their gradients and the optimizer
+    state stay in their own dtype (fp32 master weights); each unit all-gathers its parameters cast to `param_dtype`
+    (bf16: half the bytes and half the unsharded memory) and reduce-scatters gradients in `reduce_dtype` (fp32).
+    Forward inputs are not cast: the models cast what they take to their weights' dtype themselves, after computing
+    the timestep embedding from fp32 timesteps (999 is 1000 in bf16) and keeping RoPE's tables fp32."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+
+
+def shard_module(
+    module: nn.Module,
+    mesh: DeviceMesh,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    param_dtype: torch.dtype | None = None,
+) -> None:
     """fully_shard an auxiliary trainable module (e.g. a text encoder) as one unit over `mesh`."""
-    fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
+    fully_shard(module, mesh=mesh, mp_policy=precision_policy(param_dtype, reduce_dtype))
 
 
 class GradientAllReduce:

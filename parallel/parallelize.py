@@ -78,14 +78,16 @@ def apply_data_parallel(
     per_block: bool = False,
 ) -> None:
     """Gradients summed over cp and averaged over dp: FSDP2 (HSDP when replicated) over dp x cp, per block and root
-    (`per_block`) or as one unit, or without FSDP a flat all-reduce once per step (parallel/fsdp.py)."""
+    (`per_block`) or as one unit, or without FSDP a flat all-reduce once per step (parallel/fsdp.py). `param_dtype`
+    is FSDP2's all-gather dtype (parallel.fsdp.precision_policy); without FSDP the parameters stay as they are
+    (autocast computes in bf16 from them)."""
     if dims.size("dp_cp") == 1:
         return
     if fsdp and (dims.size("dp_shard_cp") > 1 or dims.dp_replicate > 1):
         if per_block:
             apply_fsdp(module, mesh.fsdp_mesh(), dims.cp, param_dtype, reduce_dtype)
         else:  # its gradients pass through the model's output-gradient scaling: FSDP's plain average suffices
-            shard_module(module, mesh.fsdp_mesh(), reduce_dtype)
+            shard_module(module, mesh.fsdp_mesh(), reduce_dtype, param_dtype)
     else:
         apply_grad_allreduce(module, mesh.get_group("dp_cp"), dims.dp)
 
@@ -158,9 +160,11 @@ def parallelize_job(
     attention: str = "auto",
     layout: str = "contiguous",
     head_chunks: int | None = None,
+    param_dtype: torch.dtype | None = None,
 ) -> Parallelized:
     """`parallelize` the DiT, data-parallelize a trainable text encoder like it (FSDP2 as one unit, or the plain
-    all-reduce), and put the first stage on the cp group."""
+    all-reduce), and put the first stage on the cp group. `param_dtype`: FSDP2's all-gather dtype for both (bf16 or
+    fp16 training; fp32 master weights, fp32 gradient reduction)."""
     parallelize(
         model,
         dims,
@@ -170,9 +174,10 @@ def parallelize_job(
         attention=attention,
         layout=layout,
         head_chunks=head_chunks,
+        param_dtype=param_dtype,
     )
     if text is not None:
-        apply_data_parallel(text, dims, mesh, fsdp)
+        apply_data_parallel(text, dims, mesh, fsdp, param_dtype)
     stage = parallelize_first_stage(first_stage, dims, mesh, first_stage_cp) if first_stage is not None else None
     return Parallelized(dims, mesh, model, stage)
 

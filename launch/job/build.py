@@ -19,6 +19,8 @@ from parallel.dims import ParallelDims
 from parallel.parallelize import Parallelized, parallelize_job
 from parallel.state import assign_full, load_full_state_dict
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> compute dtype ("no": none)
+
 
 class Trainable(nn.Module):
     """Everything the optimizer updates: the DiT and a trainable text encoder (one module for DCP state dicts).
@@ -102,6 +104,7 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> tup
         attention=p.attention,
         layout=p.layout,
         head_chunks=p.ring_head_chunks,
+        param_dtype=AMP_DTYPES.get(cfg.train.mixed_precision),  # FSDP2 all-gathers bf16/fp16, reduces fp32
     )
     modules.to_empty(device=device)
     modules.dit.init_weights(cfg.train.seed, assign=assign_full)

@@ -17,7 +17,7 @@ from cpdit.models.registry import family_of
 from launch.config import JobConfig, to_yaml
 from launch.env import DistEnv
 from launch.job import checkpoint
-from launch.job.build import Trainable, architecture, build
+from launch.job.build import AMP_DTYPES, Trainable, architecture, build
 from launch.job.data import DistributedBatches, build_dataset
 from launch.job.ema import new_ema
 from launch.job.faults import Faults
@@ -132,7 +132,7 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
             par.first_stage_group,
             image=image_conditioned,
         )
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    amp = AMP_DTYPES.get(cfg.train.mixed_precision)
     stage = par.first_stage
     sf, frames = stage.spatial_factor, latent_frames(cfg.data.num_frames, stage.temporal_factor)
     tokens = cfg.train.text_max_length + frames * (cfg.data.height // sf // mcfg.patch_size) * (
