@@ -38,11 +38,18 @@ def die_with_parent() -> bool:
 
 
 def exit_now(code: int) -> NoReturn:
-    """Exit with `code` after what an interpreter exit would run first: non-daemon threads joined, atexit handlers
-    called, MPI finalized (under mpirun), standard streams flushed."""
-    for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    """Exit with `code` after what an interpreter exit would run first: threading's exit hooks and the non-daemon
+    threads joined, atexit handlers called, MPI finalized (under mpirun), standard streams flushed."""
+    # The interpreter's own first step (threading._shutdown): the hooks registered with threading._register_atexit
+    # run before any join. concurrent.futures' pools stop their workers only from such a hook, so joining those
+    # threads without it waits forever (a job whose inductor compile left a thread pool never exited).
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
+    else:
+        for t in threading.enumerate():
+            if t is not threading.current_thread() and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")  # mpi4py finalizes MPI from the C exit hooks this exit skips
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

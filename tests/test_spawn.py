@@ -47,6 +47,17 @@ def test_exit_now_runs_atexit_and_flushes():
     assert r.returncode == 3 and r.stdout == "buffered atexit ran\n", r
 
 
+def test_exit_now_stops_thread_pools():
+    """A live concurrent.futures pool (torch.compile's inductor leaves one) stops its workers from threading's exit
+    hook; exit_now runs that hook before joining threads, as the interpreter does, instead of waiting forever."""
+    code = (
+        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(2); "
+        "assert pool.submit(lambda: 7).result() == 7; from launch.lifeline import exit_now; exit_now(3)"
+    )
+    r = subprocess.run(_python(code), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r
+
+
 def test_a_worker_dies_with_its_parent():
     child = "from launch.lifeline import die_with_parent; import time; die_with_parent(); time.sleep(120)"
     parent = f"import subprocess; p = subprocess.Popen({_python(child)!r}); print(p.pid, flush=True); time.sleep(2)"
