@@ -3,6 +3,7 @@
 #
 #   python bench/model.py                        # tiny and mid configs, layouts up to 4 ranks, fp32 on CPU
 #   python bench/model.py --peak-tflops 989      # report MFU against a peak (e.g. H100 bf16 dense)
+#   python bench/model.py --compiled             # eager vs compiled blocks (train.compile), tp=1 layouts, repeats
 #
 # FLOPs per sample and block (S = L + T*h*w tokens, d = hidden, f = feed-forward width):
 #   forward = 2*S*d*(3d) [q,k,v] + 2*S*d*d [out] + 2*2*S*d*f [ff] + 4*S^2*d [QK^T and PV]
@@ -51,14 +52,14 @@ def step_flops(cfg: CogVideoXConfig, tokens: int, batch: int) -> float:
     return 3.0 * batch * cfg.num_layers * per_block
 
 
-def _worker(rank, world, name, cp, tp, steps, result):
+def _worker(rank, world, name, cp, tp, steps, result, compiled=False):
     overrides, T, H, W, L = CONFIGS[name]
     cfg = CogVideoXConfig.preset("tiny", **overrides)
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = CogVideoXDiT(cfg)
-    parallelize(model, dims, mesh)
+    parallelize(model, dims, mesh, compile=compiled)
     materialize(model, "cpu", seed=0)
     with torch.no_grad():  # non-zero adaLN/output weights so every block really computes
         for p in model.parameters():
@@ -74,13 +75,17 @@ def _worker(rank, world, name, cp, tp, steps, result):
     gc.collect()
     base = rss_bytes()
     reset_peak()
-    for _ in range(steps + 1):
+    for i in range(steps + 1):
         dist.barrier()
         t0 = time.perf_counter()
         model(x, txt, t, return_local=True).square().mean().backward()
         dist.barrier()
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
+        if i == 0 and compiled:  # the compiler's own memory is not the step's: measure from after the warm-up
+            gc.collect()
+            base = rss_bytes()
+            reset_peak()
     peak = rss_bytes("VmHWM") - base
     BYTES.reset()
     with count_all_traffic():  # one more step, counting every collective (attention, TP, FSDP)
@@ -115,11 +120,44 @@ def _worker(rank, world, name, cp, tp, steps, result):
     del model, mesh
 
 
-def run(name: str, cp: int, tp: int, steps: int) -> dict:
+def run(name: str, cp: int, tp: int, steps: int, compiled: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        spawn_ranks(_worker, cp * tp, name, cp, tp, steps, str(result), directory=tmp)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # each compiled run compiles anew
+        spawn_ranks(_worker, cp * tp, name, cp, tp, steps, str(result), compiled, directory=tmp, timeout=1800)
         return json.loads(result.read_text())
+
+
+def compare_compiled(name: str, layouts: list[tuple[int, int]], steps: int, repeats: int) -> list[dict]:
+    """Eager and compiled blocks in alternation, `repeats` times per layout: median [min-max] of each one's step
+    time and peak (both measured after a warm-up step, the compiled one's compile excluded)."""
+    rows = []
+    for cp, tp in layouts:
+        runs = {False: [], True: []}
+        for _ in range(repeats):
+            for compiled in (False, True):
+                runs[compiled].append(run(name, cp, tp, steps, compiled))
+        rows.append(dict(config=name, cp=cp, tp=tp, eager=runs[False], compiled=runs[True]))
+    return rows
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def print_compiled(rows: list[dict]) -> None:
+    print(f"\nCogVideoXDiT training step (fwd+bwd), fp32, eager vs compiled blocks, torch {torch.__version__}")
+    print("| config | cp | tp | eager step s | compiled step s | speedup | eager peak MiB | compiled peak MiB |")
+    print("|" + "---|" * 8)
+    for r in rows:
+        e, c = [x["step"] for x in r["eager"]], [x["step"] for x in r["compiled"]]
+        ratios = [a / b for a in e for b in c]
+        print(
+            f"| {r['config']} | {r['cp']} | {r['tp']} | {_spread(e, '.3f')} | {_spread(c, '.3f')} | "
+            f"{statistics.median(e) / statistics.median(c):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] | "
+            f"{_spread([x['peak'] / 2**20 for x in r['eager']], '.0f')} | "
+            f"{_spread([x['peak'] / 2**20 for x in r['compiled']], '.0f')} |"
+        )
 
 
 def main(argv=None) -> None:
@@ -129,9 +167,21 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="per-rank peak for MFU (omit on CPU)")
     p.add_argument("--json", default=None, help="write the raw rows (every quantity, the slowest rank's) here")
+    p.add_argument("--compiled", action="store_true", help="eager vs compiled blocks instead (tp=1 layouts)")
+    p.add_argument("--repeats", type=int, default=3, help="--compiled: runs of each, alternating")
     args = p.parse_args(argv)
     for key, value in MALLOC_ENV.items():  # RSS follows live memory (bench/common.py)
         os.environ.setdefault(key, value)
+    if args.compiled:  # torch.compile with tp > 1 is refused by the job (launch/config.py)
+        layouts = [tuple(int(v) for v in x.split("x")) for x in args.layouts.split(",")]
+        rows = compare_compiled(
+            args.configs.split(",")[-1], [(c, t) for c, t in layouts if t == 1], args.steps, args.repeats
+        )
+        print_compiled(rows)
+        if args.json:
+            raw = dict(measured=time.strftime("%Y-%m-%d"), torch=torch.__version__, args=vars(args), rows=rows)
+            Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+        return
     rows = []
     for name in args.configs.split(","):
         for layout in args.layouts.split(","):

@@ -213,6 +213,11 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, bf16 or fp16: autocast in that dtype, and under FSDP2 its parameters all-gathered in that dtype with fp32
     master weights, gradient reduce-scatter and AdamW state (parallel/fsdp.py precision_policy)."""
+    compile: bool = False
+    """torch.compile each block of the DiT (torchtitan's regional compile; parallel/parallelize.py): the
+    context-parallel attention and the other collectives run eagerly between compiled regions. Not with
+    parallel.model_parallel_size > 1 (refused: torch 2.13's compiler rejects tensor-parallel blocks' DTensor
+    outputs)."""
     log_every: int = 1
     """Log metrics every N steps."""
     output_dir: str = "runs"
@@ -426,6 +431,12 @@ def validate(job: JobConfig) -> None:
         if value is not None and value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     p = job.parallel
+    if job.train.compile and p.model_parallel_size > 1:
+        raise ConfigError(
+            f"train.compile=true with parallel.model_parallel_size={p.model_parallel_size}: torch 2.13's compiler "
+            "(AOT autograd) rejects the aliased DTensor outputs of tensor-parallel blocks; set "
+            "parallel.model_parallel_size=1 (context and data parallelism compile) or train.compile=false"
+        )
     try:
         validate_degrees(p.cp_size, p.model_parallel_size, p.ulysses_size)
     except TopologyError as err:

@@ -95,9 +95,11 @@ class CPAxes:
     def __init__(self, switch: AxisSwitch):
         self.switch = switch
 
+    @torch.compiler.disable  # a graph break under compiled blocks (parallel/cp_sequence.py)
     def to_temporal(self, x: torch.Tensor) -> torch.Tensor:
         return self.switch.frames_to_tokens(x)
 
+    @torch.compiler.disable
     def to_spatial(self, x: torch.Tensor) -> torch.Tensor:
         return self.switch.tokens_to_frames(x)
 

@@ -1,5 +1,10 @@
 # The context-parallel implementation of cpdit's sequence seam (cpdit/sequence.py): frames split over the cp ranks
 # with SequencePlan, attention by context_parallel_attention. One plan per input shape, cached.
+#
+# Under train.compile (compiled blocks) the seam's communicating calls are graph breaks, run eagerly: attention
+# (ring P2P, Ulysses all-to-all, all-gather, with their autograd Functions), the factorized family's axis switches
+# and the frame windows of temporal convolutions. Dynamo would otherwise trace into them and stop at an arbitrary
+# point inside (P2P ops, a lock), compiling the fragments around it.
 from __future__ import annotations
 
 import torch
@@ -35,6 +40,7 @@ class _CPBound:
             self._axes[num_tokens] = CPAxes(AxisSwitch(frames, num_tokens, f.cp_group))
         return self._axes[num_tokens]
 
+    @torch.compiler.disable
     def windows(self, x: torch.Tensor, before: int, after: int) -> list[torch.Tensor]:
         """Frame windows for temporal convolutions, neighbours fetched from the ranks that hold them."""
         key = (before, after)
@@ -43,6 +49,7 @@ class _CPBound:
             self._windows[key] = FrameWindows(f.segments, f.cp_rank, f.cp_group, before, after)
         return self._windows[key](x)
 
+    @torch.compiler.disable
     def attention(
         self, q, k, v, *, causal: bool = False, bias: AttentionBias | None = None, scale: float | None = None
     ) -> torch.Tensor:

@@ -51,7 +51,7 @@ def parallelize(
     if dims.cp_size > 1:
         model.sequence = ContextParallelSequence(mesh.cp_mesh(), attention, layout, head_chunks)
     apply_activation_checkpointing(model, activation_checkpointing)
-    if compile:
+    if compile:  # regional: each block on its own (one compiled graph serves every block of the same shapes)
         for block in model.blocks:
             block.compile()
     apply_data_parallel(model, dims, mesh, fsdp, param_dtype, reduce_dtype, per_block=True)
@@ -161,6 +161,7 @@ def parallelize_job(
     layout: str = "contiguous",
     head_chunks: int | None = None,
     param_dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> Parallelized:
     """`parallelize` the DiT, data-parallelize a trainable text encoder like it (FSDP2 as one unit, or the plain
     all-reduce), and put the first stage on the cp group. `param_dtype`: FSDP2's all-gather dtype for both (bf16 or
@@ -175,6 +176,7 @@ def parallelize_job(
         layout=layout,
         head_chunks=head_chunks,
         param_dtype=param_dtype,
+        compile=compile,
     )
     if text is not None:
         apply_data_parallel(text, dims, mesh, fsdp, param_dtype)

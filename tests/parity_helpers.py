@@ -10,13 +10,25 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 GRAD_TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def build_parallel(model_cls, config, world, cp, tp, *, layout="contiguous", attention="auto", ac="none", seed=3):
-    """(model, dims, mesh): FSDP2 over dp x cp, frames over cp, heads over tp; float64, initialised from `seed`."""
+def build_parallel(
+    model_cls, config, world, cp, tp, *, layout="contiguous", attention="auto", ac="none", seed=3, compile=False
+):
+    """(model, dims, mesh): FSDP2 over dp x cp, frames over cp, heads over tp; float64, initialised from `seed`;
+    `compile`: compiled blocks (train.compile)."""
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = model_cls(config).to(torch.float64)
-    parallelize(model, dims, mesh, layout=layout, attention=attention, reduce_dtype=None, activation_checkpointing=ac)
+    parallelize(
+        model,
+        dims,
+        mesh,
+        layout=layout,
+        attention=attention,
+        reduce_dtype=None,
+        activation_checkpointing=ac,
+        compile=compile,
+    )
     materialize(model, "cpu", seed=seed)
     return model, dims, mesh
 

@@ -26,6 +26,12 @@ CASES = [
     ),
     ("HSDP replicas do not divide", ["parallel.dp_replicate=3"], {}, "dp_replicate=3 does not divide"),
     ("injected rank outside world", ["debug.fail_rank=9"], {}, "debug.fail_rank=9 is not a rank"),
+    (
+        "compiled blocks with tensor parallelism",
+        ["train.compile=true"],
+        {},
+        "train.compile=true with parallel.model_parallel_size=2: torch 2.13's compiler",
+    ),
     # --- launcher environments (cpdit-launch running inside torchrun / mpirun / srun) ---
     ("torchrun env without port", [], {**TORCHRUN, "MASTER_PORT": ""}, "MASTER_PORT"),
     ("rank beyond world", [], {**TORCHRUN, "RANK": "4"}, "RANK=4 is not below WORLD_SIZE=4"),

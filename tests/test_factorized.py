@@ -100,7 +100,7 @@ def test_spatial_video_transformer_under_cp_equals_single_process(world, layout,
     run_ranks(_model, world, tmp_path, layout, strategy)
 
 
-def _dit(rank, world, cp, layout, ac="none", tp=1):
+def _dit(rank, world, cp, layout, ac="none", tp=1, compile=False):
     from cpdit.models.factorized.model import FactorizedDiT, FactorizedDiTConfig
 
     c = FactorizedDiTConfig(
@@ -124,7 +124,9 @@ def _dit(rank, world, cp, layout, ac="none", tp=1):
     (out_ref * w).sum().backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
-    model, dims, mesh = build_parallel(FactorizedDiT, c, world, cp, tp, layout=layout, ac=ac)  # axis switching
+    model, dims, mesh = build_parallel(
+        FactorizedDiT, c, world, cp, tp, layout=layout, ac=ac, compile=compile
+    )  # axis switching
     mine = dp_slice(dims, rank, B)
     out = model(x[mine], txt[mine], t[mine], return_local=True)
     bound = model.sequence.bind(T, (H // 2) * (W // 2), L)
@@ -146,6 +148,12 @@ def test_factorized_dit_parallelized_equals_single_process(world, cp, tp, layout
     """The svd-like diffusion model through parallelize: FSDP2 over dp x cp, frames over cp with axis switching,
     heads and feed-forward columns over tp, per-stage activation checkpointing."""
     run_ranks(_dit, world, tmp_path, cp, layout, ac, tp)
+
+
+@pytest.mark.slow  # inductor compiles the blocks
+def test_factorized_dit_compiled_equals_single_process(tmp_path):
+    """Compiled blocks (train.compile): the axis switches are graph breaks; dp=2 x cp=2."""
+    run_ranks(_dit, 4, tmp_path, 2, "contiguous", "none", 1, True, timeout=900)
 
 
 @pytest.mark.slow

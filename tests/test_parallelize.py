@@ -92,6 +92,7 @@ def check_layout(
     fsdp=True,
     variant=None,
     image_inputs=None,
+    compile=False,
 ):
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=replicate)
     mesh = dims.build_mesh("cpu")
@@ -118,7 +119,15 @@ def check_layout(
         if lora:
             add_lora(model, lora)
     parallelize(
-        model, dims, mesh, attention=strategy, layout=layout, activation_checkpointing=ac, reduce_dtype=None, fsdp=fsdp
+        model,
+        dims,
+        mesh,
+        attention=strategy,
+        layout=layout,
+        activation_checkpointing=ac,
+        reduce_dtype=None,
+        fsdp=fsdp,
+        compile=compile,
     )
     materialize(model, "cpu")
     load_full_state_dict(model, sd)
@@ -126,11 +135,16 @@ def check_layout(
     mine = slice(d * batch_per_rank, (d + 1) * batch_per_rank)
     x_mine = x[mine] if rank_input is None else rank_input(model, mesh)
     out_local = model(x_mine, txt[mine], t[mine], return_local=True)
+    if compile:  # the blocks really ran compiled: dynamo made graphs of them
+        from torch._dynamo.utils import counters
+
+        assert all(b._compiled_call_impl is not None for b in model.blocks)
+        assert counters["stats"]["unique_graphs"] > 0
     local = Parallelized(dims, mesh, model, None).local_frames  # the job's loss targets (whole patch-frames)
     w_local, ref_local = local(w[mine]), local(out_ref[mine].detach())
     what = (
         f"rank {rank} dp={dims.dp} (replicas {replicate}, fsdp {fsdp}) cp={cp} tp={tp} ulysses={ulysses} "
-        f"{strategy} {cfg.pos_embedding} {layout} ac={ac} variant={variant}"
+        f"{strategy} {cfg.pos_embedding} {layout} ac={ac} variant={variant}" + (" compiled" if compile else "")
     )
     torch.testing.assert_close(out_local, ref_local, **F64, msg=lambda m: f"{what} output: {m}")
     # this rank's share of its replica's mean loss: summed over cp and averaged over dp = the global mean
@@ -220,6 +234,20 @@ def _variants(rank, world):
     check_layout(rank, world, cp=4, tp=1, ulysses=4, strategy="ulysses", variant="5b-i2v", layout="zigzag")
     check_layout(rank, world, cp=4, tp=1, ulysses=2, strategy="usp", variant="1.5-i2v", ac="full")
     check_layout(rank, world, cp=2, tp=1, variant="1.5", ac="selective")  # dp=2 x cp=2
+
+
+def _compiled(rank, world):
+    """Compiled blocks (train.compile; the seam's collectives are graph breaks): ring with activation checkpointing,
+    USP, dp x cp without FSDP, and the 5B-I2V variant; float64, the same checks as every layout."""
+    check_layout(rank, world, cp=2, tp=1, pos="rope", ac="full", compile=True)  # dp=2 x cp=2, ring
+    check_layout(rank, world, cp=4, tp=1, ulysses=2, strategy="usp", pos="rope", layout="zigzag", compile=True)
+    check_layout(rank, world, cp=2, tp=1, fsdp=False, compile=True)
+    check_layout(rank, world, cp=4, tp=1, variant="5b-i2v", compile=True)
+
+
+@pytest.mark.slow  # inductor compiles each layout's blocks: ~1-2 minutes on 2 cores
+def test_compiled_blocks_parity(tmp_path):
+    run_ranks(_compiled, 4, tmp_path, timeout=900)
 
 
 def test_variant_parity(tmp_path):

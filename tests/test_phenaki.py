@@ -86,7 +86,7 @@ def test_phenaki_dit_is_frame_causal():
     assert (out[:, 3:] - out2[:, 3:]).abs().max() > 1e-3
 
 
-def _dit(rank, world, cp, tp, layout, attention, ac):
+def _dit(rank, world, cp, tp, layout, attention, ac, compile=False):
     c = _config()
     ref = PhenakiDiT(c).double()
     ref.init_weights(3)
@@ -95,7 +95,9 @@ def _dit(rank, world, cp, tp, layout, attention, ac):
     (out_ref * w).sum().backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
-    model, dims, mesh = build_parallel(PhenakiDiT, c, world, cp, tp, layout=layout, attention=attention, ac=ac)
+    model, dims, mesh = build_parallel(
+        PhenakiDiT, c, world, cp, tp, layout=layout, attention=attention, ac=ac, compile=compile
+    )
     mine = dp_slice(dims, rank, x.shape[0])
     out = model(x[mine], txt[mine], t[mine], return_local=True, text_mask=mask[mine], frame_lengths=lengths[mine])
     bound = model.sequence.bind(x.shape[1], 9, 0)
@@ -115,6 +117,13 @@ def _dit(rank, world, cp, tp, layout, attention, ac):
 )
 def test_phenaki_dit_parallelized_equals_single_process(world, cp, tp, layout, attention, ac, tmp_path):
     run_ranks(_dit, world, tmp_path, cp, tp, layout, attention, ac)
+
+
+@pytest.mark.slow  # inductor compiles the blocks
+def test_phenaki_dit_compiled_equals_single_process(tmp_path):
+    """Compiled blocks (train.compile): biased, frame-causal ring attention and the frame windows are graph
+    breaks; cp=4, zigzag."""
+    run_ranks(_dit, 4, tmp_path, 4, 1, "zigzag", "ring", "none", True, timeout=900)
 
 
 @pytest.mark.slow

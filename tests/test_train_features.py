@@ -5,6 +5,7 @@
 #   EMA                     sharded (FSDP x TP) EMA == unsharded single-process EMA; ema_update is the formula
 #   LR schedule             the logged lr == SAT's LambdaWarmUpCosineScheduler (the seed's own code, loaded)
 #   bf16 autocast           finite and close to fp32 on the same batch
+#   compiled blocks         train.compile=true (cp=4) takes the single-process steps too, and exits
 #   keep_last               only the newest checkpoints stay
 import math
 
@@ -43,8 +44,12 @@ RUNS = {  # name: (processes, overrides)
     "accum_nofsdp": (4, ["data.batch_size=2", "train.grad_accum=2", "parallel.fsdp=false"]),
     "single": (1, ["data.batch_size=4", "parallel.cp_size=1", "parallel.model_parallel_size=1"]),
     "bf16": (4, ["data.batch_size=4", "train.mixed_precision=bf16"]),
+    "compiled": (
+        4,
+        ["data.batch_size=4", "parallel.cp_size=4", "parallel.model_parallel_size=1", "train.compile=true"],
+    ),
 }
-FP32 = ("batch4", "accum", "accum_nofsdp", "single")
+FP32 = ("batch4", "accum", "accum_nofsdp", "single", "compiled")
 
 
 @pytest.fixture(scope="module")

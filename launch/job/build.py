@@ -105,6 +105,7 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> tup
         layout=p.layout,
         head_chunks=p.ring_head_chunks,
         param_dtype=AMP_DTYPES.get(cfg.train.mixed_precision),  # FSDP2 all-gathers bf16/fp16, reduces fp32
+        compile=cfg.train.compile,
     )
     modules.to_empty(device=device)
     modules.dit.init_weights(cfg.train.seed, assign=assign_full)
