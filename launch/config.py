@@ -297,6 +297,10 @@ class SampleConfig:
     """CogVideoX's dynamic CFG (guidance ramps up along the trajectory)."""
     at_end: bool = True
     """`train` samples the prompts into samples/ when it finishes."""
+    every: int = 0
+    """`train` also samples the prompts every N optimizer steps (0: never) into samples/step_N/, with the EMA weights,
+    logged to wandb at their step and, on the synthetic datasets, judged into metrics.jsonl (launch/job/validation.py);
+    a failure is reported and training goes on."""
     seed: int = 42
     """Seed of the initial noise."""
     checkpoint: str | None = None
@@ -493,6 +497,7 @@ def validate(job: JobConfig) -> None:
         "optim.warmup_steps": (job.optim.warmup_steps, 0),
         "optim.decay_steps": (job.optim.decay_steps if job.optim.decay_steps is not None else 1, 1),
         "checkpoint.every": (job.checkpoint.every, 0),
+        "sample.every": (job.sample.every, 0),
         "model.lora_rank": (job.model.lora_rank, 0),
         "train.max_bad_steps": (job.train.max_bad_steps, 1),
         "train.num_idx": (job.train.num_idx, 2),

@@ -150,7 +150,7 @@ def _check_images(cfg: JobConfig, image_model: bool, what: str, command: str) ->
     """Image-to-video sampling: every prompt has a readable image of the clips' size; no images for other models."""
     from launch.job.prompts import load_image, read_requests
 
-    if command != "sample" and not cfg.sample.at_end:
+    if command != "sample" and not cfg.sample.at_end and not cfg.sample.every:
         return
     try:
         requests = read_requests(cfg)

@@ -1,15 +1,15 @@
-# The sample judge (bench/judge.py) must be right on clips whose answer is known: every ground-truth clip of the
-# synthetic dataset is judged right in every attribute, uniform noise in none, and a written sample file (gif,
-# nearest-upscaled as the job writes it) reads back to the same verdict. The same for the image-to-video mode, whose
-# colour, shape and start come from the conditioning image.
+# The sample judge (launch/job/judge.py; bench/judge.py is its command line) must be right on clips whose answer is
+# known: every ground-truth clip of the synthetic dataset is judged right in every attribute, uniform noise in none, and
+# a written sample file (gif, nearest-upscaled as the job writes it) reads back to the same verdict. The same for the
+# image-to-video mode, whose colour, shape and start come from the conditioning image.
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bench.judge import ground_truth, judge, noise, read_frames, score, score_i2v, validation_i2v
 from launch.job.data import MOTIONS
+from launch.job.judge import ground_truth, judge, noise, read_frames, score, score_i2v, validation_i2v
 from launch.job.media import write_video
 
 pytestmark = pytest.mark.slow  # renders and judges whole clips: not a parity test

@@ -27,15 +27,15 @@ def finish(run) -> int:
     if env.rank == 0:
         attempt("loss plot", lambda: plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png"))
     if cfg.sample.at_end:
-        from launch.job.prompts import read_prompts
-        from launch.job.sample import sample_videos, written_videos
+        from launch.job.sample import sample_videos
+        from launch.job.validation import record
 
         def samples() -> list[str]:
             out = run.run_dir / "samples"
             _, write_errors = sample_videos(cfg, run.modules, run.parallel, run.ema, out, env)
             dist.barrier()  # every replica's videos are on disk: rank 0 logs them all, captioned with their prompt
-            if env.rank == 0:
-                run.log.log_videos(step, written_videos(out, read_prompts(cfg)))
+            if env.rank == 0:  # and, on synthetic data, the judge's score as the validation curve's last point
+                record(run, step, out)
             return write_errors
 
         attempt("samples", samples)

@@ -23,6 +23,7 @@ from launch.job.finish import finish
 from launch.job.preemption import EXIT_PREEMPTED, StopRequest, under_torchelastic, write_marker
 from launch.job.run import Run, start_run
 from launch.job.step import StepResult, train_step
+from launch.job.validation import validate
 from parallel.dims import ParallelDims
 from parallel.progress import PROGRESS
 
@@ -60,6 +61,9 @@ def _train(run: Run) -> int:
             every = run.cfg.checkpoint.every
             if (every and run.state.step % every == 0) or run.state.step == run.cfg.train.steps:
                 save_checkpoint(run)
+            every = run.cfg.sample.every
+            if every and run.state.step % every == 0 and run.state.step < run.cfg.train.steps:
+                validate(run, run.state.step)  # the last step's samples are sample.at_end's
     finally:
         if run.watchdog is not None:
             run.watchdog.stop()
