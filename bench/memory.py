@@ -41,6 +41,11 @@ LAYOUTS = (
 )
 
 
+def memory_error(r: dict) -> float:
+    """A row's prediction error: predicted / measured peak - 1 (negative: under-predicted)."""
+    return r["predicted"] / r["measured"] - 1
+
+
 def _config(name: str) -> CogVideoXConfig:
     return CogVideoXConfig.preset("tiny", **SHAPES[name][0])
 
@@ -88,14 +93,14 @@ def report(rows: list[dict]) -> str:
         "|" + "---|" * 11,
     ]
     for r in rows:
-        err = r["predicted"] / r["measured"] - 1
+        err = memory_error(r)
         sent_err = f"{r['predicted_sent'] / r['sent'] - 1:+.1%}" if r["sent"] else "-"
         out.append(
             f"| {r['shape']} | {r['cp']} | {r['ulysses']} | {r['tp']} | {r['ac']} | {r['measured'] / MiB:.1f} | "
             f"{r['predicted'] / MiB:.1f} | {err:+.1%} | {r['sent'] / MiB:.2f} | {r['predicted_sent'] / MiB:.2f} | "
             f"{sent_err} |"
         )
-    worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
+    worst = max(abs(memory_error(r)) for r in rows)
     out.append(
         f"\n- memory: every layout within 10% of measured: {'met' if worst <= 0.10 else 'not met'} (worst {worst:.1%})"
     )

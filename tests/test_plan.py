@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,41 @@ def test_layouts_respect_heads_frames_and_nodes():
     assert (1, 8, 1, 1) not in got  # 8 ranks of cp over 4 frames
     assert all(tp <= 4 for *_, tp in got)  # tensor parallelism inside a node
     assert {(8, 1, 1, 1), (4, 2, 2, 1), (2, 4, 1, 1), (1, 4, 1, 2), (2, 2, 1, 2), (4, 1, 1, 2)} <= got
+
+
+def test_margin_is_the_worst_under_prediction_measured():
+    """The planner's margin is the largest under-prediction of the committed measurements (bench/results/ of
+    bench/memory.py and bench/scale.py), rounded to 0.1%: a new measurement that is worse fails this test."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    import memory
+    import scale
+
+    from launch.plan import MARGIN
+
+    mem = [memory.memory_error(r) for r in json.loads((root / "bench/results/memory.json").read_text())]
+    steps = [r for r in json.loads((root / "bench/results/scale.json").read_text()) if r["part"] == "steps"]
+    worst = -min(mem + [scale.memory_error(r) for r in steps])
+    assert len(mem) == 20 and len(steps) == 12 and MARGIN == round(worst, 3), (MARGIN, worst)
+
+
+def test_a_layout_fits_only_with_the_margin():
+    from launch.plan import MARGIN, Candidate, fits, recommend
+
+    class Mem:
+        def __init__(self, total):
+            self.total = total
+
+    class Traffic:
+        total = 1.0
+
+    budget = 100.0
+    tight, loose = (Candidate(ParallelDims(8, cp), "none", Mem(t), Traffic()) for cp, t in ((2, 95.0), (4, 90.0)))
+    assert not fits(tight, budget) and fits(tight, budget, 0.0) and fits(loose, budget)  # 95 x 1.077 > 100
+    assert recommend([tight, loose], budget)[0] is loose and recommend([tight], budget)[0] is None
+    assert "with the 7.7% margin" in recommend([tight], budget)[1] and MARGIN == 0.077
 
 
 def _plan(*args):
