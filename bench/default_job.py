@@ -1,6 +1,8 @@
 # The default job's numbers that README.md and bench/README.md quote, produced the way a user meets them:
 #
 #   python bench/default_job.py            # from the repository root; runs/default must not exist yet
+#   python bench/default_job.py --variant bf16 train.mixed_precision=bf16   # the same command with overrides:
+#                                          # runs/default-bf16, results/default_job-bf16.json, no README picture
 #
 # 1. the README's first command, as written (read out of README.md, as .ci/run reads it), timed;
 # 2. the judge (bench/judge.py) on the 4 samples that job wrote;
@@ -71,18 +73,30 @@ def prompt_from_stem(gif: Path) -> str:
     return re.sub(r"^\d+_", "", gif.stem).replace("_", " ")
 
 
-def main() -> int:
-    if RUN.exists():
-        raise SystemExit(f"{RUN} exists: move it away first (this script measures a fresh run of the default job)")
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run the README's default job and judge its samples.")
+    ap.add_argument("--variant", default=None, help="a name for a run with overrides (runs/default-NAME)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides appended to the README's command")
+    args = ap.parse_args(argv)
+    if args.overrides and not args.variant:
+        ap.error("overrides need --variant NAME (the README's own numbers come from the command as written)")
+    run = RUN.with_name(f"default-{args.variant}") if args.variant else RUN
+    if run.exists():
+        raise SystemExit(f"{run} exists: move it away first (this script measures a fresh run of the default job)")
     cmd = readme_command()
+    if args.variant:
+        cmd = " ".join([cmd, f"train.run_name={run.name}", *args.overrides])
     print(f"$ {cmd}", flush=True)
     t0 = time.monotonic()
     subprocess.run(["bash", "-c", cmd], cwd=ROOT, check=True)
     wall = time.monotonic() - t0
-    rows = [json.loads(ln) for ln in (RUN / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and "event" not in r]
     result = {
         "command": cmd,
+        "overrides": args.overrides,
         "measured": time.strftime("%Y-%m-%d"),
         "wall_s": round(wall, 1),
         "steps": len(steps),
@@ -94,17 +108,20 @@ def main() -> int:
         f"\n{result['steps']} steps in {wall:.0f} s wall, median step {result['median_step_s']} s, "
         f"final loss {result['final_loss']}\n\n## default prompts\n"
     )
-    result["default_prompts"], result["default_summary"] = judged(sorted(RUN.glob("samples/*.gif")), prompt_from_stem)
-    figure(RUN / "samples", ROOT / "docs" / "default-job-samples.png")
-    prompts = RUN / "other_prompts.txt"
+    result["default_prompts"], result["default_summary"] = judged(sorted(run.glob("samples/*.gif")), prompt_from_stem)
+    if not args.variant:
+        figure(run / "samples", ROOT / "docs" / "default-job-samples.png")
+    prompts = run / "other_prompts.txt"
     prompts.write_text("\n".join(OTHER_PROMPTS) + "\n")
     sample = [sys.executable, "-m", "launch", "sample", f"sample.prompts_file={prompts}"]
+    if args.variant:
+        sample += [f"train.run_name={run.name}", *args.overrides]
     print(f"\n$ {' '.join(sample)}", flush=True)
     subprocess.run(sample, cwd=ROOT, check=True)
-    out = max(p for p in (RUN / "samples").glob("step_*") if p.is_dir())
+    out = max(p for p in (run / "samples").glob("step_*") if p.is_dir())
     print("\n## eight other prompts\n")
     result["other_prompts"], result["other_summary"] = judged(sorted(out.glob("*.gif")), prompt_from_stem)
-    dest = ROOT / "bench" / "results" / "default_job.json"
+    dest = ROOT / "bench" / "results" / (f"default_job-{args.variant}.json" if args.variant else "default_job.json")
     dest.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {dest.relative_to(ROOT)}")
     return 0
