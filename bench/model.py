@@ -52,7 +52,7 @@ def step_flops(cfg: CogVideoXConfig, tokens: int, batch: int) -> float:
     return 3.0 * batch * cfg.num_layers * per_block
 
 
-def _worker(rank, world, name, cp, tp, steps, result, compiled=False):
+def _worker(rank, world, name, cp, tp, steps, result, compiled=False, after_warmup=False):
     overrides, T, H, W, L = CONFIGS[name]
     cfg = CogVideoXConfig.preset("tiny", **overrides)
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp)
@@ -82,7 +82,7 @@ def _worker(rank, world, name, cp, tp, steps, result, compiled=False):
         dist.barrier()
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
-        if i == 0 and compiled:  # the compiler's own memory is not the step's: measure from after the warm-up
+        if i == 0 and after_warmup:  # --compiled: both from after the warm-up (the compiler's memory is not the step's)
             gc.collect()
             base = rss_bytes()
             reset_peak()
@@ -120,11 +120,12 @@ def _worker(rank, world, name, cp, tp, steps, result, compiled=False):
     del model, mesh
 
 
-def run(name: str, cp: int, tp: int, steps: int, compiled: bool = False) -> dict:
+def run(name: str, cp: int, tp: int, steps: int, compiled: bool = False, after_warmup: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # each compiled run compiles anew
-        spawn_ranks(_worker, cp * tp, name, cp, tp, steps, str(result), compiled, directory=tmp, timeout=1800)
+        args = (name, cp, tp, steps, str(result), compiled, after_warmup)
+        spawn_ranks(_worker, cp * tp, *args, directory=tmp, timeout=1800)
         return json.loads(result.read_text())
 
 
@@ -136,7 +137,7 @@ def compare_compiled(name: str, layouts: list[tuple[int, int]], steps: int, repe
         runs = {False: [], True: []}
         for _ in range(repeats):
             for compiled in (False, True):
-                runs[compiled].append(run(name, cp, tp, steps, compiled))
+                runs[compiled].append(run(name, cp, tp, steps, compiled, after_warmup=True))
         rows.append(dict(config=name, cp=cp, tp=tp, eager=runs[False], compiled=runs[True]))
     return rows
 
