@@ -91,6 +91,31 @@ class VAEStage:
         return out.permute(0, 2, 1, 3, 4).clamp(-1, 1)
 
 
+class PosteriorStage:
+    """The first stage of a run that trains from precomputed posteriors (data.dataset=precomputed): it draws the
+    scaled posterior sample as VAEStage does, from the VAE's config alone; the VAE's weights are not in memory, so it
+    neither encodes nor decodes (sampling builds the VAE for its duration: launch/job/resident.py)."""
+
+    def __init__(self, config, scale_factor: float | None = None):
+        self.latent_channels, self.temporal_factor, self.spatial_factor = (
+            config.latent_channels,
+            config.temporal_compression_ratio,
+            config.spatial_factor,
+        )
+        self.scale = config.scaling_factor if scale_factor is None else scale_factor
+
+    def latents(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return sample_latents(mean, logvar, generator, self.scale)
+
+    def _absent(self, *args, **kwargs):
+        raise RuntimeError(
+            "the VAE is not in memory when training from precomputed posteriors (data.dataset=precomputed); "
+            "encoding and decoding happen only while sampling"
+        )
+
+    encode = moments = decode = _absent
+
+
 def sample_latents(
     mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None, scale: float
 ) -> torch.Tensor:

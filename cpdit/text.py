@@ -87,6 +87,14 @@ class T5TextEncoder(nn.Module):
     def dim(self) -> int:
         return self.model.config.d_model
 
+    def token_mask(self, captions: list[str]) -> torch.Tensor:
+        """(B, max_length) bool: which positions hold a token of the caption (with its end token), not padding.
+        CogVideoX conditions on all max_length positions; the mask is kept with precomputed embeddings."""
+        tok = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, add_special_tokens=True
+        )
+        return torch.tensor(tok["attention_mask"], dtype=torch.bool)
+
     def _key(self, caption: str) -> str:
         import hashlib
 

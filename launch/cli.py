@@ -15,7 +15,7 @@ from launch.lifeline import die_with_parent, exit_now
 from launch.preflight import preflight
 from parallel.dims import TopologyError
 
-COMMANDS = ("train", "sample", "selfcheck")
+COMMANDS = ("train", "sample", "precompute", "selfcheck")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "command",
         choices=COMMANDS,
-        help="train, sample, or selfcheck (mesh + collectives); `cpdit-launch plan --help` predicts which layouts fit",
+        help="train, sample, precompute (encode the dataset once: precompute.output_dir), or selfcheck (mesh + "
+        "collectives); `cpdit-launch plan --help` predicts which layouts fit",
     )
     p.add_argument(
         "rest",
@@ -152,6 +153,10 @@ def _run(command: str, cfg: JobConfig, env) -> int:
         from launch.job.sample import sample_job
 
         return sample_job(cfg, env)
+    if command == "precompute":
+        from launch.job.precompute import precompute
+
+        return precompute(cfg, env)
     from launch.selfcheck import selfcheck
 
     return selfcheck(cfg, env)

@@ -157,10 +157,11 @@ class TextConfig:
 class DataConfig:
     dataset: str = "synthetic"
     """`synthetic` (built-in moving shapes with captions), `synthetic_i2v` (the same for image-to-video models:
-    captions name only the motion, the first frame shows colour, shape and start) or `folder` (videos/*.mp4 +
-    labels/*.txt)."""
+    captions name only the motion, the first frame shows colour, shape and start), `folder` (videos/*.mp4 +
+    labels/*.txt) or `precomputed` (a directory written by `cpdit-launch precompute`: posteriors and, with a frozen
+    T5, text embeddings; trains without the VAE or T5 in memory)."""
     path: str | None = None
-    """Dataset root for `folder`."""
+    """Dataset root for `folder`; the precompute directory for `precomputed`."""
     num_frames: int = 8
     """Pixel frames per clip (latent frames follow the first stage's temporal compression)."""
     height: int = 16
@@ -177,6 +178,15 @@ class DataConfig:
     """folder dataset: random temporal offset and spatial crop (else from the start, centered)."""
     latent_cache_dir: str | None = None
     """With first_stage.kind=vae: keep each clip's VAE posterior here and skip the VAE when it is cached."""
+
+
+@dataclass
+class PrecomputeConfig:
+    output_dir: str | None = None
+    """`cpdit-launch precompute`: the directory it writes (index.json and shards); train from it with
+    data.dataset=precomputed data.path=DIR. Rerun the same command to finish an interrupted precompute."""
+    shard_size: int = 16
+    """Clips per safetensors shard: the unit written at once, and redone after a kill."""
 
 
 @dataclass
@@ -328,7 +338,7 @@ class DebugConfig:
     """Rank `fail_rank` raises in sampling: `prompt` while preparing its first prompt (local work: the ranks agree
     and stop sampling together), `forward` in its first denoising forward (a collective: the job stops)."""
     step_sleep_s: float = 0.0
-    """Sleep this long in every step (slow runs for signal tests)."""
+    """Sleep this long in every step, and in every shard of a precompute (slow runs for signal and kill tests)."""
     every_attempt: bool = False
     """Inject in every elastic attempt (default: only the first, so a restarted job gets past the fault)."""
     dump_resumed_state: bool = False
@@ -342,6 +352,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -356,7 +367,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.attention": STRATEGIES,
     "parallel.layout": ("contiguous", "zigzag"),
     "dist.backend": ("auto", "nccl", "gloo"),
-    "data.dataset": ("synthetic", "synthetic_i2v", "folder"),
+    "data.dataset": ("synthetic", "synthetic_i2v", "folder", "precomputed"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.image_noise": ("step", "clip"),
     "sample.sampler": ("ddim", "dpmpp_2m"),
@@ -479,6 +490,13 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("data.latent_cache_dir needs first_stage.kind=vae (pixel space has no latents to cache)")
     if job.data.dataset == "folder" and not job.data.path:
         raise ConfigError("data.dataset='folder' needs data.path (a directory with videos/ and labels/)")
+    if job.data.dataset == "precomputed" and not job.data.path:
+        raise ConfigError("data.dataset='precomputed' needs data.path (a directory written by cpdit-launch precompute)")
+    if job.data.dataset == "precomputed" and job.data.latent_cache_dir:
+        raise ConfigError(
+            "data.latent_cache_dir with data.dataset='precomputed': the precomputed directory already holds every "
+            "posterior; remove data.latent_cache_dir"
+        )
     ranges = {  # key: (value, low, high, inclusive high)
         "train.ema_decay": (job.train.ema_decay, 0.0, 1.0, False),
         "train.ucg_rate": (job.train.ucg_rate, 0.0, 1.0, True),
@@ -503,6 +521,7 @@ def validate(job: JobConfig) -> None:
         "train.num_idx": (job.train.num_idx, 2),
         "train.text_max_length": (job.train.text_max_length, 1),
         "data.num_samples": (job.data.num_samples, 1),
+        "precompute.shard_size": (job.precompute.shard_size, 1),
     }
     for key, (value, low) in at_least.items():
         if value < low:

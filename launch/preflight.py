@@ -118,7 +118,7 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
             f"data.num_frames={d.num_frames} ({count}) < parallel.cp_size={p.cp_size}: every "
             "context-parallel rank needs at least one frame; lower parallel.cp_size or raise data.num_frames"
         )
-    if d.dataset != "folder" and d.num_samples < d.batch_size * dims.dp:
+    if d.dataset not in ("folder", "precomputed") and d.num_samples < d.batch_size * dims.dp:
         raise ConfigError(
             f"data.num_samples={d.num_samples} is less than data.batch_size={d.batch_size} x {dims.dp} data-parallel "
             "ranks; raise data.num_samples or lower data.batch_size"
@@ -150,7 +150,7 @@ def _check_images(cfg: JobConfig, image_model: bool, what: str, command: str) ->
     """Image-to-video sampling: every prompt has a readable image of the clips' size; no images for other models."""
     from launch.job.prompts import load_image, read_requests
 
-    if command != "sample" and not cfg.sample.at_end and not cfg.sample.every:
+    if command == "precompute" or (command != "sample" and not cfg.sample.at_end and not cfg.sample.every):
         return
     try:
         requests = read_requests(cfg)
@@ -234,7 +234,7 @@ def _need_dir(key: str, value: str, *children: str, hint: str) -> Path:
 
 def _check_files(cfg: JobConfig, command: str) -> None:
     d = cfg.data
-    if d.dataset == "folder" and command == "train":
+    if d.dataset == "folder" and command in ("train", "precompute"):
         root = _need_dir("data.path", d.path, "videos", "labels", hint="expected videos/*.mp4 and labels/*.txt")
         stems = {p.stem for p in (root / "labels").glob("*.txt")}
         if not any(v.stem in stems for v in (root / "videos").glob("*.mp4")):
@@ -300,10 +300,53 @@ def _check_files(cfg: JobConfig, command: str) -> None:
         raise ConfigError("no prompts: set sample.prompts or sample.prompts_file")
 
 
+def _check_precomputed(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
+    """`cpdit-launch precompute`'s knobs; training from a precomputed directory: the directory, made for this job."""
+    from launch.job.precomputed import INDEX, PrecomputedError, check_for_training, read_index, source_of
+
+    m = _job_model(cfg)
+    image = isinstance(m, CogVideoXConfig) and m.image_conditioned
+    try:
+        if command == "train" and cfg.data.dataset == "precomputed":
+            check_for_training(cfg, image, dims.dp)
+        if command != "precompute":
+            return
+        out = cfg.precompute.output_dir
+        if not out:
+            raise ConfigError("cpdit-launch precompute needs precompute.output_dir (the directory it writes)")
+        if cfg.data.dataset == "precomputed":
+            raise ConfigError(
+                "cpdit-launch precompute encodes a dataset of videos: data.dataset=precomputed is its output"
+            )
+        if cfg.first_stage.kind != "vae":
+            raise ConfigError(
+                "cpdit-launch precompute encodes clips through the VAE: set first_stage.kind=vae (pixel-space "
+                "training reads the videos themselves)"
+            )
+        if image and cfg.train.image_noise != "clip":
+            raise ConfigError(
+                f"an image-to-video model's precompute keeps each clip's first frame noised once: set "
+                f"train.image_noise=clip (is {cfg.train.image_noise!r}) here and when training from it"
+            )
+        root = Path(out)
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"precompute.output_dir={out!r} is a file; choose a directory")
+        if (root / INDEX).exists():
+            old = read_index(root)
+            if old.source != source_of(cfg, image) or old.shard_size != cfg.precompute.shard_size:
+                raise ConfigError(
+                    f"precompute.output_dir={out!r} holds the precompute of another config ({INDEX}'s source "
+                    f"{old.source}, shard_size {old.shard_size}); choose another precompute.output_dir or delete it"
+                )
+    except PrecomputedError as err:
+        raise ConfigError(str(err)) from None
+
+
 def preflight(cfg: JobConfig, world_size: int, command: str = "train") -> ParallelDims:
     """Raise ConfigError/TopologyError for anything that would fail later; return the validated topology."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    if command in ("train", "sample"):
+    if command in ("train", "sample", "precompute"):
         _check_shapes(cfg, dims, command)
         _check_files(cfg, command)
+        _check_precomputed(cfg, dims, command)
     return dims

@@ -94,11 +94,12 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str, op=d
 
 def agree(values: list[int], op: str, what: str, group: dist.ProcessGroup | None = None) -> list[int]:
     """Collective: how the ranks of `group` (None: the default group) agree on small integers (int32: flags and
-    counts), elementwise over the ranks: op "max" (any rank's flag, the largest count) or "min" (every rank's flag).
+    counts), elementwise over the ranks: op "max" (any rank's flag, the largest count), "min" (every rank's flag) or
+    "sum" (a total count).
     Traced as `what`, so a rank that never arrives is named by the hang watchdog."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
     t = torch.tensor(values, dtype=torch.int32, device=device)  # a flag costs 4 bytes
-    all_reduce(t, group, what, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    all_reduce(t, group, what, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op])
     return t.tolist()
 
 

@@ -76,18 +76,10 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> tup
     else:
         mcfg = model_config(cfg)
         family = family_of(mcfg)
-    frozen = None
-    if cfg.text.encoder == "t5":
-        from cpdit.text import T5TextEncoder
-
-        frozen = T5TextEncoder(cfg.text.path, cfg.train.text_max_length, cfg.text.cache_dir).to(device)
-        if frozen.dim != mcfg.text_embed_dim:
-            raise ValueError(
-                f"T5 width {frozen.dim} != model text_embed_dim {mcfg.text_embed_dim}; set "
-                f"model.text_embed_dim={frozen.dim}"
-            )
+    precomputed = cfg.data.dataset == "precomputed"  # the VAE and a frozen T5 stay out of memory (their work is done)
+    frozen = build_frozen_text(cfg, device, mcfg.text_embed_dim) if not precomputed else None
     with torch.device("meta"):
-        text = HashedTextEncoder(mcfg.text_embed_dim, cfg.train.text_max_length) if frozen is None else None
+        text = HashedTextEncoder(mcfg.text_embed_dim, cfg.train.text_max_length) if cfg.text.encoder != "t5" else None
         modules = Trainable(family.build(mcfg), text, frozen)
         if cfg.model.lora_rank:
             add_lora(modules.dit, cfg.model.lora_rank, cfg.model.lora_alpha)
@@ -97,7 +89,7 @@ def build(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> tup
         modules.text,
         dims,
         mesh,
-        first_stage=build_first_stage(cfg, device),
+        first_stage=posterior_stage(cfg) if precomputed else build_first_stage(cfg, device),
         first_stage_cp=cfg.first_stage.cp_size,
         activation_checkpointing="full" if cfg.model.gradient_checkpointing else "none",
         fsdp=p.fsdp,
@@ -124,6 +116,29 @@ def architecture(cfg: JobConfig, mcfg) -> dict:
     if cfg.text.encoder == "hashed":  # its position table has text_max_length rows
         arch["text_max_length"] = cfg.train.text_max_length
     return json.loads(json.dumps(arch))  # as it reads back from meta.json
+
+
+def build_frozen_text(cfg: JobConfig, device: torch.device, width: int):
+    """The frozen T5 of text.encoder=t5 on `device` (None for the trainable hashed encoder)."""
+    if cfg.text.encoder != "t5":
+        return None
+    from cpdit.text import T5TextEncoder
+
+    frozen = T5TextEncoder(cfg.text.path, cfg.train.text_max_length, cfg.text.cache_dir).to(device)
+    if frozen.dim != width:
+        raise ValueError(
+            f"T5 width {frozen.dim} != model text_embed_dim {width}; set model.text_embed_dim={frozen.dim}"
+        )
+    return frozen
+
+
+def posterior_stage(cfg: JobConfig):
+    """The first stage of a run on precomputed posteriors: the latents' sampling without the VAE's weights."""
+    from cpdit.first_stage import PixelStage, PosteriorStage
+
+    if cfg.first_stage.kind == "pixel":
+        return PixelStage()
+    return PosteriorStage(first_stage_config(cfg), cfg.first_stage.scale_factor)
 
 
 def first_stage_config(cfg: JobConfig):

@@ -250,7 +250,8 @@ class DistributedBatches:
         """Clips all data-parallel ranks take together per step."""
         return self.bs * self.dp
 
-    def next(self) -> tuple[torch.Tensor, list[str]]:
+    def next(self) -> tuple[torch.Tensor | dict[str, torch.Tensor], list[str]]:
+        """(videos (B, F, 3, H, W), or a precomputed dataset's entries {key: (B, ...)}, captions)."""
         if self.pos.clips + self.per_step() > len(self.ds):
             self.pos = DataPosition(self.pos.epoch + 1, 0)
         perm = torch.randperm(len(self.ds), generator=generator(self.seed, "data order", self.pos.epoch))
@@ -258,7 +259,10 @@ class DistributedBatches:
         self.last_ids = [int(i) for i in perm[start : start + self.bs]]  # clip indices (for the latent cache)
         items = [self.ds[i] for i in self.last_ids]
         self.pos = DataPosition(self.pos.epoch, self.pos.clips + self.per_step())
-        return torch.stack([v for v, _ in items]), [c for _, c in items]
+        clips = [v for v, _ in items]
+        if isinstance(clips[0], dict):  # precomputed entries: each key stacked (B, ...)
+            return {k: torch.stack([c[k] for c in clips]) for k in clips[0]}, [c for _, c in items]
+        return torch.stack(clips), [c for _, c in items]
 
 
 SYNTHETIC = {"synthetic": SyntheticShapes, "synthetic_i2v": SyntheticShapesI2V}
@@ -266,6 +270,10 @@ SYNTHETIC = {"synthetic": SyntheticShapes, "synthetic_i2v": SyntheticShapesI2V}
 
 def build_dataset(cfg, seed: int):
     d = cfg.data
+    if d.dataset == "precomputed":
+        from launch.job.precomputed import PrecomputedDataset
+
+        return PrecomputedDataset(d.path)
     if d.dataset in SYNTHETIC:
         return SYNTHETIC[d.dataset](d.num_samples, d.num_frames, d.height, d.width, seed)
     return VideoFolder(d.path, d.num_frames, d.height, d.width, d.fps, random_crop=d.random_crop, seed=seed)

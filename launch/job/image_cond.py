@@ -15,23 +15,26 @@ from cpdit.seeding import generator
 IMAGE_STREAM = 2 << 20  # draw indices at and above this seed the image conditioning of sample (index - IMAGE_STREAM)
 
 
-def _clip_noise(run, ids: list[int], frame_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_noise(seed: int, ids: list[int], frame_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """train.image_noise=clip: the pixel noise of clips `ids`, sigma (B,) and noise (B, 1, 3, H, W), each clip's the
     same in every epoch, layout and run of this seed."""
-    sigma, noise = zip(
-        *(draw_image_noise(generator(run.cfg.train.seed, "image noise", i), frame_shape) for i in ids), strict=True
-    )
+    sigma, noise = zip(*(draw_image_noise(generator(seed, "image noise", i), frame_shape) for i in ids), strict=True)
     return torch.stack(sigma), torch.stack(noise)
 
 
-def image_moments(run, video: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """train.image_noise=clip: video (B, F, 3, H, W) of clips `ids` -> the posterior (mean, logvar), each
-    (B, C, 1, h, w), of their first frames noised with each clip's own noise (what the latent cache keeps). Local:
-    this rank's own first stage, one sample at a time, as micro_batch_image_latents encodes them."""
-    image = noised_first_frame(video.to(run.device), *_clip_noise(run, ids, video.shape[2:]))  # (B, 1, 3, H, W)
-    stage = run.parallel.local_first_stage
-    mean, logvar = zip(*(stage.moments(image[j : j + 1]) for j in range(len(ids))), strict=True)
+def noised_image_moments(stage, seed: int, video: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """train.image_noise=clip: video (B, F, 3, H, W) of clips `ids` (on the stage's device) -> the posterior (mean,
+    logvar), each (B, C, 1, h, w), of their first frames noised with each clip's own noise (what the latent cache and
+    the precomputed directory keep). `stage`: one device's first stage, one sample at a time, as
+    micro_batch_image_latents encodes them."""
+    image = noised_first_frame(video, *clip_noise(seed, ids, video.shape[2:]))
+    mean, logvar = zip(*(stage.moments(image[j : j + 1]) for j in range(len(ids))), strict=True)  # (B, 1, 3, H, W) in
     return torch.cat(mean), torch.cat(logvar)
+
+
+def image_moments(run, video: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """noised_image_moments with this rank's own first stage (no collective)."""
+    return noised_image_moments(run.parallel.local_first_stage, run.cfg.train.seed, video.to(run.device), ids)
 
 
 def holds_image(run, video: torch.Tensor) -> bool:
@@ -66,7 +69,9 @@ def micro_batch_image_latents(
         return torch.zeros(latent_shape, device=run.device)
     stage = run.parallel.local_first_stage
     if moments is None:
-        pixel_noise = (torch.stack(sigma), torch.stack(noise)) if sigma else _clip_noise(run, ids, video.shape[2:])
+        pixel_noise = (
+            (torch.stack(sigma), torch.stack(noise)) if sigma else clip_noise(train.seed, ids, video.shape[2:])
+        )
         image = noised_first_frame(video.to(run.device), *pixel_noise)  # (B, 1, 3, H, W)
         encoded = [stage.encode(image[j : j + 1], gens[j]) for j in range(B)]  # each (1, 1, C, h, w)
     else:  # the clip's noised image's posterior from the cache, sampled with the step's draws as encode would

@@ -20,12 +20,20 @@ from cpdit.safe_paths import inside
 from parallel.comm import agree
 
 
+def first_stage_identity(cfg) -> list:
+    """What a first stage's posteriors depend on: its weights (a checkpoint, or a preset initialised from the seed)
+    and how clips are batched through it."""
+    f = cfg.first_stage
+    return [f.kind, f.ckpt_path, f.preset, cfg.train.seed if not f.ckpt_path else None] + (
+        ["diffusers batches"] if f.semantics == "diffusers" else []
+    )
+
+
 def fingerprint(cfg, image: bool) -> str:
     """`image`: the entries of an image-to-video model (with the noised first frame's posterior)."""
     f, d = cfg.first_stage, cfg.data
     what = {
-        "first_stage": [f.kind, f.ckpt_path, f.preset, cfg.train.seed if not f.ckpt_path else None]
-        + (["diffusers batches"] if f.semantics == "diffusers" else []),
+        "first_stage": first_stage_identity(cfg),
         "data": [d.dataset, d.path, d.num_frames, d.height, d.width, d.fps, d.random_crop, d.num_samples],
         "seed": cfg.train.seed,
     }

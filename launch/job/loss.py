@@ -58,8 +58,11 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
     gen = torch.Generator().manual_seed(seed)
     PROGRESS.enter("first stage")
     ids, cached = run.batches.last_ids, None
-    if run.cache is not None:
+    if isinstance(video, dict):  # data.dataset=precomputed: the posteriors (and text embeddings) as computed before
+        cached, video = {k: t.to(device) for k, t in video.items()}, None
+    elif run.cache is not None:
         cached = run.cache.entries(ids, device, lambda: cache_entries(run, video, ids))
+    if cached is not None:
         x0 = run.first_stage.latents(cached["mean"], cached["logvar"], gen).float()
     else:
         x0 = run.first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
@@ -77,7 +80,8 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
     x_t = add_noise(x0, noise, a)
     PROGRESS.enter("forward")
     with run.autocast:
-        text = run.modules.encode(captions) * keep[:, None, None]
+        text = cached["text"] if cached is not None and "text" in cached else run.modules.encode(captions)
+        text = text * keep[:, None, None]
         x_in = x_t if image is None else torch.cat([x_t, pad_leading_frames(image, pad)], dim=2)
         v = run.modules.dit(x_in, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
     local = run.parallel.local_frames

@@ -78,6 +78,17 @@ def elastic_attempt() -> int:
     return agree([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], "max", "elastic attempt")[0]
 
 
+def frozen_bytes(modules: Trainable, par: Parallelized) -> dict[str, int]:
+    """Bytes of the frozen modules in this rank's memory during training: the VAE and a frozen T5 (both 0 when
+    training from precomputed data, which leaves them out)."""
+    vae, t5 = getattr(par.local_first_stage, "vae", None), modules.frozen_text
+
+    def size(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+
+    return {"first_stage": size(vae), "frozen_text": size(t5)}
+
+
 def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch.device, stop: StopRequest) -> Run:
     """Collective. Build, resume and open the run; the watchdog is started last."""
     rank = env.rank
@@ -110,7 +121,14 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     )
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log.event(event="start", launcher=env.launcher, nodes=env.num_nodes, layout=dims.describe(), step=state.step)
+        log.event(
+            event="start",
+            launcher=env.launcher,
+            nodes=env.num_nodes,
+            layout=dims.describe(),
+            step=state.step,
+            frozen_bytes=frozen_bytes(modules, par),
+        )
         if attempt:
             log.event(event="restart", attempt=attempt, step=state.step)
         if resume is not None:

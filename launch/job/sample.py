@@ -22,6 +22,7 @@ from launch.config import JobConfig
 from launch.env import DistEnv
 from launch.job.media import write_video
 from launch.job.prompts import load_image, read_requests
+from launch.job.resident import sampling_stages
 from parallel.comm import agree
 from parallel.dims import ParallelDims
 from parallel.parallelize import Parallelized
@@ -128,13 +129,14 @@ def sample_videos(
             image = load_image(requests[k].image, d.height, d.width)[None, None]  # (1, 1, 3, H, W)
             if cfg.sample.image_sigma > 0:
                 image = image + cfg.sample.image_sigma * torch.randn(image.shape, generator=gen)
-            device = next(modules.dit.parameters()).device  # where the first stage runs too
             encoded = par.local_first_stage.encode(image.to(device), gen).float().cpu()
             out = image_latents(encoded, frames, torch.ones(1, dtype=torch.bool))
         return pad_leading_frames(out, padding)
 
+    device = next(modules.dit.parameters()).device
     modules.eval()
-    with ema_weights(modules.dit, ema):
+    with sampling_stages(cfg, modules, par, device), ema_weights(modules.dit, ema):
+        first_stage = par.first_stage  # the VAE built for sampling when training runs on precomputed posteriors
         for i, k in enumerate(mine):
             noise, image = agreed(f"preparing prompt {i} of the replica", rank, lambda i=i, k=k: noise_for(i, k))
             prompt = prompts[k if k is not None else 0]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from launch.job.precomputed import source_dataset
 from launch.job.prompts import read_requests
 from launch.job.sample import SamplingFailed, sample_videos, video_stem, written_videos
 from parallel.progress import PROGRESS
@@ -48,7 +49,7 @@ def record(run, step: int, out: Path) -> None:
     """Rank 0: the samples under `out` to wandb at `step`, and the judge's scores to metrics.jsonl."""
     requests = read_requests(run.cfg)
     run.log.log_videos(step, written_videos(out, [r.prompt for r in requests]))
-    scores = judged(run.cfg.data.dataset, requests, out)
+    scores = judged(source_dataset(run.cfg), requests, out)
     if scores is not None:
         run.log.event(event="validation", step=step, **scores)
 
