@@ -102,6 +102,7 @@ class T5TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> torch.Tensor:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file, save_file
 
         device = next(self.model.parameters()).device
@@ -110,7 +111,10 @@ class T5TextEncoder(nn.Module):
             for i, c in enumerate(captions):
                 f = self.cache / f"{self._key(c)}.safetensors"
                 if f.is_file() and not f.is_symlink():  # a planted link is never read; the entry is written anew
-                    out[i] = load_file(str(inside(self.cache, f.name)))["embedding"].to(device)
+                    try:
+                        out[i] = load_file(str(inside(self.cache, f.name)))["embedding"].to(device)
+                    except (OSError, KeyError, SafetensorError):  # damaged or foreign: encoded and written anew
+                        pass
         todo = [i for i, e in enumerate(out) if e is None]
         if todo:
             tok = self.tokenizer(

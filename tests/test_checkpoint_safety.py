@@ -201,3 +201,19 @@ def test_a_symlinked_latent_cache_entry_is_a_miss_and_is_replaced(tmp_path):
         load_file(str(cache.path(0)))["mean"], torch.full((2, 1, 1, 1), 5.0)
     )
     assert torch.equal(load_file(str(target))["mean"], torch.ones(2, 1, 1, 1))
+
+
+@pytest.mark.parametrize("garbage", [b"\x08\0\0\0\0\0\0\0{bad: 1}", b"\x80\x04K\x01."], ids=["bad header", "a pickle"])
+def test_a_damaged_latent_cache_entry_is_a_miss(tmp_path, garbage):
+    """A cache entry that is not a safetensors file (a bad header, a pickle: safetensors raises its own
+    SafetensorError, not an OSError) is a miss, encoded again and written over; it is never unpickled."""
+    import torch
+
+    from launch.job.latent_cache import LatentCache
+
+    cache = LatentCache(tmp_path / "latents", "k", writer=True, group=None)
+    cache.path(0).write_bytes(garbage)
+    assert cache._load([0], torch.device("cpu")) is None
+    encoded = {"mean": torch.ones(1, 2, 1, 1, 1), "logvar": torch.zeros(1, 2, 1, 1, 1)}
+    assert cache.entries([0], torch.device("cpu"), lambda: encoded) is encoded
+    assert cache._load([0], torch.device("cpu")) is not None

@@ -82,3 +82,18 @@ def test_a_symlink_in_the_embedding_cache_is_never_read_or_written_through(t5_di
     assert not torch.equal(out[0], torch.full((12, 16), 7.0))  # computed, not read through the link
     assert not entry.is_symlink() and entry.is_file()  # the entry is now a plain file
     assert torch.equal(load_file(str(target))["embedding"], torch.full((12, 16), 7.0))  # the target is untouched
+
+
+def test_a_damaged_embedding_cache_entry_is_encoded_again(t5_dir, tmp_path):
+    """A T5 cache entry that is not a safetensors file of an embedding (garbage, a pickle, another key) is a miss:
+    computed and written over, never unpickled."""
+    cache = tmp_path / "cache"
+    enc = T5TextEncoder(str(t5_dir), max_length=12, cache_dir=str(cache))
+    want = enc(["a red circle"])
+    entry = cache / f"{enc._key('a red circle')}.safetensors"
+    for garbage in (b"\x80\x04K\x01.", b"\x08\0\0\0\0\0\0\0{bad: 1}"):
+        entry.write_bytes(garbage)
+        assert torch.equal(enc(["a red circle"]), want)
+        assert torch.equal(load_file(str(entry))["embedding"], want[0])
+    save_file({"other": torch.zeros(1)}, str(entry))
+    assert torch.equal(enc(["a red circle"]), want)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cpdit.safe_paths import inside
@@ -70,7 +71,7 @@ class LatentCache:
     def _load(self, ids: list[int], device: torch.device) -> dict[str, torch.Tensor] | None:
         try:
             items = [load_file(str(inside(self.dir, self.path(i).name))) for i in ids]  # a symlink: a miss
-        except (OSError, ValueError, RuntimeError):
+        except (OSError, ValueError, RuntimeError, SafetensorError):
             return None  # missing or damaged: encode again
         if any(set(t) != set(self.keys) for t in items):
             return None  # another kind of entry: encode again

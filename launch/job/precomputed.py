@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cpdit.safe_paths import OutsideDirectory, inside
@@ -140,7 +140,7 @@ def check_shard(root: Path, index: Index, k: int) -> None:
             meta = f.metadata() or {}
             shapes = {key: (f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()}
         captions = json.loads(meta.get("captions", "null"))
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise PrecomputedError(f"{path} is not a readable safetensors shard ({type(err).__name__}: {err})") from None
     if meta.get("format") != FORMAT or meta.get("fingerprint") != index.fingerprint:
         raise PrecomputedError(
