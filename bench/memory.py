@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpdit import CogVideoXConfig  # noqa: E402
 from launch.spawn import spawn_ranks  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
+from parallel.fake_memory import fake_step_memory  # noqa: E402
 from parallel.memory_model import Workload, estimate_memory, local_params  # noqa: E402
 from parallel.memory_probe import measure_layout  # noqa: E402
 from parallel.traffic_model import estimate_traffic  # noqa: E402
@@ -41,9 +42,28 @@ LAYOUTS = (
 )
 
 
-def memory_error(r: dict) -> float:
-    """A row's prediction error: predicted / measured peak - 1 (negative: under-predicted)."""
-    return r["predicted"] / r["measured"] - 1
+def memory_error(r: dict, key: str = "predicted") -> float:
+    """A row's prediction error: predicted / measured peak - 1 (negative: under-predicted); `key` "predicted_fake":
+    parallel/fake_memory.py's."""
+    return r[key] / r["measured"] - 1
+
+
+def report_fake(rows: list[dict]) -> str:
+    """The fake run's predictions (parallel/fake_memory.py) against the measured peaks."""
+    MiB = 2**20
+    out = [
+        "| shape | params | cp | ulysses | tp | AC | measured MiB/rank | fake-run prediction | error |",
+        "|" + "---|" * 9,
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['shape']} | {r.get('param_dtype', 'float32')} | {r['cp']} | {r['ulysses']} | {r['tp']} | "
+            f"{r['ac']} | {r['measured'] / MiB:.1f} | {r['predicted_fake'] / MiB:.1f} | "
+            f"{memory_error(r, 'predicted_fake'):+.1%} |"
+        )
+    worst = min(memory_error(r, "predicted_fake") for r in rows)
+    out.append(f"\n- fake run: worst under-prediction {min(worst, 0):.1%}")
+    return "\n".join(out)
 
 
 def _config(name: str) -> CogVideoXConfig:
@@ -58,13 +78,27 @@ def _root_elements(cfg) -> int:
     return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
 
 
-def run(name: str, cp: int, tp: int, ulysses: int, ac: str) -> dict:
+def run(name: str, cp: int, tp: int, ulysses: int, ac: str, param_dtype: torch.dtype | None = None) -> dict:
     cfg, w = _config(name), SHAPES[name][1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        spawn_ranks(measure_layout, cp * tp, cfg, w, cp, tp, ulysses, ac, str(out), directory=tmp)
+        spawn_ranks(measure_layout, cp * tp, cfg, w, cp, tp, ulysses, ac, str(out), param_dtype, directory=tmp)
         rows = json.loads(out.read_text())
     dims = ParallelDims(cp * tp, cp, tp, ulysses)
+    fake = fake_step_memory(cfg, w, dims, ac, param_dtype=param_dtype, foreach=False)  # CPU: per-tensor AdamW
+    if param_dtype is not None:  # the analytic model is fp32-only: the fake run is the prediction
+        return dict(
+            shape=name,
+            cp=cp,
+            tp=tp,
+            ulysses=ulysses,
+            ac=ac,
+            param_dtype=str(param_dtype).removeprefix("torch."),
+            measured=max(r["peak"] for r in rows),
+            per_rank=[r["peak"] for r in rows],
+            predicted_fake=fake["total"],
+            breakdown_fake=fake,
+        )
     est = estimate_memory(cfg, w, dims, ac, foreach=False)  # CPU: AdamW's per-tensor step
     _, tp_part = local_params(cfg, dims)
     tpf = (w.height // cfg.patch_size) * (w.width // cfg.patch_size)
@@ -80,6 +114,7 @@ def run(name: str, cp: int, tp: int, ulysses: int, ac: str) -> dict:
         per_rank=[r["peak"] for r in rows],
         predicted=est.total,
         breakdown=dataclasses.asdict(est),
+        predicted_fake=fake["total"],
         sent=max(r["sent"] for r in rows),
         predicted_sent=traffic.total,
     )
@@ -112,26 +147,34 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default="small,mid")
     p.add_argument("--layouts", default=LAYOUTS, help="cp x tp x ulysses : AC, comma-separated")
     p.add_argument("--json", default=None, help="write every row here")
+    p.add_argument(
+        "--param-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: FSDP2 all-gathers bf16 with autocast (train.mixed_precision=bf16), predicted by the fake run only",
+    )
     p.add_argument("--report", default=None, help="print the table of a --json file and exit")
     args = p.parse_args(argv)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.param_dtype]
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        rows = json.loads(Path(args.report).read_text())
+        print(report_fake(rows) if "predicted" not in rows[0] else report(rows) + "\n\n" + report_fake(rows))
         return
     rows = []
     for name in args.shapes.split(","):
         for item in args.layouts.split(","):
             layout, ac = item.split(":")
             cp, tp, u = (int(v) for v in layout.split("x"))
-            rows.append(run(name, cp, tp, u, ac))
+            rows.append(run(name, cp, tp, u, ac, dtype))
             print(
                 f"{name} cp={cp} tp={tp} ulysses={u} {ac}: measured {rows[-1]['measured']} predicted "
-                f"{rows[-1]['predicted']}",
+                f"{rows[-1].get('predicted')} fake run {rows[-1]['predicted_fake']}",
                 flush=True,
             )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"\nPer-rank peak of one fp32 training step, torch {torch.__version__}, CPU/gloo\n")
-    print(report(rows))
+    print(f"\nPer-rank peak of one {args.param_dtype} training step, torch {torch.__version__}, CPU/gloo\n")
+    print(report_fake(rows) if dtype is not None else report(rows) + "\n\n" + report_fake(rows))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 # `cpdit-launch plan`: which layouts fit. For the job a config describes (model, frames, resolution, text length,
 # micro-batch) on N ranks of a given memory, every valid (dp, cp, ulysses, tp, activation checkpointing) layout
 # with its predicted per-rank memory (parallel/memory_model.py: the step simulated on the meta device) and bytes
-# sent per step (parallel/traffic_model.py), which fit, and the one to use with the reason. Predictions for fp32
-# training of the DiT (train.mixed_precision=no); the frozen text encoder and VAE are not counted.
+# sent per step (parallel/traffic_model.py), which fit, and the one to use with the reason. fp32 training is
+# predicted by the meta-device simulation; bf16 and fp16 training (train.mixed_precision: FSDP2 all-gathers in that
+# dtype, autocast) by the job's own step run on fake tensors (parallel/fake_memory.py), which the simulation cannot
+# model. The frozen VAE and T5 are counted (their weights) while they are in memory: not when training from a
+# precomputed directory (data.dataset=precomputed).
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 from cpdit.first_stage import latent_frames
@@ -23,6 +27,13 @@ AC_CHOICES = ("none", "full")  # what the job offers (model.gradient_checkpointi
 # CogVideoX-2B block shapes predicted 7.7% below its peak (bench/memory.py's worst: 4.0%). A layout fits only with
 # this margin on top of its prediction (--margin); tests/test_plan.py recomputes it from bench/results/.
 MARGIN = 0.077
+# The same for the fake-tensor run of bf16 training: its worst under-prediction over bench/memory.py --param-dtype
+# bf16's 20 measured layouts (small cp4: 5.4% below).
+MARGIN_MIXED = 0.054
+
+
+def margin_for(cfg: JobConfig) -> float:
+    return MARGIN if cfg.train.mixed_precision == "no" else MARGIN_MIXED
 
 
 @dataclass
@@ -82,21 +93,73 @@ def layouts(world: int, heads: int, frames: int, per_node: int) -> list[Parallel
     return out
 
 
-def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True) -> list[Candidate]:
+def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True, progress=None) -> list[Candidate]:
     m, work = workload(cfg)
     tpf = (work.height // m.patch_size) * (work.width // m.patch_size)
     root, out = _root_params(m), []
+    frozen = frozen_bytes(cfg)
     for dims in layouts(world, m.num_attention_heads, work.token_frames, per_node):
         _, tp_part = local_params(m, dims, fsdp=cfg.parallel.fsdp)
         for ac in AC_CHOICES:
-            mem = estimate_memory(
-                m, work, dims, ac, fsdp=cfg.parallel.fsdp, ema=cfg.train.ema_decay > 0, foreach=foreach
-            )
+            if progress is not None:
+                progress(f"{dims.describe()} AC={ac}")
+            mem = step_memory(cfg, m, work, dims, ac, foreach)
+            mem.frozen = frozen
             traffic = estimate_traffic(
                 m, work.token_frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac, cfg.parallel.fsdp
             )
             out.append(Candidate(dims, ac, mem, traffic))
     return out
+
+
+def step_memory(cfg: JobConfig, m, work: Workload, dims: ParallelDims, ac: str, foreach: bool) -> MemoryEstimate:
+    """One rank's training step: the meta-device simulation (fp32), or the job's step on fake tensors (bf16, fp16)."""
+    fsdp, ema = cfg.parallel.fsdp, cfg.train.ema_decay > 0
+    if cfg.train.mixed_precision == "no":
+        return estimate_memory(m, work, dims, ac, fsdp=fsdp, ema=ema, foreach=foreach)
+    from launch.job.build import AMP_DTYPES
+    from parallel.fake_memory import fake_step_memory
+
+    run = fake_step_memory(
+        m, work, dims, ac, param_dtype=AMP_DTYPES[cfg.train.mixed_precision], fsdp=fsdp, foreach=foreach
+    )
+    kept = local_params(m, dims, fsdp=fsdp)[0] * 4  # the fp32 shard each rank keeps: an EMA copy's size
+    return MemoryEstimate(
+        params=run["params"],
+        grads=run["grads"],
+        optimizer=run["optimizer"] + (kept if ema else 0),
+        activations=run["activations"],
+        fsdp_buffers=run["fsdp_buffers"],
+        step_buffers=run["temporaries"],
+    )
+
+
+def frozen_bytes(cfg: JobConfig) -> int:
+    """The weights of the frozen modules each rank holds while training: the VAE (first_stage.kind=vae) and a frozen
+    T5 (text.encoder=t5), as the job loads them (fp32); none when training from precomputed data, which leaves them
+    out. Their activations while encoding are not modelled (the VAE encodes before the DiT's forward)."""
+    import torch
+
+    if cfg.data.dataset == "precomputed":
+        return 0
+    total = 0
+    if cfg.first_stage.kind == "vae":
+        from cpdit.vae import CogVideoXVAE
+        from launch.job.build import first_stage_config
+
+        with torch.device("meta"):
+            total += sum(p.numel() * 4 for p in CogVideoXVAE(first_stage_config(cfg)).parameters())
+    if cfg.text.encoder == "t5":
+        try:
+            from transformers import T5Config, T5EncoderModel
+
+            config = T5Config.from_pretrained(cfg.text.path, local_files_only=True)
+        except (ImportError, OSError, ValueError) as err:
+            raise ConfigError(f"text.path={cfg.text.path!r}: no T5 config to count its weights from ({err})") from None
+        with torch.device("meta"):
+            t5 = T5EncoderModel(config)
+        total += sum(p.numel() * 4 for p in t5.parameters())
+    return total
 
 
 def _root_params(m) -> int:
@@ -145,12 +208,12 @@ def table(cands: list[Candidate], budget: float, margin: float = MARGIN) -> str:
     unit, name = (GiB, "GiB") if max(c.memory.total for c in cands) >= GiB else (2**20, "MiB")
     rows = [
         "| dp | cp | ulysses | tp | AC | params | grads | optimizer | activations | FSDP buffers | comm buffers | "
-        f"step buffers | total {name}/rank | fits | {name} sent/rank/step | per sample |",
-        "|" + "---|" * 16,
+        f"step buffers | frozen VAE + T5 | total {name}/rank | fits | {name} sent/rank/step | per sample |",
+        "|" + "---|" * 17,
     ]
     for c in sorted(cands, key=lambda c: c.memory.total):
         m, d = c.memory, c.dims
-        g = [m.params, m.grads, m.optimizer, m.activations, m.fsdp_buffers, m.comm_buffers, m.step_buffers]
+        g = [m.params, m.grads, m.optimizer, m.activations, m.fsdp_buffers, m.comm_buffers, m.step_buffers, m.frozen]
         rows.append(
             f"| {d.dp} | {d.cp} | {d.ulysses_size} | {d.tp} | {c.ac} | "
             + " | ".join(f"{v / unit:.2f}" for v in g)
@@ -164,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cpdit-launch plan",
         description="Predict per-rank memory and traffic of every layout of a job and recommend one (fp32 "
-        "training of the DiT; the meta-device simulation of parallel/memory_model.py).",
+        "training: the meta-device simulation of parallel/memory_model.py; train.mixed_precision=bf16 or fp16: the "
+        "job's own step on fake tensors, parallel/fake_memory.py, a few seconds per layout).",
     )
     p.add_argument("--nproc-per-node", type=int, default=8, help="ranks per node (tensor parallelism stays inside)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes")
@@ -178,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--margin",
         type=float,
-        default=MARGIN,
-        help=f"a layout fits when its prediction x (1 + margin) is within the budget (default {MARGIN}: the worst "
-        "under-prediction measured, bench/README.md)",
+        default=None,
+        help=f"a layout fits when its prediction x (1 + margin) is within the budget (default: the worst "
+        f"under-prediction measured, bench/README.md: {MARGIN} for fp32, {MARGIN_MIXED} for bf16/fp16)",
     )
     p.add_argument(
         "--device",
@@ -204,11 +268,16 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--device-memory-gib={args.device_memory_gib} must be > 0")
         if not 0 < args.headroom <= 1:
             raise ConfigError(f"--headroom={args.headroom} must be in (0, 1]")
+        if args.margin is None:
+            args.margin = margin_for(cfg)
         if args.margin < 0:
             raise ConfigError(f"--margin={args.margin} must be >= 0")
         world = args.nproc_per_node * args.nnodes
         m, work = workload(cfg)
-        cands = plan(cfg, world, args.nproc_per_node, foreach=args.device == "cuda")
+        progress = None
+        if cfg.train.mixed_precision != "no":
+            progress = lambda what: print(f"  running the step on fake tensors: {what}", file=sys.stderr, flush=True)  # noqa: E731
+        cands = plan(cfg, world, args.nproc_per_node, foreach=args.device == "cuda", progress=progress)
     except (ConfigError, TopologyError) as err:
         print(f"cpdit-launch plan: error: {err}")
         return 2
@@ -218,7 +287,15 @@ def main(argv: list[str]) -> int:
         f"{work.frames} latent frames{patches} of {work.height}x{work.width}, {work.text_len} text tokens, micro-batch "
         f"{work.batch}, {world} ranks of {args.device_memory_gib:g} GiB (a layout fits when its prediction plus "
         f"{args.margin:.1%}, the model's worst under-prediction measured, is within {args.headroom:.0%} of it); "
-        "fp32 training, predicted per rank (PREDICTIONS of parallel/memory_model.py, not measurements):\n"
+        + (
+            "fp32 training, predicted per rank (PREDICTIONS of parallel/memory_model.py, not measurements)"
+            if cfg.train.mixed_precision == "no"
+            else f"{cfg.train.mixed_precision} training (FSDP2 all-gathers {cfg.train.mixed_precision}, fp32 master "
+            "weights and AdamW state), predicted per rank (PREDICTIONS of parallel/fake_memory.py, not measurements)"
+        )
+        + f"; frozen VAE + T5 weights in memory: {frozen_bytes(cfg) / GiB:.2f} GiB"
+        + (" (none: precomputed data)" if cfg.data.dataset == "precomputed" else "")
+        + ":\n"
     )
     budget = args.device_memory_gib * GiB * args.headroom
     print(table(cands, budget, args.margin))

@@ -108,3 +108,14 @@ def reduce_gradients(module: nn.Module) -> None:
         reducer = m.__dict__.get("_cpdit_grad_allreduce")
         if reducer is not None:
             reducer()
+
+
+def adamw_foreach(params, requested: bool | None = None) -> bool | None:
+    """AdamW's `foreach` for `params`: torch's default (None: the multi-tensor step on CUDA) unless the parameters mix
+    DTensors and plain tensors, as a tensor-parallel model without data parallelism has them (its blocks' DTensors,
+    the rest plain): the multi-tensor step refuses the mix ("got mixed torch.Tensor and DTensor"), so it takes the
+    per-tensor step. `requested`: the caller's choice, kept where it can work."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    return False if len(kinds) > 1 else requested

@@ -63,6 +63,8 @@ class MemoryEstimate:
     """Attention's receive buffers (ring K/V in flight; Ulysses' all-to-all outputs are counted as activations)."""
     step_buffers: int = 0
     """The optimizer step's temporaries, when the step is the peak."""
+    frozen: int = 0
+    """Weights of the frozen modules in memory (the VAE, a frozen T5): launch/plan.py's frozen_bytes."""
 
     @property
     def total(self) -> int:
@@ -297,7 +299,10 @@ def estimate_memory(
         sim = _simulate(cfg, work, dims, activation_checkpointing, shards)
     est.grads, est.fsdp_buffers = sim["grads"], sim["fsdp"]
     est.activations = sim["peak"] - sim["grads"] - sim["fsdp"]
-    # AdamW's step: every gradient, and its temporaries; when it is the larger peak, no activations are alive
+    # AdamW's step: every gradient, and its temporaries; when it is the larger peak, no activations are alive. A
+    # tensor-parallel model without FSDP mixes DTensors and plain tensors: per-tensor (parallel.fsdp.adamw_foreach)
+    fsdp_applied = fsdp and (dims.size("dp_shard_cp") > 1 or dims.dp_replicate > 1)
+    foreach = foreach and (dims.tp == 1 or fsdp_applied)
     step = kept + (kept if foreach else 2 * max(sizes))
     if not fsdp and dims.size("dp_cp") > 1:
         step = max(step, 2 * kept)  # the flat gradient all-reduce buffer (parallel/fsdp.py)

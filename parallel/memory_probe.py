@@ -71,21 +71,26 @@ def measure_step(
     text: torch.Tensor,
     activation_checkpointing: str = "none",
     repeats: int = 3,
+    param_dtype: torch.dtype | None = None,
 ) -> dict:
     """Collective. Build `cfg`'s model under `dims` (process group and mesh from the caller's ranks), take one
     AdamW step so the optimizer state exists, then measure `repeats` more: {"static": parameters + optimizer state
-    this rank keeps, "peak": static + the median of the steps' peaks, "sent": bytes one step sent}. fp32, CPU,
-    FSDP2 when dp x cp > 1."""
+    this rank keeps, "peak": static + the median of the steps' peaks, "sent": bytes one step sent}. CPU, FSDP2 when
+    dp x cp > 1; fp32, or with `param_dtype` FSDP2's mixed-precision policy and autocast in it (bf16 training)."""
     mesh = dims.build_mesh("cpu")
     with torch.device("meta"):
         model = family_of(cfg).model_class(cfg)
-    parallelize(model, dims, mesh, activation_checkpointing=activation_checkpointing)
+    parallelize(model, dims, mesh, activation_checkpointing=activation_checkpointing, param_dtype=param_dtype)
     materialize(model, "cpu", seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     timesteps = torch.full((latents.shape[0],), 500.0)
 
+    amp = torch.autocast("cpu", dtype=param_dtype or torch.bfloat16, enabled=param_dtype is not None)
+
     def step():
-        model(latents, text, timesteps, return_local=True).square().mean().backward()
+        with amp:
+            out = model(latents, text, timesteps, return_local=True)
+        out.float().square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -104,14 +109,16 @@ def measure_step(
     return {"static": static, "peak": static + statistics.median(peaks), "sent": BYTES.sent}
 
 
-def measure_layout(rank, world, cfg, work, cp: int, tp: int, ulysses: int, activation_checkpointing: str, out) -> None:
+def measure_layout(
+    rank, world, cfg, work, cp: int, tp: int, ulysses: int, activation_checkpointing: str, out, param_dtype=None
+) -> None:
     """Spawnable (launch/spawn.py): `measure_step` of `cfg` on a seeded micro-batch of `work` (a
     parallel.memory_model.Workload) under cp x tp ranks; rank 0 writes every rank's result to `out` as JSON."""
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(work.batch, work.frames, cfg.in_channels, work.height, work.width, generator=g)
     text = torch.randn(work.batch, work.text_len, cfg.text_embed_dim, generator=g)
-    row = measure_step(cfg, dims, latents, text, activation_checkpointing)
+    row = measure_step(cfg, dims, latents, text, activation_checkpointing, param_dtype=param_dtype)
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:

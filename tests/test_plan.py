@@ -112,6 +112,40 @@ def test_margin_is_the_worst_under_prediction_measured():
     assert len(mem) == 20 and len(steps) == 12 and MARGIN == round(worst, 3), (MARGIN, worst)
 
 
+def test_mixed_precision_margin_is_the_fake_runs_worst_under_prediction_measured():
+    """bf16 training is predicted by the job's step on fake tensors (parallel/fake_memory.py); its margin is that
+    run's largest under-prediction of bench/memory.py --param-dtype bf16's 20 measured layouts."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    import memory
+
+    from launch.plan import MARGIN_MIXED
+
+    rows = json.loads((root / "bench/results/memory-bf16.json").read_text())
+    errors = [memory.memory_error(r, "predicted_fake") for r in rows]
+    assert len(rows) == 20 and {r["param_dtype"] for r in rows} == {"bfloat16"}
+    assert MARGIN_MIXED == round(-min(errors), 3), (MARGIN_MIXED, min(errors))
+
+
+BF16 = [(1, 2, 1, "none"), (2, 1, 1, "full"), (2, 1, 2, "none")]
+
+
+@pytest.mark.slow  # a real step per layout, in processes of its own
+@pytest.mark.parametrize("cp,tp,ulysses,ac", BF16, ids=[f"cp{c}-tp{t}-u{u}-{a}" for c, t, u, a in BF16])
+def test_fake_run_predicts_the_bf16_peak_within_10_percent(tmp_path, cp, tp, ulysses, ac):
+    """The job's own step (parallelize with FSDP2's bf16 policy, autocast) on fake tensors and a fake process group
+    against the same step measured on real ranks; fp32 weights would be predicted 25-40% above."""
+    from parallel.fake_memory import fake_step_memory
+
+    out = tmp_path / "rows.txt"
+    args = (CFG, WORK, cp, tp, ulysses, ac, out, torch.bfloat16)
+    run_ranks(measure_layout, cp * tp, tmp_path, *args, fresh=True, timeout=600)
+    measured = max(r["peak"] for r in json.loads(out.read_text()))
+    dims = ParallelDims(cp * tp, cp, tp, ulysses)
+    fake = fake_step_memory(CFG, WORK, dims, ac, param_dtype=torch.bfloat16, foreach=False)
+    assert fake["total"] == pytest.approx(measured, rel=0.10), (fake, measured)
+
+
 def test_a_layout_fits_only_with_the_margin():
     from launch.plan import MARGIN, Candidate, fits, recommend
 
@@ -141,6 +175,22 @@ def test_plan_command_recommends_a_layout_that_fits():
     assert "recommendation: parallel.cp_size=" in r.stdout
 
 
+def test_plan_command_models_bf16_and_the_frozen_modules_in_memory():
+    """train.mixed_precision=bf16 is planned by the fake run with its own margin; the VAE's weights are counted
+    while it is in memory and not when training from precomputed data."""
+    args = ["--nproc-per-node", "2", "--device-memory-gib", "1", "model.preset=tiny", "data.batch_size=1"]
+    vae = ["first_stage.kind=vae", "data.num_frames=9"]
+    r = _plan(*args, *vae, "train.mixed_precision=bf16")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "bf16 training (FSDP2 all-gathers bf16" in r.stdout and "plus 5.4%" in r.stdout
+    assert "frozen VAE + T5 weights in memory: 0.00 GiB:" in r.stdout  # the tiny VAE: 0.6 MiB
+    frozen = [line.split("|")[13] for line in r.stdout.splitlines() if line.startswith("| 2 |")]
+    assert frozen and all(float(f) > 0.5 for f in frozen), r.stdout
+    r = _plan(*args, *vae, "data.dataset=precomputed", "data.path=/nonexistent")
+    assert r.returncode == 0 and "(none: precomputed data)" in r.stdout and "plus 7.7%" in r.stdout, r.stdout
+    assert all(line.split("|")[13].strip() == "0.00" for line in r.stdout.splitlines() if line.startswith("| 2 |"))
+
+
 def test_plan_command_says_when_nothing_fits_and_refuses_bad_input():
     r = _plan("--nproc-per-node", "2", "--device-memory-gib", "0.001", "model.preset=tiny")
     assert r.returncode == 1 and "no layout fits 0.0009 GiB per rank" in r.stdout, r.stdout + r.stderr
@@ -150,3 +200,17 @@ def test_plan_command_says_when_nothing_fits_and_refuses_bad_input():
     assert r.returncode == 2 and "nope" in r.stdout
     r = _plan("model.preset=phenaki-like")
     assert r.returncode == 2 and "models the CogVideoX family" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cp,tp", [(1, 2), (2, 2)], ids=["tp only", "cp x tp under FSDP"])
+def test_a_tensor_parallel_step_takes_a_multi_tensor_adamw_it_can_run(cp, tp):
+    """On CUDA AdamW defaults to its multi-tensor step, which refuses a parameter list that mixes DTensors and plain
+    tensors ("got mixed torch.Tensor and DTensor"), as a tensor-parallel model without FSDP has it: the job's
+    optimizer takes the per-tensor step there (parallel.fsdp.adamw_foreach). The step is run here as CUDA runs it,
+    multi-tensor, on fake tensors and a fake process group (the first GPU step of a tp-only layout crashed)."""
+    from parallel.fake_memory import fake_step_memory
+    from parallel.fsdp import adamw_foreach
+
+    assert adamw_foreach([torch.zeros(1)]) is None and adamw_foreach([torch.zeros(1)], True) is True
+    peak = fake_step_memory(CFG, WORK, ParallelDims(cp * tp, cp, tp), foreach=True)
+    assert peak["total"] > peak["params"] > 0

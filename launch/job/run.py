@@ -30,6 +30,7 @@ from launch.job.state import TrainState
 from launch.job.watchdog import HangWatchdog
 from parallel.comm import agree
 from parallel.dims import ParallelDims, ParallelMesh
+from parallel.fsdp import adamw_foreach
 from parallel.parallelize import Parallelized
 from parallel.progress import PROGRESS
 
@@ -99,7 +100,9 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
     modules, par = build(cfg, dims, mesh, device)
     params = [q for q in modules.parameters() if q.requires_grad]
     o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, foreach=adamw_foreach(params)
+    )
     ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
     fp16 = cfg.train.mixed_precision == "fp16"
     state = TrainState(loss_scale=DynamicLossScale(cfg.train.loss_scale, cfg.train.loss_scale_window) if fp16 else None)

@@ -25,6 +25,7 @@ from launch.job.prompts import load_image, read_requests
 from launch.job.resident import sampling_stages
 from parallel.comm import agree
 from parallel.dims import ParallelDims
+from parallel.fsdp import adamw_foreach
 from parallel.parallelize import Parallelized
 
 
@@ -190,7 +191,8 @@ def sample_job(cfg: JobConfig, env: DistEnv) -> int:
         mesh = dims.build_mesh(device.type, timedelta(seconds=cfg.dist.timeout_s))
         modules, par = build(cfg, dims, mesh, device)
         path = checkpoint.select_resume(run_dir / "checkpoints", wanted, architecture(cfg, modules.dit.config))
-        optimizer = torch.optim.AdamW([q for q in modules.parameters() if q.requires_grad], lr=cfg.optim.lr)
+        params = [q for q in modules.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, foreach=adamw_foreach(params))
         ema = new_ema(modules.dit) if cfg.train.ema_decay > 0 else None
         meta = checkpoint.load(path, modules, optimizer, ema)
         out = run_dir / "samples" / f"step_{meta['step']:08d}"
