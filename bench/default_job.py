@@ -103,6 +103,12 @@ def main(argv=None) -> int:
         "median_step_s": round(statistics.median(r["step_time"] for r in steps), 4),
         "final_loss": round(steps[-1]["loss"], 4),
         "mean_loss_last_50": round(statistics.fmean(r["loss"] for r in steps[-50:]), 4),
+        # sample.every=N: the judge's score of the validation samples at each N steps (launch/job/validation.py)
+        "validation_curve": [
+            {k: r[k] for k in ("step", "judge_score", "judge_all_right", "judged")}
+            for r in rows
+            if r.get("event") == "validation"
+        ],
     }
     print(
         f"\n{result['steps']} steps in {wall:.0f} s wall, median step {result['median_step_s']} s, "

@@ -52,14 +52,17 @@ def report_fake(rows: list[dict]) -> str:
     """The fake run's predictions (parallel/fake_memory.py) against the measured peaks."""
     MiB = 2**20
     out = [
-        "| shape | params | cp | ulysses | tp | AC | measured MiB/rank | fake-run prediction | error |",
-        "|" + "---|" * 9,
+        "| shape | params | cp | ulysses | tp | AC | measured MiB/rank | fake-run prediction | error | MiB sent/rank | "
+        "predicted | error |",
+        "|" + "---|" * 12,
     ]
     for r in rows:
+        sent_err = f"{r['predicted_sent'] / r['sent'] - 1:+.1%}" if r["sent"] else "-"
         out.append(
             f"| {r['shape']} | {r.get('param_dtype', 'float32')} | {r['cp']} | {r['ulysses']} | {r['tp']} | "
             f"{r['ac']} | {r['measured'] / MiB:.1f} | {r['predicted_fake'] / MiB:.1f} | "
-            f"{memory_error(r, 'predicted_fake'):+.1%} |"
+            f"{memory_error(r, 'predicted_fake'):+.1%} | {r['sent'] / MiB:.2f} | {r['predicted_sent'] / MiB:.2f} | "
+            f"{sent_err} |"
         )
     worst = min(memory_error(r, "predicted_fake") for r in rows)
     out.append(f"\n- fake run: worst under-prediction {min(worst, 0):.1%}")
@@ -86,8 +89,15 @@ def run(name: str, cp: int, tp: int, ulysses: int, ac: str, param_dtype: torch.d
         rows = json.loads(out.read_text())
     dims = ParallelDims(cp * tp, cp, tp, ulysses)
     fake = fake_step_memory(cfg, w, dims, ac, param_dtype=param_dtype, foreach=False)  # CPU: per-tensor AdamW
+    _, tp_part = local_params(cfg, dims)
+    tpf = (w.height // cfg.patch_size) * (w.width // cfg.patch_size)
+    root = _root_elements(cfg)  # outside the blocks nothing is tensor-parallel
+    size = 4 if param_dtype is None else 2
+    traffic = estimate_traffic(cfg, w.frames, tpf, w.text_len, w.batch, dims, tp_part, root, ac, compute_bytes=size)
     if param_dtype is not None:  # the analytic model is fp32-only: the fake run is the prediction
         return dict(
+            sent=max(r["sent"] for r in rows),
+            predicted_sent=traffic.total,
             shape=name,
             cp=cp,
             tp=tp,
@@ -100,10 +110,6 @@ def run(name: str, cp: int, tp: int, ulysses: int, ac: str, param_dtype: torch.d
             breakdown_fake=fake,
         )
     est = estimate_memory(cfg, w, dims, ac, foreach=False)  # CPU: AdamW's per-tensor step
-    _, tp_part = local_params(cfg, dims)
-    tpf = (w.height // cfg.patch_size) * (w.width // cfg.patch_size)
-    root = _root_elements(cfg)  # outside the blocks nothing is tensor-parallel
-    traffic = estimate_traffic(cfg, w.frames, tpf, w.text_len, w.batch, dims, tp_part, root, ac)
     return dict(
         shape=name,
         cp=cp,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cpdit.first_stage import latent_frames
 from cpdit.models.patch import patch_frame_padding
@@ -19,7 +19,7 @@ from launch.config import ConfigError, JobConfig, load_config
 from parallel.dims import ParallelDims, TopologyError
 from parallel.memory_model import MemoryEstimate, Workload, estimate_memory, local_params
 from parallel.tensor_parallel import heads_error
-from parallel.traffic_model import Traffic, estimate_traffic
+from parallel.traffic_model import Traffic, across_nodes, estimate_traffic
 
 GiB = 2**30
 AC_CHOICES = ("none", "full")  # what the job offers (model.gradient_checkpointing false / true)
@@ -42,6 +42,8 @@ class Candidate:
     ac: str
     memory: MemoryEstimate
     traffic: Traffic
+    inter_node: int = 0
+    """Of the bytes a rank sends per step, those that cross nodes (parallel/traffic_model.py across_nodes)."""
 
     @property
     def knobs(self) -> str:
@@ -49,6 +51,8 @@ class Candidate:
         out = [f"parallel.cp_size={d.cp}", f"parallel.model_parallel_size={d.tp}"]
         if d.ulysses_size > 1:
             out.append(f"parallel.ulysses_size={d.ulysses_size}")
+        if d.dp_replicate > 1:
+            out.append(f"parallel.dp_replicate={d.dp_replicate}")
         if self.ac != "none":
             out.append("model.gradient_checkpointing=true")
         return " ".join(out)
@@ -90,6 +94,10 @@ def layouts(world: int, heads: int, frames: int, per_node: int) -> list[Parallel
                 if cp % u or (heads // tp) % u:
                     continue
                 out.append(ParallelDims(world, cp, tp, u))
+                # HSDP: FSDP2 shards within a node and replicates across nodes (parallel.dp_replicate)
+                nodes, dp = world // per_node, world // (tp * cp)
+                if nodes > 1 and world % per_node == 0 and per_node % (tp * cp) == 0 and dp % nodes == 0:
+                    out.append(ParallelDims(world, cp, tp, u, dp_replicate=nodes))
     return out
 
 
@@ -98,17 +106,21 @@ def plan(cfg: JobConfig, world: int, per_node: int, foreach: bool = True, progre
     tpf = (work.height // m.patch_size) * (work.width // m.patch_size)
     root, out = _root_params(m), []
     frozen = frozen_bytes(cfg)
+    size = 4 if cfg.train.mixed_precision == "no" else 2
+    seen: dict[tuple, MemoryEstimate] = {}  # a rank's memory depends on its shard group, not on the replicas
     for dims in layouts(world, m.num_attention_heads, work.token_frames, per_node):
         _, tp_part = local_params(m, dims, fsdp=cfg.parallel.fsdp)
         for ac in AC_CHOICES:
-            if progress is not None:
-                progress(f"{dims.describe()} AC={ac}")
-            mem = step_memory(cfg, m, work, dims, ac, foreach)
-            mem.frozen = frozen
+            key = (dims.tp, dims.cp, dims.ulysses_size, dims.size("dp_shard_cp"), dims.dp_replicate > 1, ac)
+            if key not in seen:
+                if progress is not None:
+                    progress(f"{dims.describe()} AC={ac}")
+                seen[key] = step_memory(cfg, m, work, dims, ac, foreach)
+            mem = replace(seen[key], frozen=frozen)
             traffic = estimate_traffic(
-                m, work.token_frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac, cfg.parallel.fsdp
+                m, work.token_frames, tpf, work.text_len, work.batch, dims, tp_part, root, ac, cfg.parallel.fsdp, size
             )
-            out.append(Candidate(dims, ac, mem, traffic))
+            out.append(Candidate(dims, ac, mem, traffic, across_nodes(traffic, dims, per_node)))
     return out
 
 
@@ -179,9 +191,10 @@ def fits(c: Candidate, budget: float, margin: float = MARGIN) -> bool:
 
 def recommend(cands: list[Candidate], budget: float, margin: float = MARGIN) -> tuple[Candidate | None, str]:
     """The layout to use, of those that fit `budget` with `margin`: without activation checkpointing if any fits
-    (recomputing the forward costs about a third more compute), then the fewest bytes sent per sample (a step of
-    dp x micro-batch samples costs every rank the same compute per sample whatever the layout; what differs is the
-    communication), then the most data parallelism."""
+    (recomputing the forward costs about a third more compute), then the fewest bytes sent across nodes per sample
+    (the inter-node link is the slow one), then the fewest bytes sent per sample (a step of dp x micro-batch samples
+    costs every rank the same compute per sample whatever the layout; what differs is the communication), then the
+    most data parallelism."""
     fitting = [c for c in cands if fits(c, budget, margin)]
     if not fitting:
         best = min(cands, key=lambda c: c.memory.total)
@@ -190,7 +203,9 @@ def recommend(cands: list[Candidate], budget: float, margin: float = MARGIN) -> 
             f"{margin:.1%} margin; the smallest needs {best.memory.total / GiB:.3g} GiB "
             f"({best.knobs}): use more ranks, fewer frames or a smaller micro-batch"
         )
-    best = min(fitting, key=lambda c: (c.ac != "none", c.traffic.total / c.dims.dp, -c.dims.dp))
+    best = min(
+        fitting, key=lambda c: (c.ac != "none", c.inter_node / c.dims.dp, c.traffic.total / c.dims.dp, -c.dims.dp)
+    )
     why = (
         f"it fits ({best.memory.total / GiB:.1f} of {budget / GiB:.3g} GiB, {margin:.1%} margin), "
         + (
@@ -198,7 +213,12 @@ def recommend(cands: list[Candidate], budget: float, margin: float = MARGIN) -> 
             if best.ac == "none"
             else "needs activation checkpointing (no layout fits without it), "
         )
-        + f"and of those sends the least per sample ({best.traffic.total / best.dims.dp / GiB:.2f} GiB per rank)"
+        + (
+            f"and of those sends the least across nodes per sample ({best.inter_node / best.dims.dp / GiB:.2f} GiB "
+            f"per rank; {best.traffic.total / best.dims.dp / GiB:.2f} GiB in all)"
+            if any(c.inter_node for c in cands)
+            else f"and of those sends the least per sample ({best.traffic.total / best.dims.dp / GiB:.2f} GiB per rank)"
+        )
     )
     return best, why
 
@@ -207,18 +227,20 @@ def table(cands: list[Candidate], budget: float, margin: float = MARGIN) -> str:
     """Every candidate, smallest first, in GiB (MiB when all are under 1 GiB)."""
     unit, name = (GiB, "GiB") if max(c.memory.total for c in cands) >= GiB else (2**20, "MiB")
     rows = [
-        "| dp | cp | ulysses | tp | AC | params | grads | optimizer | activations | FSDP buffers | comm buffers | "
-        f"step buffers | frozen VAE + T5 | total {name}/rank | fits | {name} sent/rank/step | per sample |",
-        "|" + "---|" * 17,
+        "| dp | replicas | cp | ulysses | tp | AC | params | grads | optimizer | activations | FSDP buffers | "
+        f"comm buffers | step buffers | frozen VAE + T5 | total {name}/rank | fits | {name} sent/rank/step | "
+        "across nodes | per sample | across nodes per sample |",
+        "|" + "---|" * 20,
     ]
     for c in sorted(cands, key=lambda c: c.memory.total):
         m, d = c.memory, c.dims
         g = [m.params, m.grads, m.optimizer, m.activations, m.fsdp_buffers, m.comm_buffers, m.step_buffers, m.frozen]
         rows.append(
-            f"| {d.dp} | {d.cp} | {d.ulysses_size} | {d.tp} | {c.ac} | "
+            f"| {d.dp} | {d.dp_replicate} | {d.cp} | {d.ulysses_size} | {d.tp} | {c.ac} | "
             + " | ".join(f"{v / unit:.2f}" for v in g)
             + f" | {m.total / unit:.2f} | {'yes' if fits(c, budget, margin) else 'no'} | "
-            f"{c.traffic.total / unit:.2f} | {c.traffic.total / d.dp / unit:.2f} |"
+            f"{c.traffic.total / unit:.2f} | {c.inter_node / unit:.2f} | {c.traffic.total / d.dp / unit:.2f} | "
+            f"{c.inter_node / d.dp / unit:.2f} |"
         )
     return "\n".join(rows)
 

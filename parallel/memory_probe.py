@@ -110,11 +110,21 @@ def measure_step(
 
 
 def measure_layout(
-    rank, world, cfg, work, cp: int, tp: int, ulysses: int, activation_checkpointing: str, out, param_dtype=None
+    rank,
+    world,
+    cfg,
+    work,
+    cp: int,
+    tp: int,
+    ulysses: int,
+    activation_checkpointing: str,
+    out,
+    param_dtype=None,
+    dp_replicate: int = 1,
 ) -> None:
     """Spawnable (launch/spawn.py): `measure_step` of `cfg` on a seeded micro-batch of `work` (a
     parallel.memory_model.Workload) under cp x tp ranks; rank 0 writes every rank's result to `out` as JSON."""
-    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses)
+    dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses, dp_replicate=dp_replicate)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(work.batch, work.frames, cfg.in_channels, work.height, work.width, generator=g)
     text = torch.randn(work.batch, work.text_len, cfg.text_embed_dim, generator=g)

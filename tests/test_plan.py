@@ -171,7 +171,7 @@ def _plan(*args):
 def test_plan_command_recommends_a_layout_that_fits():
     r = _plan("--nproc-per-node", "4", "--device-memory-gib", "1", "model.preset=tiny", "data.batch_size=1")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| dp | cp | ulysses | tp | AC |" in r.stdout and "total MiB/rank" in r.stdout
+    assert "| dp | replicas | cp | ulysses | tp | AC |" in r.stdout and "total MiB/rank" in r.stdout
     assert "recommendation: parallel.cp_size=" in r.stdout
 
 
@@ -184,11 +184,11 @@ def test_plan_command_models_bf16_and_the_frozen_modules_in_memory():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bf16 training (FSDP2 all-gathers bf16" in r.stdout and "plus 5.4%" in r.stdout
     assert "frozen VAE + T5 weights in memory: 0.00 GiB:" in r.stdout  # the tiny VAE: 0.6 MiB
-    frozen = [line.split("|")[13] for line in r.stdout.splitlines() if line.startswith("| 2 |")]
+    frozen = [line.split("|")[14] for line in r.stdout.splitlines() if line.startswith("| 2 |")]
     assert frozen and all(float(f) > 0.5 for f in frozen), r.stdout
     r = _plan(*args, *vae, "data.dataset=precomputed", "data.path=/nonexistent")
     assert r.returncode == 0 and "(none: precomputed data)" in r.stdout and "plus 7.7%" in r.stdout, r.stdout
-    assert all(line.split("|")[13].strip() == "0.00" for line in r.stdout.splitlines() if line.startswith("| 2 |"))
+    assert all(line.split("|")[14].strip() == "0.00" for line in r.stdout.splitlines() if line.startswith("| 2 |"))
 
 
 def test_plan_command_says_when_nothing_fits_and_refuses_bad_input():
@@ -214,3 +214,58 @@ def test_a_tensor_parallel_step_takes_a_multi_tensor_adamw_it_can_run(cp, tp):
     assert adamw_foreach([torch.zeros(1)]) is None and adamw_foreach([torch.zeros(1)], True) is True
     peak = fake_step_memory(CFG, WORK, ParallelDims(cp * tp, cp, tp), foreach=True)
     assert peak["total"] > peak["params"] > 0
+
+
+def test_groups_are_placed_on_nodes_of_consecutive_ranks():
+    from parallel.traffic_model import Traffic, across_nodes, group_nodes
+
+    flat = ParallelDims(16, cp_size=4, model_parallel_size=2)  # dp 2 x cp 4 x tp 2 on 2 nodes of 8
+    assert group_nodes(flat, "tp", 8) == (2, 1) and group_nodes(flat, "cp", 8) == (4, 1)
+    assert group_nodes(flat, "dp_shard_cp", 8) == (8, 2)  # FSDP over dp x cp: both nodes
+    hsdp = ParallelDims(16, cp_size=4, model_parallel_size=2, dp_replicate=2)
+    assert group_nodes(hsdp, "dp_shard_cp", 8) == (4, 1) and group_nodes(hsdp, "dp_replicate", 8) == (2, 2)
+    t = Traffic(fsdp=800, replicate=100, tensor_parallel=50, ulysses=60, ring=70)
+    assert across_nodes(t, hsdp, 8) == 100  # only the replicas' all-reduce leaves the node (both ring links)
+    assert across_nodes(t, flat, 8) == 200  # a ring over 8 members on 2 nodes: 2 of its 8 links cross
+    wide = ParallelDims(16, cp_size=16, ulysses_size=16)  # Ulysses over 2 nodes: 8 of each rank's 15 peers away
+    assert across_nodes(Traffic(ulysses=150), wide, 8) == 80 and across_nodes(Traffic(ulysses=150), wide, 16) == 0
+
+
+@pytest.mark.slow  # real steps in processes of their own
+def test_predicted_bytes_of_an_hsdp_step_are_what_it_sends(tmp_path):
+    """HSDP (parallel.dp_replicate=2, cp=2 on 4 ranks): FSDP2 shards over cp and all-reduces the gradient shards
+    over the replicas; the traffic model's bytes per rank against parallel.all_traffic's count of a real step."""
+    from parallel.memory_model import local_params
+    from parallel.traffic_model import estimate_traffic
+
+    out = tmp_path / "rows.txt"
+    run_ranks(measure_layout, 4, tmp_path, CFG, WORK, 2, 1, 1, "none", out, None, 2, fresh=True, timeout=600)
+    sent = max(r["sent"] for r in json.loads(out.read_text()))
+    dims = ParallelDims(4, cp_size=2, dp_replicate=2)
+    _, tp_part = local_params(CFG, dims)
+    from cpdit.models.registry import family_of
+
+    with torch.device("meta"):
+        model = family_of(CFG).model_class(CFG)
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
+    tpf = (WORK.height // CFG.patch_size) * (WORK.width // CFG.patch_size)
+    t = estimate_traffic(CFG, WORK.frames, tpf, WORK.text_len, WORK.batch, dims, tp_part, root)
+    assert t.replicate > 0 and t.total == pytest.approx(sent, rel=0.05), (t, sent)
+
+
+def test_plan_command_covers_a_cluster_with_hsdp_and_bytes_across_nodes():
+    """2 nodes of 2 ranks: HSDP layouts (shards inside a node, replicas across) are candidates, every row shows the
+    bytes that cross nodes, and the recommendation sends the fewest of them per sample."""
+    from launch.config import load_config
+    from launch.plan import plan, recommend
+
+    args = ["model.preset=tiny", "data.batch_size=1"]
+    r = _plan("--nproc-per-node", "2", "--nnodes", "2", "--device-memory-gib", "1", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| dp | replicas | cp |" in r.stdout and "across nodes per sample |" in r.stdout
+    assert "sends the least across nodes per sample" in r.stdout
+    cands = plan(load_config(overrides=args), 4, 2)
+    hsdp = [c for c in cands if c.dims.dp_replicate == 2]
+    assert hsdp and all(c.inter_node < c.traffic.total for c in hsdp)
+    best, _ = recommend(cands, 2**30)
+    assert best.inter_node / best.dims.dp == min(c.inter_node / c.dims.dp for c in cands if c.ac == "none")
