@@ -4,6 +4,7 @@
 #
 #   python bench/plan_rows.py            # every row (fp32 rows take seconds to minutes, the bf16 row longer)
 #   python bench/plan_rows.py --only 0,7 # some rows
+#   python bench/plan_rows.py --check    # every row against README.md's table: exit 1 on any difference
 #
 # The T5-XXL row needs only T5-XXL's config.json (its architecture: d_model 4096, 24 layers, d_ff 10240, 64 heads);
 # the script writes that file into a temporary directory.
@@ -114,6 +115,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default=None, help="comma-separated row indices")
+    ap.add_argument(
+        "--check", action="store_true", help="compare every row with README.md's table; exit 1 if any differs"
+    )
     args = ap.parse_args(argv)
     picks = [int(i) for i in args.only.split(",")] if args.only else range(len(ROWS))
     out = []
@@ -123,6 +127,13 @@ def main(argv=None) -> int:
             out.append(run_row(*ROWS[i], Path(tmp)))
             print(json.dumps(out[-1]), flush=True)
     print("\n" + table(out))
+    if args.check:
+        readme = (ROOT / "README.md").read_text().split("## Which layout fits", 1)[1].split("\n## ", 1)[0]
+        have = {ln for ln in readme.splitlines() if ln.startswith("| CogVideoX")}
+        wrong = [ln for ln in table(out).splitlines()[2:] if ln not in have]
+        for ln in wrong:
+            print(f"README.md's table differs from the planner: {ln}", file=sys.stderr)
+        return 1 if wrong else 0
     if not args.only:
         dest = ROOT / "bench" / "results" / "plan_rows.json"
         dest.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d"), "rows": out}, indent=1) + "\n")

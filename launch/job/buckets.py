@@ -1,0 +1,103 @@
+# Buckets of clip shapes (issue #26, first part): which bucket a clip goes to, how many clips of a bucket make a
+# micro-batch under a token budget, and the order of an epoch's bucketed micro-batches. The order is a function of
+# the seed and the epoch only, and a step of dp data-parallel groups takes the next dp micro-batches of it, so the
+# position in an epoch is one count whatever the layout: a run resumed under another dp continues with the next
+# micro-batch, and no clip of the epoch is seen twice or skipped (the clips of a bucket that do not fill its last
+# micro-batch wait for the next epoch, which draws another remainder).
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cpdit.seeding import generator
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A clip shape in pixels."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+def parse_buckets(spec) -> list[Bucket]:
+    """`data.buckets`: a list of [frames, height, width]; each a positive integer, no bucket twice."""
+    out = []
+    for item in spec:
+        values = list(item)
+        if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"data.buckets: {values!r} is not [frames, height, width] of positive integers")
+        out.append(Bucket(*values))
+    if len(set(out)) != len(out):
+        raise ValueError(f"data.buckets lists a bucket twice: {[b.name for b in out]}")
+    return out
+
+
+def assign(frames: int, height: int, width: int, buckets: list[Bucket]) -> int | None:
+    """The bucket a clip of `frames` frames of `height` x `width` goes to: of the buckets it covers (at most its
+    frames), the nearest in aspect ratio (on a log scale: 2:1 is as far from 1:1 as 1:2), then the longest; None when
+    it is shorter than every bucket (skipped and counted by the dataset)."""
+    covered = [i for i, b in enumerate(buckets) if b.frames <= frames]
+    if not covered:
+        return None
+    ratio = math.log(width / height)
+    return min(covered, key=lambda i: (round(abs(ratio - math.log(buckets[i].aspect)), 9), -buckets[i].frames, i))
+
+
+def micro_batch(tokens_per_clip: int, budget: int) -> int:
+    """Clips of a bucket per micro-batch under a budget of `budget` tokens per cp group: as many as fit, at least
+    one (a clip above the budget runs alone; the planner says whether it fits in memory)."""
+    return max(1, budget // tokens_per_clip)
+
+
+def epoch_batches(bucket_of: list[int | None], sizes: dict[int, int], seed: int, epoch: int) -> list[tuple[int, list]]:
+    """Epoch `epoch`'s micro-batches, in order: (bucket, clip indices). Each bucket's clips in a permutation drawn
+    from (seed, epoch), cut into micro-batches of its size; then every micro-batch of every bucket in one shuffled
+    order, so buckets come in proportion to their clips. `bucket_of[i]`: clip i's bucket (None: skipped)."""
+    g = generator(seed, "bucket order", epoch)
+    batches = []
+    for b in sorted({x for x in bucket_of if x is not None}):
+        clips = [i for i, x in enumerate(bucket_of) if x == b]
+        perm = torch.randperm(len(clips), generator=g).tolist()
+        size = sizes[b]
+        batches += [(b, [clips[j] for j in perm[k : k + size]]) for k in range(0, len(clips) - size + 1, size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+class BucketedOrder:
+    """The micro-batches a data-parallel rank takes: step by step, dp at a time from the epoch's order (the rank's
+    is at its dp index). `position`: (epoch, micro-batches of the epoch taken by all ranks together)."""
+
+    def __init__(self, bucket_of, sizes, seed: int, dp_rank: int, dp: int, position: tuple[int, int] = (0, 0)):
+        self.bucket_of, self.sizes, self.seed, self.dp_rank, self.dp = bucket_of, sizes, seed, dp_rank, dp
+        self.epoch, self.taken = position
+        self._order = epoch_batches(bucket_of, sizes, seed, self.epoch)
+        if len(self._order) < dp:
+            raise ValueError(
+                f"an epoch has {len(self._order)} bucketed micro-batches, fewer than the {dp} data-parallel ranks; "
+                "add clips or lower the token budget"
+            )
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.taken
+
+    def next(self) -> tuple[int, list[int]]:
+        """This rank's (bucket, clip indices) of the next step."""
+        if self.taken + self.dp > len(self._order):  # the few left that do not fill a step are skipped this epoch
+            self.epoch, self.taken = self.epoch + 1, 0
+            self._order = epoch_batches(self.bucket_of, self.sizes, self.seed, self.epoch)
+        batch = self._order[self.taken + self.dp_rank]
+        self.taken += self.dp
+        return batch
