@@ -70,7 +70,8 @@ def estimate_traffic(
     parameters in that dtype and autocast's activations are in it; gradients are reduced in fp32), 4 for fp32."""
     t = Traffic()
     shards = dims.size("dp_shard_cp")
-    if fsdp and (shards > 1 or dims.dp_replicate > 1):
+    sharded = fsdp and (shards > 1 or dims.dp_replicate > 1)  # FSDP2 applied: its mixed-precision policy too
+    if sharded:
         blocks = params_tp - root_params_tp
         gather = (2 * blocks + root_params_tp) * compute_bytes  # forward and backward (the root's once)
         t.fsdp = int((gather + params_tp * FP32) * (shards - 1) / shards)
@@ -85,8 +86,10 @@ def estimate_traffic(
     recompute = {"none": 0, "full": 1.0, "selective": 0.5}[activation_checkpointing]  # forwards run again
     if dims.tp > 1:
         # forward: attention out + feed-forward out (a linear's output: autocast's dtype); backward: the gradients
-        # of the q/k/v inputs and the feed-forward input (normalised activations: fp32 under autocast too)
-        per_layer = (2 * (1 + recompute) * compute_bytes + 4 * FP32) * act * 2 * (dims.tp - 1) / dims.tp
+        # of the q/k/v inputs and the feed-forward input, the normalised activations, in the parameters' dtype
+        # (bf16 when FSDP2 gathers them so; without FSDP the norms' fp32 weights keep them fp32 under autocast)
+        grad_bytes = compute_bytes if sharded else FP32
+        per_layer = (2 * (1 + recompute) * compute_bytes + 4 * grad_bytes) * act * 2 * (dims.tp - 1) / dims.tp
         t.tensor_parallel = int(per_layer * layers)
     if dims.cp > 1:
         heads = cfg.num_attention_heads // dims.tp
