@@ -164,9 +164,11 @@ def frozen_bytes(cfg: JobConfig) -> int:
     if cfg.text.encoder == "t5":
         try:
             from transformers import T5Config, T5EncoderModel
-
+        except ImportError as err:
+            raise ConfigError(f"text.encoder='t5' needs transformers ({err}): pip install 'cpdit[t5]'") from None
+        try:
             config = T5Config.from_pretrained(cfg.text.path, local_files_only=True)
-        except (ImportError, OSError, ValueError) as err:
+        except (OSError, ValueError) as err:
             raise ConfigError(f"text.path={cfg.text.path!r}: no T5 config to count its weights from ({err})") from None
         with torch.device("meta"):
             t5 = T5EncoderModel(config)
