@@ -18,6 +18,7 @@ import torch.distributed as dist
 from cpdit.models.registry import family_of
 from parallel.dims import ParallelDims
 from parallel.fsdp import adamw_foreach
+from parallel.memory_probe import training_step
 from parallel.parallelize import parallelize
 
 
@@ -44,16 +45,7 @@ def _step_peak(cfg, work, dims: ParallelDims, ac: str, param_dtype, fsdp: bool, 
             b = work.batch
             latents = torch.empty(b, work.frames, cfg.in_channels, work.height, work.width)
             text = torch.empty(b, work.text_len, cfg.text_embed_dim)
-            timesteps = torch.full((b,), 500.0)
-            amp = torch.autocast("cpu", dtype=param_dtype or torch.bfloat16, enabled=param_dtype is not None)
-
-            def step():
-                with amp:
-                    out = model(latents, text, timesteps, return_local=True)
-                out.float().square().mean().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            step = training_step(model, optimizer, latents, text, param_dtype)
             step()  # the optimizer state exists from here on, as in every step but the first
             if isinstance(model, FSDPModule):
                 tracker = FSDPMemTracker(model, optimizer)

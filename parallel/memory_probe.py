@@ -64,6 +64,23 @@ class MallocPeak(TorchDispatchMode):
         return self.peak_live - self.start
 
 
+def training_step(model, optimizer, latents: torch.Tensor, text: torch.Tensor, param_dtype: torch.dtype | None):
+    """The step both sides of the memory models run (measured here, on fake tensors in parallel/fake_memory.py):
+    forward under the job's autocast (`param_dtype`: bf16/fp16 training; None: fp32), a squared-output loss,
+    backward, AdamW, gradients freed."""
+    timesteps = torch.full((latents.shape[0],), 500.0)
+    amp = torch.autocast("cpu", dtype=param_dtype or torch.bfloat16, enabled=param_dtype is not None)
+
+    def step():
+        with amp:
+            out = model(latents, text, timesteps, return_local=True)
+        out.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def measure_step(
     cfg,
     dims: ParallelDims,
@@ -83,17 +100,7 @@ def measure_step(
     parallelize(model, dims, mesh, activation_checkpointing=activation_checkpointing, param_dtype=param_dtype)
     materialize(model, "cpu", seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    timesteps = torch.full((latents.shape[0],), 500.0)
-
-    amp = torch.autocast("cpu", dtype=param_dtype or torch.bfloat16, enabled=param_dtype is not None)
-
-    def step():
-        with amp:
-            out = model(latents, text, timesteps, return_local=True)
-        out.float().square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, optimizer, latents, text, param_dtype)
     step()
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
     static = _local_bytes(model.parameters()) + _local_bytes(states)
