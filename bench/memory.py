@@ -48,6 +48,11 @@ def memory_error(r: dict, key: str = "predicted") -> float:
     return r[key] / r["measured"] - 1
 
 
+def sent_error(r: dict) -> str:
+    """A row's predicted / measured bytes - 1, or "-" where nothing was sent."""
+    return f"{r['predicted_sent'] / r['sent'] - 1:+.1%}" if r["sent"] else "-"
+
+
 def report_fake(rows: list[dict]) -> str:
     """The fake run's predictions (parallel/fake_memory.py) against the measured peaks."""
     MiB = 2**20
@@ -57,7 +62,7 @@ def report_fake(rows: list[dict]) -> str:
         "|" + "---|" * 12,
     ]
     for r in rows:
-        sent_err = f"{r['predicted_sent'] / r['sent'] - 1:+.1%}" if r["sent"] else "-"
+        sent_err = sent_error(r)
         out.append(
             f"| {r['shape']} | {r.get('param_dtype', 'float32')} | {r['cp']} | {r['ulysses']} | {r['tp']} | "
             f"{r['ac']} | {r['measured'] / MiB:.1f} | {r['predicted_fake'] / MiB:.1f} | "
@@ -135,7 +140,7 @@ def report(rows: list[dict]) -> str:
     ]
     for r in rows:
         err = memory_error(r)
-        sent_err = f"{r['predicted_sent'] / r['sent'] - 1:+.1%}" if r["sent"] else "-"
+        sent_err = sent_error(r)
         out.append(
             f"| {r['shape']} | {r['cp']} | {r['ulysses']} | {r['tp']} | {r['ac']} | {r['measured'] / MiB:.1f} | "
             f"{r['predicted'] / MiB:.1f} | {err:+.1%} | {r['sent'] / MiB:.2f} | {r['predicted_sent'] / MiB:.2f} | "
