@@ -98,6 +98,15 @@ class ParallelConfig:
     """How frames are split over cp ranks: contiguous, or zigzag (load balance for frame-causal)."""
     fsdp: bool = True
     """Shard parameters, gradients and optimizer state with FSDP2 over dp_shard x cp."""
+    dynamic_cp: bool = False
+    """With data.buckets: run each bucket at its own context-parallel degree c dividing cp_size (the cp group splits
+    into cp_size / c sub-groups, each over its own clips): the smallest degree whose micro-batch fits the memory cap
+    as `cpdit-launch plan` predicts it, with the planner's measured error as margin, unless cp_per_bucket pins it."""
+    cp_per_bucket: list[int] | None = None
+    """With dynamic_cp: the cp degree of each entry of data.buckets, in order (None: chosen by the planner)."""
+    dynamic_cp_memory_gib: float | None = None
+    """With dynamic_cp: the memory of one device the degrees are chosen for (90% of it is used, as by `cpdit-launch
+    plan`); None: the GPU's own, or on CPU the machine's memory divided by its processes."""
 
 
 @dataclass
@@ -178,6 +187,18 @@ class DataConfig:
     """folder dataset: random temporal offset and spatial crop (else from the start, centered)."""
     latent_cache_dir: str | None = None
     """With first_stage.kind=vae: keep each clip's VAE posterior here and skip the VAE when it is cached."""
+    buckets: list[list[int]] | None = None
+    """Clip shapes [frames, height, width] in pixels (e.g. [[9, 16, 24], [17, 16, 16], [33, 24, 16]]): a folder
+    dataset's video goes to the bucket of nearest aspect ratio, then the longest it covers, and is resized and cropped
+    to it (shorter than every bucket: skipped and counted); the synthetic datasets draw each clip's bucket. A
+    micro-batch holds clips of one bucket (data.token_budget sets how many). None: every clip is data.num_frames x
+    data.height x data.width."""
+    bucket_weights: list[float] | None = None
+    """Synthetic datasets with data.buckets: the share of clips drawn for each bucket (None: equal shares)."""
+    token_budget: int = 0
+    """With data.buckets: tokens (text + latent patches) per cp group per micro-batch; a bucket's micro-batch is as
+    many clips as fit, at least one (`cpdit-launch plan` recommends a budget). 0: data.batch_size clips of every
+    bucket."""
 
 
 @dataclass
@@ -497,6 +518,7 @@ def validate(job: JobConfig) -> None:
             "data.latent_cache_dir with data.dataset='precomputed': the precomputed directory already holds every "
             "posterior; remove data.latent_cache_dir"
         )
+    _validate_buckets(job)
     ranges = {  # key: (value, low, high, inclusive high)
         "train.ema_decay": (job.train.ema_decay, 0.0, 1.0, False),
         "train.ucg_rate": (job.train.ucg_rate, 0.0, 1.0, True),
@@ -542,3 +564,56 @@ def validate(job: JobConfig) -> None:
 def to_yaml(job: JobConfig) -> str:
     """The resolved config, as written into the run directory."""
     return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def _validate_buckets(job: JobConfig) -> None:
+    """data.buckets and the knobs that go with it (the per-bucket shape checks need the model: launch/preflight.py)."""
+    d, p = job.data, job.parallel
+    if d.token_budget < 0:
+        raise ConfigError(f"data.token_budget={d.token_budget} must be >= 0 (0: data.batch_size clips per bucket)")
+    if d.buckets is None:
+        for key, value in (
+            ("data.bucket_weights", d.bucket_weights),
+            ("data.token_budget", d.token_budget or None),
+            ("parallel.dynamic_cp", p.dynamic_cp or None),
+            ("parallel.cp_per_bucket", p.cp_per_bucket),
+        ):
+            if value is not None:
+                raise ConfigError(f"{key}={value} needs data.buckets (a list of [frames, height, width])")
+        return
+    from launch.job.buckets import parse_buckets
+
+    try:
+        buckets = parse_buckets(d.buckets)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not buckets:
+        raise ConfigError("data.buckets=[] lists no bucket; give at least one [frames, height, width] or null")
+    if d.dataset == "precomputed":
+        raise ConfigError(
+            "data.buckets with data.dataset='precomputed': a precomputed directory holds clips of one shape "
+            "(cpdit-launch precompute does not bucket yet); remove data.buckets or train on the fly"
+        )
+    if d.bucket_weights is not None:
+        if d.dataset not in ("synthetic", "synthetic_i2v"):
+            raise ConfigError(
+                f"data.bucket_weights is for the synthetic datasets (a folder's clips go to the bucket they fit); "
+                f"remove it for data.dataset={d.dataset!r}"
+            )
+        if len(d.bucket_weights) != len(buckets) or any(w < 0 for w in d.bucket_weights) or sum(d.bucket_weights) <= 0:
+            raise ConfigError(
+                f"data.bucket_weights={d.bucket_weights} must give one share >= 0 per bucket ({len(buckets)}), not "
+                "all 0"
+            )
+    if p.cp_per_bucket is not None:
+        if not p.dynamic_cp:
+            raise ConfigError("parallel.cp_per_bucket needs parallel.dynamic_cp=true")
+        if len(p.cp_per_bucket) != len(buckets):
+            raise ConfigError(
+                f"parallel.cp_per_bucket={p.cp_per_bucket} gives {len(p.cp_per_bucket)} degrees for the "
+                f"{len(buckets)} data.buckets; give one per bucket, in order"
+            )
+    if p.dynamic_cp and p.cp_size == 1:
+        raise ConfigError("parallel.dynamic_cp=true with parallel.cp_size=1: there is no cp group to split")
+    if p.dynamic_cp_memory_gib is not None and p.dynamic_cp_memory_gib <= 0:
+        raise ConfigError(f"parallel.dynamic_cp_memory_gib={p.dynamic_cp_memory_gib} must be > 0")

@@ -74,7 +74,23 @@ def _job_model(cfg: JobConfig):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {err}") from None
 
 
-def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
+def _check_buckets(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
+    """Each bucket of data.buckets passes the shape checks of a job of its shape, and every bucket can run at its
+    cp degree (launch/bucket_plan.py: pinned degrees, frames per rank, clips per sub-group)."""
+    from launch.bucket_plan import bucket_config, buckets_of, plan_buckets
+
+    for i, bucket in enumerate(buckets_of(cfg)):
+        try:  # under dynamic cp a bucket may run below cp_size: plan_buckets checks its frames against its degree
+            _check_shapes(bucket_config(cfg, bucket), dims, command, cp_frames=not cfg.parallel.dynamic_cp)
+        except ConfigError as err:
+            raise ConfigError(
+                f"data.buckets[{i}]={bucket.name} (frames x height x width, checked as data.num_frames, data.height, "
+                f"data.width): {err}"
+            ) from None
+    plan_buckets(cfg, dims, predict=False)
+
+
+def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str, cp_frames: bool = True) -> None:
     channels, tf, sf = checked_first_stage(cfg, dims)
     m = _job_model(cfg)
     d, p = cfg.data, cfg.parallel
@@ -110,7 +126,7 @@ def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
             )
     per_patch = m.frames_per_patch if isinstance(m, CogVideoXConfig) else 1
     patch_frames = -(-latents // per_patch)  # after CogVideoX 1.5's leading copies of frame 0
-    if patch_frames < p.cp_size:
+    if cp_frames and patch_frames < p.cp_size:
         count = f"{latents} latent frames"
         if per_patch > 1:
             count += f" in {patch_frames} patch-frame(s) of {per_patch} (model.patch_size_t)"
@@ -347,6 +363,13 @@ def preflight(cfg: JobConfig, world_size: int, command: str = "train") -> Parall
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     if command in ("train", "sample", "precompute"):
         _check_shapes(cfg, dims, command)
+        if cfg.data.buckets and command == "train":
+            _check_buckets(cfg, dims, command)
+        if cfg.data.buckets and command == "precompute":
+            raise ConfigError(
+                "data.buckets with cpdit-launch precompute: a precomputed directory holds clips of one shape "
+                "(data.num_frames x data.height x data.width); remove data.buckets to precompute"
+            )
         _check_files(cfg, command)
         _check_precomputed(cfg, dims, command)
     return dims

@@ -122,6 +122,15 @@ class Parallelized:
         grouped = x.unflatten(dim, (x.shape[dim] // g, g))
         return self.model.sequence.frames(x.shape[dim] // g).shard_frames(grouped, dim).flatten(dim, dim + 1)
 
+    def cp_degree(self, c: int | None):
+        """A context in which the model runs at cp degree `c` (parallel/dynamic_cp.py; None or cp_size: the full
+        group)."""
+        from contextlib import nullcontext
+
+        if c is None or c == self.dims.cp:
+            return nullcontext()
+        return self.model.sequence.use(c)
+
     def holds_first_frame(self, num_frames: int) -> bool:
         """Whether this rank's frames of a clip of `num_frames` latent frames (before CogVideoX 1.5's padding)
         include frame 0 (contiguous and zigzag layouts alike)."""

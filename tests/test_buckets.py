@@ -55,7 +55,7 @@ def test_an_epoch_takes_each_clip_at_most_once_in_proportion():
 
 def _steps(order_of, steps):
     """What the ranks of a layout take over `steps` steps: [(bucket, clips)] in rank order per step."""
-    return [[o.next() for o in order_of] for _ in range(steps)]
+    return [[o.step()[0][0] for o in order_of] for _ in range(steps)]
 
 
 def test_a_run_resumed_under_another_dp_continues_with_the_next_micro_batch():
@@ -71,7 +71,21 @@ def test_a_run_resumed_under_another_dp_continues_with_the_next_micro_batch():
     assert two[0].position == (0, 6) and first + second == whole[:18]
     clips = [c for _, batch in first + second for c in batch]
     assert len(clips) == len(set(clips))
-    nxt = [o.next() for o in four]  # 18 taken of 20: 2 left, fewer than dp=4 -> epoch 1
+    nxt = [o.step()[0][0] for o in four]  # 18 taken of 20: 2 left, fewer than dp=4 -> epoch 1
     assert four[0].position == (1, 4) and nxt == epoch_batches(_mix(), sizes, 0, 1)[:4]
     with pytest.raises(ValueError, match="fewer than the 64 data-parallel ranks"):
         BucketedOrder(_mix(), sizes, 0, 0, 64)
+
+
+def test_a_step_of_micro_steps_takes_dp_x_accum_micro_batches_in_rank_order():
+    """grad_accum=2 on dp=2: micro-step m of rank d takes micro-batch m x dp + d of the step's four, and every rank
+    sees all four (the step's sample count); a step never spans an epoch's end."""
+    sizes = {0: 4, 1: 2, 2: 3}
+    whole = epoch_batches(_mix(), sizes, 0, 0)
+    ranks = [BucketedOrder(_mix(), sizes, 0, r, 2, accum=2) for r in range(2)]
+    (mine0, every0), (mine1, every1) = (o.step() for o in ranks)
+    assert every0 == every1 == whole[:4] and mine0 == [whole[0], whole[2]] and mine1 == [whole[1], whole[3]]
+    for _ in range(4):  # 20 micro-batches: steps 2..5 take 4..19 ...
+        ranks[0].step()
+    assert ranks[0].position == (0, 20)
+    assert ranks[0].step()[1] == epoch_batches(_mix(), sizes, 0, 1)[:4]  # ... and the next starts epoch 1

@@ -68,8 +68,8 @@ def test_video_folder_decodes_and_skips_corrupt(tmp_path, caplog):
     assert set(seen) == {"caption 0", "caption 1", "caption 2"}
     assert ds.skipped == 2 and "skipping unreadable video" in caplog.text
     batches = DistributedBatches(ds, batch_size=2, dp_rank=1, dp_size=2, seed=0)
-    video, caps = batches.next()
-    assert video.shape == (2, 5, 3, 32, 32) and len(caps) == 2
+    batch = batches.next()
+    assert batch.video.shape == (2, 5, 3, 32, 32) and len(batch.captions) == 2
 
 
 def test_bad_dataset_inputs(tmp_path):
@@ -85,12 +85,12 @@ def test_bad_dataset_inputs(tmp_path):
 def test_batches_resume_exactly():
     ds = SyntheticShapes(12, 2, 8, 8)
     a = DistributedBatches(ds, 2, 0, 2, seed=1)
-    seq = [a.next()[1] for _ in range(7)]  # crosses an epoch (3 batches per epoch per rank)
+    seq = [a.next().captions for _ in range(7)]  # crosses an epoch (3 batches per epoch per rank)
     b = DistributedBatches(ds, 2, 0, 2, seed=1)
     for _ in range(4):
         b.next()
     c = DistributedBatches(ds, 2, 0, 2, seed=1, position=b.pos)
-    assert [c.next()[1] for _ in range(3)] == seq[4:]
+    assert [c.next().captions for _ in range(3)] == seq[4:]
 
 
 def test_synthetic_clip_is_determined_by_its_caption():
@@ -124,7 +124,7 @@ def _take(n_steps: int, dp: int, bs: int, position, n: int = 40):
     ids = []
     for _ in range(n_steps):
         for b in ranks:
-            ids += b.next()[0].flatten().tolist()
+            ids += b.next().video.flatten().tolist()
     assert len({b.pos.clips for b in ranks}) == 1
     return ids, ranks[0].pos
 

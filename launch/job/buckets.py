@@ -76,28 +76,70 @@ def epoch_batches(bucket_of: list[int | None], sizes: dict[int, int], seed: int,
 
 
 class BucketedOrder:
-    """The micro-batches a data-parallel rank takes: step by step, dp at a time from the epoch's order (the rank's
-    is at its dp index). `position`: (epoch, micro-batches of the epoch taken by all ranks together)."""
+    """The micro-batches a data-parallel rank takes: a step of k micro-steps takes the next k x dp micro-batches of
+    the epoch's order, micro-step m of dp rank d the (m x dp + d)-th. `position`: (epoch, micro-batches of the epoch
+    taken by all ranks together). A step never spans two epochs: the few left that do not fill one wait."""
 
-    def __init__(self, bucket_of, sizes, seed: int, dp_rank: int, dp: int, position: tuple[int, int] = (0, 0)):
+    def __init__(
+        self, bucket_of, sizes, seed: int, dp_rank: int, dp: int, position: tuple[int, int] = (0, 0), accum: int = 1
+    ):
         self.bucket_of, self.sizes, self.seed, self.dp_rank, self.dp = bucket_of, sizes, seed, dp_rank, dp
+        self.accum = accum
         self.epoch, self.taken = position
         self._order = epoch_batches(bucket_of, sizes, seed, self.epoch)
-        if len(self._order) < dp:
+        if len(self._order) < dp * accum:
             raise ValueError(
-                f"an epoch has {len(self._order)} bucketed micro-batches, fewer than the {dp} data-parallel ranks; "
-                "add clips or lower the token budget"
+                f"an epoch has {len(self._order)} bucketed micro-batches, fewer than the {dp} data-parallel ranks x "
+                f"{accum} micro-steps (train.grad_accum) of one step; add clips or lower data.token_budget"
             )
 
     @property
     def position(self) -> tuple[int, int]:
         return self.epoch, self.taken
 
-    def next(self) -> tuple[int, list[int]]:
-        """This rank's (bucket, clip indices) of the next step."""
-        if self.taken + self.dp > len(self._order):  # the few left that do not fill a step are skipped this epoch
+    def step(self) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]]]:
+        """(this rank's micro-batches of the next step, in order; every rank's), each (bucket, clip indices)."""
+        n = self.dp * self.accum
+        if self.taken + n > len(self._order):
             self.epoch, self.taken = self.epoch + 1, 0
             self._order = epoch_batches(self.bucket_of, self.sizes, self.seed, self.epoch)
-        batch = self._order[self.taken + self.dp_rank]
-        self.taken += self.dp
-        return batch
+        every = self._order[self.taken : self.taken + n]
+        self.taken += n
+        return every[self.dp_rank :: self.dp], every
+
+
+class BucketedBatches:
+    """The job's data stream with data.buckets: each micro-step a micro-batch of one bucket (launch/bucket_plan.py
+    sets its size and cp degree), with the step's sample and token counts every rank knows from the order."""
+
+    def __init__(self, dataset, plans, seed: int, dp_rank: int, dp: int, grad_accum: int, position):
+        from launch.job.data import DataPosition
+
+        self.ds, self.plans = dataset, plans
+        sizes = {i: p.micro for i, p in enumerate(plans)}
+        self.order = BucketedOrder(
+            dataset.bucket_of, sizes, seed, dp_rank, dp, (position.epoch, position.batches), grad_accum
+        )
+        self._position = DataPosition
+        self._queue: list = []
+
+    @property
+    def pos(self):
+        epoch, taken = self.order.position
+        return self._position(epoch, 0, taken)
+
+    def next(self):
+        from launch.job.data import MicroBatch, stack_clips
+
+        if not self._queue:
+            mine, every = self.order.step()
+            samples = sum(len(ids) for _, ids in every)
+            tokens = sum(len(ids) * self.plans[b].tokens for b, ids in every)
+            first = 0
+            for b, ids in mine:
+                self._queue.append((b, ids, first, samples, tokens))
+                first += len(ids)
+        b, ids, first, samples, tokens = self._queue.pop(0)
+        plan = self.plans[b]
+        video, captions = stack_clips([self.ds[i] for i in ids])
+        return MicroBatch(video, captions, ids, first, samples, tokens, plan.cp, plan.bucket.name)

@@ -162,9 +162,11 @@ class VideoFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, i: int) -> tuple[torch.Tensor, str]:
+    def _load(self, i: int, shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, str]:
+        """Clip i at `shape` (frames, height, width; None: the dataset's own)."""
         import imageio.v2 as imageio
 
+        f, h, w = shape or (self.f, self.h, self.w)
         path, label = self.items[i]
         reader = imageio.get_reader(str(path), "ffmpeg")
         try:
@@ -173,29 +175,34 @@ class VideoFolder(torch.utils.data.Dataset):
             frames = [fr for j, fr in enumerate(reader) if j % stride == 0]
         finally:
             reader.close()
-        if len(frames) < self.f:
-            raise ValueError(f"{path}: {len(frames)} frames at {self.fps} fps, need {self.f}")
+        if len(frames) < f:
+            raise ValueError(f"{path}: {len(frames)} frames at {self.fps} fps, need {f}")
         rng = np.random.default_rng([self.seed, i])
-        start = int(rng.integers(0, len(frames) - self.f + 1)) if self.random_crop else 0
-        video = torch.from_numpy(np.stack(frames[start : start + self.f])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return self._resize_crop(video[:, :3], rng), label.read_text().strip()
+        start = int(rng.integers(0, len(frames) - f + 1)) if self.random_crop else 0
+        video = torch.from_numpy(np.stack(frames[start : start + f])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return self._resize_crop(video[:, :3], rng, h, w), label.read_text().strip()
 
-    def _resize_crop(self, video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def _resize_crop(self, video: torch.Tensor, rng: np.random.Generator, th: int, tw: int) -> torch.Tensor:
         _, _, h, w = video.shape
-        scale = max(self.h / h, self.w / w)
-        nh, nw = max(self.h, math.ceil(h * scale)), max(self.w, math.ceil(w * scale))
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, math.ceil(h * scale)), max(tw, math.ceil(w * scale))
         video = torch.nn.functional.interpolate(video, size=(nh, nw), mode="bilinear", align_corners=False)
-        top = int(rng.integers(0, nh - self.h + 1)) if self.random_crop else (nh - self.h) // 2
-        left = int(rng.integers(0, nw - self.w + 1)) if self.random_crop else (nw - self.w) // 2
-        return video[:, :, top : top + self.h, left : left + self.w].clamp(-1, 1)
+        top = int(rng.integers(0, nh - th + 1)) if self.random_crop else (nh - th) // 2
+        left = int(rng.integers(0, nw - tw + 1)) if self.random_crop else (nw - tw) // 2
+        return video[:, :, top : top + th, left : left + tw].clamp(-1, 1)
+
+    def shape_of(self, i: int) -> tuple[int, int, int] | None:
+        """The shape clip i is loaded at (None: the dataset's own; a bucketed folder's: its bucket's)."""
+        return None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        shape = self.shape_of(i)
         for k in range(len(self.items)):
             j = (i + k) % len(self.items)
-            if j in self.bad:
+            if j in self.bad or self.shape_of(j) != shape:  # a stand-in has the clip's shape
                 continue
             try:
-                return self._load(j)
+                return self._load(j, shape)
             except Exception as err:  # corrupt, truncated or unreadable: skip, count, never crash
                 self.bad.add(j)
                 self.skipped += 1
@@ -206,13 +213,15 @@ class VideoFolder(torch.utils.data.Dataset):
 @dataclass
 class DataPosition:
     """Where the sampler stands, saved in checkpoints and independent of the layout: the epoch, and how many clips
-    of that epoch's permutation the data-parallel ranks have taken together. A run resumed with another number of
-    data-parallel ranks or another batch size continues with the next clip of the same permutation, so within the
-    epoch no clip is seen twice or skipped (an epoch ends when the next step's dp x batch clips do not fit; the
-    few left over are skipped, as by every layout)."""
+    of that epoch's permutation the data-parallel ranks have taken together (with data.buckets: how many of the
+    epoch's bucketed micro-batches, launch/job/buckets.py). A run resumed with another number of data-parallel ranks
+    or another batch size continues with the next clip of the same permutation, so within the epoch no clip is seen
+    twice or skipped (an epoch ends when the next step's dp x batch clips do not fit; the few left over are skipped,
+    as by every layout)."""
 
     epoch: int = 0
     clips: int = 0
+    batches: int = 0
 
     @classmethod
     def from_meta(cls, meta: dict) -> DataPosition:
@@ -220,7 +229,7 @@ class DataPosition:
         (`index`), converted with the dp size and batch size they were written with."""
         data = meta["data"]
         if "clips" in data:
-            return cls(int(data["epoch"]), int(data["clips"]))
+            return cls(int(data["epoch"]), int(data["clips"]), int(data.get("batches", 0)))
         import re
 
         import yaml
@@ -231,12 +240,41 @@ class DataPosition:
         return cls(int(data["epoch"]), int(data["index"]) * dp * int(batch))
 
 
+@dataclass
+class MicroBatch:
+    """What one micro-step of a data-parallel group takes, and what it needs to know of the whole step."""
+
+    video: torch.Tensor | dict[str, torch.Tensor]
+    """(B, F, 3, H, W) in [-1, 1], or a precomputed dataset's entries {key: (B, ...)}."""
+    captions: list[str]
+    ids: list[int]
+    """The clips' dataset indices (the latent cache's keys, the image noise's seeds)."""
+    first: int
+    """Index of its first clip among the group's clips of the step (the per-sample draws' index)."""
+    step_samples: int
+    """Clips of the whole step, every data-parallel group and micro-step: the loss is the mean over them."""
+    step_tokens: int
+    """Tokens of those clips (tokens/s)."""
+    cp: int | None = None
+    """The context-parallel degree it runs at (parallel.dynamic_cp); None: parallel.cp_size."""
+    bucket: str | None = None
+    """Its bucket's name ("17x16x24"), with data.buckets."""
+
+
 class DistributedBatches:
     """Batches of one data-parallel rank: a per-epoch permutation of the dataset (seeded by epoch), strided by
     dp rank; every rank of a cp x tp group (same dp rank) reads the same clips in the same order."""
 
     def __init__(
-        self, dataset, batch_size: int, dp_rank: int, dp_size: int, seed: int = 0, position: DataPosition | None = None
+        self,
+        dataset,
+        batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int = 0,
+        position: DataPosition | None = None,
+        grad_accum: int = 1,
+        tokens: int = 0,
     ):
         if len(dataset) < batch_size * dp_size:
             raise ValueError(
@@ -245,24 +283,31 @@ class DistributedBatches:
             )
         self.ds, self.bs, self.dp_rank, self.dp, self.seed = dataset, batch_size, dp_rank, dp_size, seed
         self.pos = position or DataPosition()
+        self.grad_accum, self.tokens, self._micro = grad_accum, tokens, 0
 
     def per_step(self) -> int:
-        """Clips all data-parallel ranks take together per step."""
+        """Clips all data-parallel ranks take together per micro-step."""
         return self.bs * self.dp
 
-    def next(self) -> tuple[torch.Tensor | dict[str, torch.Tensor], list[str]]:
-        """(videos (B, F, 3, H, W), or a precomputed dataset's entries {key: (B, ...)}, captions)."""
+    def next(self) -> MicroBatch:
         if self.pos.clips + self.per_step() > len(self.ds):
             self.pos = DataPosition(self.pos.epoch + 1, 0)
         perm = torch.randperm(len(self.ds), generator=generator(self.seed, "data order", self.pos.epoch))
         start = self.pos.clips + self.dp_rank * self.bs
-        self.last_ids = [int(i) for i in perm[start : start + self.bs]]  # clip indices (for the latent cache)
-        items = [self.ds[i] for i in self.last_ids]
+        ids = [int(i) for i in perm[start : start + self.bs]]
+        items = [self.ds[i] for i in ids]
         self.pos = DataPosition(self.pos.epoch, self.pos.clips + self.per_step())
-        clips = [v for v, _ in items]
-        if isinstance(clips[0], dict):  # precomputed entries: each key stacked (B, ...)
-            return {k: torch.stack([c[k] for c in clips]) for k in clips[0]}, [c for _, c in items]
-        return torch.stack(clips), [c for _, c in items]
+        first, self._micro = self._micro * self.bs, (self._micro + 1) % self.grad_accum
+        samples = self.per_step() * self.grad_accum
+        return MicroBatch(*stack_clips(items), ids, first, samples, samples * self.tokens)
+
+
+def stack_clips(items: list[tuple]) -> tuple[torch.Tensor | dict[str, torch.Tensor], list[str]]:
+    """[(video or precomputed entries, caption)] -> (videos (B, ...) or entries {key: (B, ...)}, captions)."""
+    clips = [v for v, _ in items]
+    if isinstance(clips[0], dict):  # precomputed entries: each key stacked (B, ...)
+        return {k: torch.stack([c[k] for c in clips]) for k in clips[0]}, [c for _, c in items]
+    return torch.stack(clips), [c for _, c in items]
 
 
 SYNTHETIC = {"synthetic": SyntheticShapes, "synthetic_i2v": SyntheticShapesI2V}

@@ -36,6 +36,7 @@ def fingerprint(cfg, image: bool) -> str:
     what = {
         "first_stage": first_stage_identity(cfg),
         "data": [d.dataset, d.path, d.num_frames, d.height, d.width, d.fps, d.random_crop, d.num_samples],
+        **({"buckets": [d.buckets, d.bucket_weights]} if d.buckets else {}),
         "seed": cfg.train.seed,
     }
     if image:

@@ -1,15 +1,15 @@
 # The diffusion objective of one micro-batch (CogVideoX's v-prediction on zero-SNR noise levels): the first stage's
 # latents, the step's random draws (RNG policy: ParallelDims.draw_seed), the forward on this rank's frames and its
-# share of the replica's mean loss.
+# share of the step's mean loss (a mean over clips, each clip's loss the mean over its own tokens).
 from __future__ import annotations
-
-import time
 
 import torch
 
 from cpdit.diffusion import add_noise, per_frame_timesteps, sample_timesteps, v_loss_terms
 from cpdit.models.patch import pad_leading_frames, patch_frame_padding
+from launch.job.data import MicroBatch
 from launch.job.image_cond import holds_image, image_moments, micro_batch_image_latents
+from parallel.dynamic_cp import sub_group_index
 from parallel.progress import PROGRESS
 
 FIRST_STAGE_STREAM = 1 << 20  # draw indices at and above this seed the first stage's posterior samples
@@ -45,36 +45,41 @@ def cache_entries(run, video: torch.Tensor, ids: list[int]) -> dict[str, torch.T
     return out
 
 
-def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
-    """(this rank's share of its replica's mean loss over the step's accumulated batch, data seconds). The share
-    sums over cp to the replica's mean; FSDP (or the plain all-reduce) averages over dp."""
-    cfg, device = run.cfg, run.device
-    PROGRESS.enter("data")
-    t_data = time.perf_counter()
-    video, captions = run.batches.next()
-    data_time = time.perf_counter() - t_data
+def micro_batch_loss(run, step: int, micro: int, batch: MicroBatch) -> torch.Tensor:
+    """This rank's share of the step's mean loss: the sum over its clips (its sub-group's, under a smaller cp degree)
+    of each clip's loss over its own frames divided by the clip's element count, times dp / the step's clip count.
+    Summed over cp and averaged over dp (FSDP or the plain all-reduce) it is the mean over the step's clips of each
+    clip's mean loss, so every clip counts the same whatever its bucket. Runs in run.parallel.cp_degree(batch.cp)."""
+    cfg, device, dims = run.cfg, run.device, run.dims
+    video, captions, ids, cached = batch.video, batch.captions, batch.ids, None
     # the first stage's posterior sample: one generator per micro-step (its own stream of seeds)
-    seed = run.dims.draw_seed(cfg.train.seed, run.env.rank, step, FIRST_STAGE_STREAM + micro)
+    seed = dims.draw_seed(cfg.train.seed, run.env.rank, step, FIRST_STAGE_STREAM + micro)
     gen = torch.Generator().manual_seed(seed)
     PROGRESS.enter("first stage")
-    ids, cached = run.batches.last_ids, None
     if isinstance(video, dict):  # data.dataset=precomputed: the posteriors (and text embeddings) as computed before
         cached, video = {k: t.to(device) for k, t in video.items()}, None
     elif run.cache is not None:
         cached = run.cache.entries(ids, device, lambda: cache_entries(run, video, ids))
     if cached is not None:
         x0 = run.first_stage.latents(cached["mean"], cached["logvar"], gen).float()
-    else:
+    else:  # the whole micro-batch over the first stage's group, whatever the model's degree
         x0 = run.first_stage.encode(video.to(device), gen).float()  # (B, T, C, h, w) latents
-    B = x0.shape[0]
+    rows = slice(0, x0.shape[0])
+    if batch.cp is not None and batch.cp != dims.cp:  # this rank's sub-group takes its share of the clips
+        k, groups = sub_group_index(dims, run.env.rank, batch.cp)
+        rows = slice(k * x0.shape[0] // groups, (k + 1) * x0.shape[0] // groups)
+        x0, ids, captions = x0[rows], ids[rows], captions[rows]
+        video = video[rows] if video is not None else None
+        cached = {key: t[rows] for key, t in cached.items()} if cached is not None else None
+    first = batch.first + rows.start  # the clip's index among its group's clips of the step: its draws' seeds
     image = None
     if run.image_conditioned:  # [noisy | image] latents in: the noised first frame at latent frame 0
         moments = (cached["image_mean"], cached["image_logvar"]) if cached and "image_mean" in cached else None
-        image = micro_batch_image_latents(run, video, x0.shape, step, micro * B, ids, moments)
+        image = micro_batch_image_latents(run, video, x0.shape, step, first, ids, moments)
     # a model patching frames_per_patch latent frames together (CogVideoX 1.5): copies of frame 0 in front
     pad = patch_frame_padding(x0.shape[1], run.modules.dit.frames_per_patch)
     x0 = pad_leading_frames(x0, pad)
-    idx, noise, keep = diffusion_draws(x0.shape, run.schedule.num_idx, run, step, micro * B, run.frame_causal)
+    idx, noise, keep = diffusion_draws(x0.shape, run.schedule.num_idx, run, step, first, run.frame_causal)
     noise, keep = noise.to(device), keep.to(device)
     a = run.schedule.alpha(idx).to(device)  # (B,) or per frame (B, T)
     x_t = add_noise(x0, noise, a)
@@ -86,4 +91,5 @@ def micro_batch_loss(run, step: int, micro: int) -> tuple[torch.Tensor, float]:
         v = run.modules.dit(x_in, text, idx.to(device).float(), return_local=True)  # (B, T_local, C, H, W)
     local = run.parallel.local_frames
     err = v_loss_terms(v.float(), local(x_t), local(x0), local(a) if a.dim() == 2 else a)
-    return err.sum() / (x0[0].numel() * B * cfg.train.grad_accum), data_time
+    per_clip = err.flatten(1).sum(1) / x0[0].numel()  # (B,): this rank's frames' part of each clip's mean
+    return per_clip.sum() * (dims.dp / batch.step_samples)

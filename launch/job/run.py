@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -14,9 +15,12 @@ from cpdit.diffusion import Schedule
 from cpdit.first_stage import FirstStage, latent_frames
 from cpdit.models.cogvideox.config import CogVideoXConfig
 from cpdit.models.registry import family_of
+from launch.bucket_plan import BucketPlan, buckets_of, plan_buckets
 from launch.config import JobConfig, to_yaml
 from launch.env import DistEnv
 from launch.job import checkpoint
+from launch.job.bucketed import build_bucketed
+from launch.job.buckets import Bucket, BucketedBatches
 from launch.job.build import AMP_DTYPES, Trainable, architecture, build
 from launch.job.data import DistributedBatches, build_dataset
 from launch.job.ema import new_ema
@@ -30,6 +34,7 @@ from launch.job.state import TrainState
 from launch.job.watchdog import HangWatchdog
 from parallel.comm import agree
 from parallel.dims import ParallelDims, ParallelMesh
+from parallel.dynamic_cp import enable_dynamic_cp
 from parallel.fsdp import adamw_foreach
 from parallel.parallelize import Parallelized
 from parallel.progress import PROGRESS
@@ -56,7 +61,9 @@ class Run:
     arch: dict
     log: RunLog
     dataset: Dataset
-    batches: DistributedBatches
+    batches: DistributedBatches | BucketedBatches
+    bucket_plans: list[BucketPlan] | None
+    """data.buckets: each bucket's tokens, micro-batch and cp degree (launch/bucket_plan.py); None without."""
     schedule: Schedule
     first_stage: FirstStage
     cache: LatentCache | None
@@ -64,8 +71,6 @@ class Run:
     frame_causal: bool
     image_conditioned: bool
     """Image-to-video: [noisy | image] latents into the model (launch/job/image_cond.py)."""
-    tokens: int
-    """Tokens per sample (text + latent frames x patches), for tokens/s."""
     watchdog: HangWatchdog | None
 
     @property
@@ -88,6 +93,41 @@ def frozen_bytes(modules: Trainable, par: Parallelized) -> dict[str, int]:
         return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
 
     return {"first_stage": size(vae), "frozen_text": size(t5)}
+
+
+def open_data(cfg: JobConfig, env: DistEnv, dims: ParallelDims, state: TrainState, modules: Trainable, par):
+    """Collective with parallel.dynamic_cp (the sub-groups' meshes). The dataset, the rank's batches from the
+    checkpointed position, and with data.buckets each bucket's plan."""
+    seed, dp_rank = cfg.train.seed, dims.dp_rank(env.rank)
+    if not cfg.data.buckets:
+        dataset = build_dataset(cfg, seed)
+        bucket = Bucket(cfg.data.num_frames, cfg.data.height, cfg.data.width)
+        tokens = clip_tokens(cfg, modules.dit, par.first_stage, bucket)
+        batches = DistributedBatches(
+            dataset, cfg.data.batch_size, dp_rank, dims.dp, seed, state.position, cfg.train.grad_accum, tokens
+        )
+        return dataset, batches, None
+    plans = plan_buckets(cfg, dims, env.local_world_size)
+    dataset = build_bucketed(cfg, buckets_of(cfg), seed)
+    batches = BucketedBatches(dataset, plans, seed, dp_rank, dims.dp, cfg.train.grad_accum, state.position)
+    if cfg.parallel.dynamic_cp:
+        enable_dynamic_cp(par.model, dims, [p.cp for p in plans], timedelta(seconds=cfg.dist.timeout_s))
+    return dataset, batches, plans
+
+
+def plan_row(plan: BucketPlan, clips: int) -> dict:
+    """A bucket's line of the `buckets` event of metrics.jsonl."""
+    row = {"bucket": plan.bucket.name, "clips": clips, "tokens": plan.tokens, "micro_batch": plan.micro, "cp": plan.cp}
+    if plan.predicted is not None:
+        row["predicted_mib"] = round(plan.predicted / 2**20, 1)
+    return row
+
+
+def clip_tokens(cfg: JobConfig, dit, stage, bucket: Bucket) -> int:
+    """Tokens of one clip of `bucket`'s shape: text + latent patch-frames x patches per frame."""
+    sf, frames = stage.spatial_factor, latent_frames(bucket.frames, stage.temporal_factor)
+    frames, p = -(-frames // dit.frames_per_patch), dit.config.patch_size
+    return cfg.train.text_max_length + frames * (bucket.height // sf // p) * (bucket.width // sf // p)
 
 
 def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch.device, stop: StopRequest) -> Run:
@@ -138,10 +178,14 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
             log.event(event="resume", from_checkpoint=str(resume), step=state.step, layout=dims.describe())
     if env.local_rank == 0:
         clear_marker(run_dir)
-    dataset = build_dataset(cfg, cfg.train.seed)
-    batches = DistributedBatches(
-        dataset, cfg.data.batch_size, dims.dp_rank(rank), dims.dp, cfg.train.seed, state.position
-    )
+    dataset, batches, plans = open_data(cfg, env, dims, state, modules, par)
+    if rank == 0 and plans is not None:
+        clips = [sum(b == i for b in dataset.bucket_of) for i in range(len(plans))]
+        log.event(
+            event="buckets",
+            skipped=dataset.skipped,
+            buckets=[plan_row(p, n) for p, n in zip(plans, clips, strict=True)],
+        )
     cache = None
     mcfg = modules.dit.config
     image_conditioned = isinstance(mcfg, CogVideoXConfig) and mcfg.image_conditioned
@@ -155,10 +199,6 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         )
     amp = AMP_DTYPES.get(cfg.train.mixed_precision)
     stage = par.first_stage
-    sf, frames = stage.spatial_factor, latent_frames(cfg.data.num_frames, stage.temporal_factor)
-    tokens = cfg.train.text_max_length + frames * (cfg.data.height // sf // mcfg.patch_size) * (
-        cfg.data.width // sf // mcfg.patch_size
-    )
     d = cfg.dist
     watchdog = None
     if d.watchdog:
@@ -190,6 +230,6 @@ def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: to
         autocast=torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
         frame_causal=family_of(mcfg).frame_causal(mcfg),
         image_conditioned=image_conditioned,
-        tokens=tokens,
+        bucket_plans=plans,
         watchdog=watchdog,
     )

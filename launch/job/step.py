@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
+from launch.job.data import MicroBatch
 from launch.job.ema import ema_update
 from launch.job.loss import micro_batch_loss
 from parallel.fsdp import reduce_gradients
@@ -37,6 +38,10 @@ class StepResult:
     lr: float
     data_time: float
     step_time: float
+    tokens: int = 0
+    """Tokens of the step's clips, every data-parallel group's."""
+    batches: list[MicroBatch] = field(default_factory=list)
+    """This rank's micro-batches (their videos dropped): bucket, clips and cp degree of each."""
 
 
 def train_step(run, step: int) -> StepResult:
@@ -49,12 +54,17 @@ def train_step(run, step: int) -> StepResult:
         group["lr"] = lr
     scaler = state.loss_scale
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    data_time = 0.0
+    data_time, taken = 0.0, []
     for micro in range(cfg.train.grad_accum):
-        loss, seconds = micro_batch_loss(run, step, micro)
-        data_time += seconds
-        PROGRESS.enter("backward")
-        (loss * scaler.scale if scaler is not None else loss).backward()
+        PROGRESS.enter("data")
+        t_data = time.perf_counter()
+        batch = run.batches.next()
+        data_time += time.perf_counter() - t_data
+        taken.append(replace(batch, video=None))
+        with run.parallel.cp_degree(batch.cp):  # the backward too: activation checkpointing recomputes in it
+            loss = micro_batch_loss(run, step, micro, batch)
+            PROGRESS.enter("backward")
+            (loss * scaler.scale if scaler is not None else loss).backward()
         loss_sum += loss.detach().double()
     PROGRESS.enter("gradient reduction")
     reduce_gradients(run.modules)  # parallel.fsdp=false: once, after the last micro-step
@@ -78,4 +88,4 @@ def train_step(run, step: int) -> StepResult:
         outcome = "skipped"
     step_time = time.perf_counter() - t0
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(outcome, global_loss, norm, lr, data_time, step_time)
+    return StepResult(outcome, global_loss, norm, lr, data_time, step_time, taken[0].step_tokens, taken)

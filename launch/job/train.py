@@ -91,8 +91,15 @@ def record(run: Run, r: StepResult) -> None:
     elif r.outcome == "update":
         state.consecutive_bad = 0
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            d = cfg.data
             extra = {"loss_scale": state.loss_scale.scale} if state.loss_scale is not None else {}
+            if run.bucket_plans is not None:  # rank 0's micro-batches: one value each, a list with accumulation
+                one = len(r.batches) == 1
+                for key, values in (
+                    ("bucket", [b.bucket for b in r.batches]),
+                    ("micro_batch", [len(b.ids) for b in r.batches]),
+                    ("cp", [b.cp for b in r.batches]),
+                ):
+                    extra[key] = values[0] if one else values
             if run.cache is not None:
                 extra["latent_cache_hits"] = run.cache.hits
             run.log.log(
@@ -101,7 +108,7 @@ def record(run: Run, r: StepResult) -> None:
                 lr=r.lr,
                 grad_norm=r.grad_norm,
                 step_time=r.step_time,
-                tokens_per_s=run.dims.dp * d.batch_size * cfg.train.grad_accum * run.tokens / r.step_time,
+                tokens_per_s=r.tokens / r.step_time,
                 mem_mb=_memory_mb(run.device),
                 data_time=r.data_time,
                 skipped_videos=getattr(run.dataset, "skipped", 0),
