@@ -32,6 +32,56 @@ CASES = [
         {},
         "train.compile=true with parallel.model_parallel_size=2: torch 2.13's compiler",
     ),
+    # --- buckets and dynamic cp (issue #26) ---
+    ("bucket not a triple", ["data.buckets=[[9,16]]"], {}, "data.buckets: [9, 16] is not [frames, height, width]"),
+    ("bucket twice", ["data.buckets=[[9,16,16],[9,16,16]]"], {}, "data.buckets lists a bucket twice"),
+    (
+        "bucket off the VAE frame rule",
+        ["first_stage.kind=vae", "data.num_frames=9", "data.buckets=[[9,16,16],[12,16,16]]"],
+        {},
+        "data.buckets[1]=12x16x16 (frames x height x width, checked as data.num_frames, data.height, data.width): "
+        "data.num_frames=12 does not fit the VAE's frame rule",
+    ),
+    ("bucket off the patch grid", ["data.buckets=[[9,16,15]]"], {}, "data.buckets[0]=9x16x15 (frames x height"),
+    ("bucket shorter than cp", ["data.buckets=[[9,16,16],[1,16,16]]"], {}, "data.num_frames=1 (1 latent frames) <"),
+    ("token budget without buckets", ["data.token_budget=500"], {}, "data.token_budget=500 needs data.buckets"),
+    ("dynamic cp without buckets", ["parallel.dynamic_cp=true"], {}, "parallel.dynamic_cp=True needs data.buckets"),
+    (
+        "bucket weights of another length",
+        ["data.buckets=[[9,16,16],[5,16,16]]", "data.bucket_weights=[1]"],
+        {},
+        "must give one share >= 0 per bucket (2)",
+    ),
+    (
+        "pinned degree not splitting cp",
+        ["data.buckets=[[9,16,16],[5,16,16]]", "parallel.dynamic_cp=true", "parallel.cp_per_bucket=[2,3]"],
+        {},
+        "parallel.cp_per_bucket[1]=3 (data.buckets[1]=5x16x16): not a degree that splits cp_size=2; use one of [1, 2]",
+    ),
+    (
+        "pinned degree without a clip per sub-group",
+        ["data.buckets=[[9,16,16]]", "data.batch_size=1", "parallel.dynamic_cp=true", "parallel.cp_per_bucket=[1]"],
+        {},
+        "2 sub-groups but micro-batches of 1 clip(s); every sub-group needs a clip",
+    ),
+    (
+        "pins of another length",
+        ["data.buckets=[[9,16,16]]", "parallel.dynamic_cp=true", "parallel.cp_per_bucket=[1,2]"],
+        {},
+        "gives 2 degrees for the 1 data.buckets",
+    ),
+    (
+        "dynamic cp on a family the planner does not model",
+        ["model.preset=phenaki-like", "data.buckets=[[9,16,16]]", "parallel.dynamic_cp=true"],
+        {},
+        "pin the degrees with parallel.cp_per_bucket",
+    ),
+    (
+        "buckets from a precomputed directory",
+        ["data.dataset=precomputed", "data.path={tmp}", "data.buckets=[[9,16,16]]"],
+        {},
+        "data.buckets with data.dataset='precomputed'",
+    ),
     # --- launcher environments (cpdit-launch running inside torchrun / mpirun / srun) ---
     ("torchrun env without port", [], {**TORCHRUN, "MASTER_PORT": ""}, "MASTER_PORT"),
     ("rank beyond world", [], {**TORCHRUN, "RANK": "4"}, "RANK=4 is not below WORLD_SIZE=4"),

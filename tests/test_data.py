@@ -158,3 +158,84 @@ def test_old_checkpoints_data_position_is_converted():
     }
     assert DataPosition.from_meta(meta) == DataPosition(2, 24)
     assert DataPosition.from_meta({"data": {"epoch": 1, "clips": 8}}) == DataPosition(1, 8)
+
+
+def test_synthetic_buckets_draw_their_shares_and_keep_each_clips_caption():
+    """data.buckets on the synthetic set: clip i's bucket is drawn from (seed, i) with data.bucket_weights, and it is
+    clip i (same caption, same motion) rendered at that bucket's shape."""
+    from launch.job.bucketed import SyntheticBuckets
+    from launch.job.buckets import Bucket
+
+    buckets = [Bucket(9, 16, 24), Bucket(17, 16, 16), Bucket(33, 24, 16)]
+    ds = SyntheticBuckets("synthetic", 400, buckets, [6, 3, 1], seed=4)
+    counts = [ds.bucket_of.count(b) for b in range(3)]
+    assert sum(counts) == 400 and counts[0] > counts[1] > counts[2] > 0
+    assert abs(counts[0] / 400 - 0.6) < 0.08 and abs(counts[2] / 400 - 0.1) < 0.05
+    assert ds.bucket_of == SyntheticBuckets("synthetic", 400, buckets, [6, 3, 1], seed=4).bucket_of
+    for i in range(6):
+        b = buckets[ds.bucket_of[i]]
+        video, caption = ds[i]
+        assert video.shape == (b.frames, 3, b.height, b.width)
+        assert caption == SyntheticShapes(400, 8, 16, 16, seed=4)[i][1]
+
+
+def test_a_bucketed_folder_assigns_each_video_to_the_bucket_it_fits(tmp_path, caplog):
+    """Nearest aspect ratio first, then the longest bucket the video covers (frames at data.fps); a video shorter
+    than every bucket is skipped and counted; an unreadable one is replaced by another of its bucket."""
+    from launch.job.bucketed import BucketedFolder
+    from launch.job.buckets import Bucket
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "labels").mkdir()
+    rng = np.random.default_rng(1)
+    clips = {  # name: (frames at 16 fps, height, width) -> frames at 8 fps are half
+        "a_landscape_long": (40, 32, 48),  # 20 frames at 8 fps, 3:2 -> 17x16x24
+        "b_landscape_short": (12, 32, 48),  # 6 -> 5x16x24
+        "c_square": (40, 32, 32),  # 20 -> 17x16x16 (9x16x16 also covered: the longer wins)
+        "d_portrait": (40, 48, 32),  # 2:3 -> nearer 1:1 than 3:2 on a log scale: 17x16x16
+        "e_too_short": (6, 32, 32),  # 3 frames: fits no bucket
+        "f_square_broken": (40, 32, 32),
+    }
+    for name, (f, h, w) in clips.items():
+        _write_mp4(tmp_path / "videos" / f"{name}.mp4", rng.integers(0, 255, (f, h, w, 3), dtype=np.uint8))
+        (tmp_path / "labels" / f"{name}.txt").write_text(name)
+    buckets = [Bucket(17, 16, 24), Bucket(5, 16, 24), Bucket(9, 16, 16), Bucket(17, 16, 16)]
+    ds = BucketedFolder(tmp_path, buckets, fps=8)
+    assert ds.bucket_of == [0, 1, 3, 3, None, 3]
+    assert ds.skipped == 1 and ds.counts() == [1, 1, 0, 3] and "fit no bucket" in caplog.text
+    for i in (0, 1, 2, 3):
+        video, caption = ds[i]
+        b = buckets[ds.bucket_of[i]]
+        assert video.shape == (b.frames, 3, b.height, b.width) and caption == list(clips)[i]
+    (tmp_path / "videos" / "f_square_broken.mp4").write_bytes(b"\x00 truncated")  # broken after the scan
+    video, caption = ds[5]
+    assert caption == "c_square" and video.shape == (17, 3, 16, 16) and ds.skipped == 2
+
+
+def test_bucketed_batches_give_each_micro_batch_its_plan_and_the_steps_counts():
+    """The job's stream with data.buckets: each micro-batch one bucket at its plan's cp degree; every rank knows the
+    step's clips and tokens (all dp groups); the position counts micro-batches and resumes under another dp."""
+    from launch.bucket_plan import BucketPlan
+    from launch.job.bucketed import SyntheticBuckets
+    from launch.job.buckets import Bucket, BucketedBatches
+    from launch.job.data import DataPosition
+
+    buckets = [Bucket(9, 8, 12), Bucket(5, 8, 8)]
+    plans = [BucketPlan(buckets[0], 100, 9, 2, 2, 1), BucketPlan(buckets[1], 40, 5, 4, 1, 2)]
+    ds = SyntheticBuckets("synthetic", 40, buckets, None, seed=0)
+    ranks = [BucketedBatches(ds, plans, 0, r, 2, 2, DataPosition()) for r in range(2)]
+    steps = [[[b.next() for _ in range(2)] for b in ranks] for _ in range(2)]  # 2 steps x 2 ranks x 2 micro-steps
+    for step in steps:
+        every = [m for rank in step for m in rank]
+        assert {m.step_samples for m in every} == {sum(len(m.ids) for m in every)}
+        assert {m.step_tokens for m in every} == {sum(len(m.ids) * (100 if m.cp == 2 else 40) for m in every)}
+        for rank in step:
+            assert [m.first for m in rank] == [0, len(rank[0].ids)]
+        for m in every:
+            b = plans[[p.bucket.name for p in plans].index(m.bucket)]
+            assert m.cp == b.cp and len(m.ids) == b.micro and m.video.shape[1:3] == (b.bucket.frames, 3)
+    assert ranks[0].pos == DataPosition(0, 0, 8)
+    resumed = BucketedBatches(ds, plans, 0, 0, 4, 1, ranks[0].pos)  # dp 4: the next micro-batch of the order
+    whole = BucketedBatches(ds, plans, 0, 0, 1, 1, DataPosition())
+    order = [whole.next().ids for _ in range(9)]
+    assert resumed.next().ids == order[8]

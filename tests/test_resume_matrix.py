@@ -17,6 +17,11 @@
 # (B..E) also reproduce the uninterrupted run's losses (fp32: other layouts sum in other orders, hence a tolerance).
 # Changing dp changes which data-parallel rank draws which noise and timestep stratum (SAT's uniform sampling), so
 # after F the losses are a different (equally valid) trajectory; the resumed state is still exact.
+#
+# One bucketed link (data.buckets, issue #26): J runs dp=2 x cp=2 with a cp degree per bucket (parallel.dynamic_cp)
+# and K resumes its step-2 checkpoint on dp=4 without cp. The state is exact again, and K's micro-batches are the
+# next ones of the epoch's bucketed order (rank 0's bucket of each step, as the order has it), with the position
+# counting micro-batches (2 steps x 2 + 2 steps x 4 = 12).
 import json
 import shutil
 
@@ -116,7 +121,7 @@ def test_the_run_continues_where_the_checkpoint_stopped(chain, link):
             assert r["lr"] == ref_rows[r["step"]]["lr"]
     n = 2 * link + 2  # steps done; 24 clips = 6 steps of 4 per epoch, whatever the dp x batch split
     meta = json.loads((checkpoint_dir(chain / name / "checkpoints", n) / "meta.json").read_text())
-    assert meta["data"] == {"epoch": (n - 1) // 6, "clips": 4 * ((n - 1) % 6 + 1)}
+    assert meta["data"] == {"epoch": (n - 1) // 6, "clips": 4 * ((n - 1) % 6 + 1), "batches": 0}
 
 
 @pytest.mark.parametrize("link", [i for i, c in enumerate(CHAIN) if c[0] in SAME_DP_AS_REFERENCE])
@@ -126,3 +131,43 @@ def test_same_dp_links_reproduce_the_uninterrupted_losses(chain, link):
     mine, _ = losses(chain / name)
     for step, loss in mine.items():
         assert loss == pytest.approx(ref[step], rel=LOSS_RTOL), (name, step, loss, ref[step])
+
+
+BUCKETED = [
+    "data.buckets=[[9,16,24],[17,16,16],[5,16,16]]",
+    "data.token_budget=2300",
+    "data.num_samples=48",
+    "parallel.model_parallel_size=1",
+]
+LINK_J = ["parallel.cp_size=2", "parallel.dynamic_cp=true", "parallel.cp_per_bucket=[2,1,1]"]
+LINK_K = ["parallel.cp_size=1"]
+
+
+@pytest.fixture(scope="module")
+def bucketed_link(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bucketed_link")
+    launch(tmp, "J", *COMMON, *BUCKETED, *LINK_J, "train.steps=2", nproc=4)
+    shutil.copytree(checkpoint_dir(tmp / "J" / "checkpoints", 2), checkpoint_dir(tmp / "K" / "checkpoints", 2))
+    launch(tmp, "K", *COMMON, *BUCKETED, *LINK_K, "train.steps=4", "debug.dump_resumed_state=true", nproc=4)
+    return tmp
+
+
+def test_a_bucketed_run_resumes_under_another_dp_with_the_next_micro_batches(bucketed_link):
+    from launch.job.bucketed import SyntheticBuckets
+    from launch.job.buckets import epoch_batches, parse_buckets
+
+    tmp = bucketed_link
+    saved = read_full_state(checkpoint_dir(tmp / "J" / "checkpoints", 2))
+    loaded = load_file(str(tmp / "K" / "resumed_state.safetensors"))
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    for run, step, batches in (("J", 2, 4), ("K", 4, 12)):
+        meta = json.loads((checkpoint_dir(tmp / run / "checkpoints", step) / "meta.json").read_text())
+        assert meta["data"] == {"epoch": 0, "clips": 0, "batches": batches}
+    buckets = parse_buckets([[9, 16, 24], [17, 16, 16], [5, 16, 16]])
+    event = next(r for r in metrics(tmp / "K") if r.get("event") == "buckets")
+    sizes = {i: b["micro_batch"] for i, b in enumerate(event["buckets"])}
+    order = epoch_batches(SyntheticBuckets("synthetic", 48, buckets, None, 0).bucket_of, sizes, 0, 0)
+    names = [buckets[b].name for b, _ in order]
+    j, k = losses(tmp / "J")[1], losses(tmp / "K")[1]
+    steps = {r["step"]: r["bucket"] for r in j + k if "loss" in r and "event" not in r}
+    assert steps == {1: names[0], 2: names[2], 3: names[4], 4: names[8]}  # rank 0 takes the first of each step
