@@ -81,10 +81,16 @@ def checked_first_stage(cfg: JobConfig, dims: ParallelDims):
 
 
 def plan_buckets(
-    cfg: JobConfig, dims: ParallelDims, local_ranks: int = 1, predict: bool | None = None
+    cfg: JobConfig,
+    dims: ParallelDims,
+    local_ranks: int = 1,
+    predict: bool | None = None,
+    cap_bytes: int | None = None,
+    margin: float | None = None,
 ) -> list[BucketPlan]:
     """Every bucket's plan under `dims`. `predict`: ask the planner for each bucket's memory (default: when the
-    degrees are chosen by it). Raises ConfigError naming the knob for a degree that cannot run."""
+    degrees are chosen by it). `cap_bytes`: what a rank may use (default: HEADROOM of device_memory). Raises
+    ConfigError naming the knob for a degree that cannot run."""
     from launch.plan import margin_for
 
     p = cfg.parallel
@@ -98,8 +104,9 @@ def plan_buckets(
             f"does not model model.preset={cfg.model.preset}; pin the degrees with parallel.cp_per_bucket (one per "
             "bucket)"
         )
-    cap = device_memory(cfg, local_ranks) * HEADROOM if predict else 0
-    margin = margin_for(cfg)
+    if cap_bytes is None:
+        cap_bytes = int(device_memory(cfg, local_ranks) * HEADROOM) if predict else 0
+    cap, margin = cap_bytes, margin_for(cfg) if margin is None else margin
     out = []
     for i, bucket in enumerate(buckets_of(cfg)):
         bcfg = bucket_config(cfg, bucket)
@@ -184,14 +191,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def budget_for(cfg: JobConfig, dims: ParallelDims, cap_bytes: int) -> tuple[int, list[int]]:
+def budget_for(
+    cfg: JobConfig, dims: ParallelDims, cap_bytes: int, margin: float | None = None
+) -> tuple[int, list[int]]:
     """The largest data.token_budget under which every bucket's micro-batch fits `cap_bytes` (with the margin) at
     the full cp_size, and each bucket's clips per micro-batch under it: memory grows linearly with the clips of a
     micro-batch (two predictions per bucket, 1 and 2 clips, fix the line). (0, ...) when one clip of some bucket
     does not fit."""
     from launch.plan import margin_for
 
-    margin = margin_for(cfg)
+    margin = margin_for(cfg) if margin is None else margin
     m = checked_model_config(cfg)
     if not _planned(m):
         raise ConfigError(f"cpdit-launch plan does not model model.preset={cfg.model.preset}")
@@ -207,3 +216,45 @@ def budget_for(cfg: JobConfig, dims: ParallelDims, cap_bytes: int) -> tuple[int,
         fitting.append((tokens, 0 if one > limit else 1 + int((limit - one) // max(two - one, 1))))
     budget = min(n * tokens for tokens, n in fitting)
     return budget, [budget // tokens for tokens, _ in fitting]
+
+
+def largest_bucket_config(cfg: JobConfig, world: int) -> JobConfig:
+    """The job as if every clip were of the bucket whose micro-batch holds the most tokens (at its micro-batch):
+    the one the layout must fit."""
+    dims = ParallelDims(world)  # the micro-batches do not depend on the layout
+    plans = plan_buckets(replace(cfg, parallel=replace(cfg.parallel, dynamic_cp=False, cp_per_bucket=None)), dims)
+    big = max(plans, key=lambda p: p.micro * p.tokens)
+    bcfg = bucket_config(cfg, big.bucket)
+    return replace(bcfg, data=replace(bcfg.data, batch_size=big.micro))
+
+
+def bucket_report(cfg: JobConfig, dims: ParallelDims, cap_bytes: int, margin: float) -> str:
+    """`cpdit-launch plan`'s bucket table: each bucket's micro-batch under data.token_budget, the cp degree it runs
+    at and the memory predicted for it, then the budget to use."""
+    plans = plan_buckets(cfg, dims, predict=True, cap_bytes=cap_bytes, margin=margin)
+    dyn = cfg.parallel.dynamic_cp
+    rows = [
+        f"buckets under {dims.describe()}, data.token_budget={cfg.data.token_budget}"
+        + (" (0: data.batch_size clips each)" if not cfg.data.token_budget else "")
+        + (", parallel.dynamic_cp: the smallest degree that fits" if dyn else f", every bucket at cp={dims.cp}")
+        + ":",
+        "| bucket | tokens/clip | micro-batch | cp | clips per rank | predicted GiB/rank | fits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in plans:
+        pred = f"{p.predicted / GiB:.3f}" if p.predicted is not None else "not modelled"
+        fits = {True: "yes", False: "no", None: "?"}[p.fits]
+        rows.append(
+            f"| {p.bucket.name} | {p.tokens} | {p.micro} | {p.cp}{' (pinned)' if p.pinned else ''} | "
+            f"{p.per_rank_clips} | {pred} | {fits} |"
+        )
+    budget, counts = budget_for(cfg, dims, cap_bytes, margin)
+    if budget:
+        each = ", ".join(f"{p.bucket.name}: {n}" for p, n in zip(plans, counts, strict=True))
+        rows.append(
+            f"\nrecommended data.token_budget={budget}: the largest under which every bucket's micro-batch fits at "
+            f"cp={dims.cp} with the {margin:.1%} margin (clips per micro-batch: {each})"
+        )
+    else:
+        rows.append(f"\nno token budget fits: one clip of some bucket exceeds the memory at cp={dims.cp}")
+    return "\n".join(rows)

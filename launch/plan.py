@@ -297,6 +297,11 @@ def main(argv: list[str]) -> int:
         if args.margin < 0:
             raise ConfigError(f"--margin={args.margin} must be >= 0")
         world = args.nproc_per_node * args.nnodes
+        bucketed = cfg
+        if cfg.data.buckets:  # layouts for the bucket of the most tokens per micro-batch; per bucket below
+            from launch.bucket_plan import largest_bucket_config
+
+            cfg = largest_bucket_config(cfg, world)
         m, work = workload(cfg)
         progress = None
         if cfg.train.mixed_precision != "no":
@@ -329,4 +334,13 @@ def main(argv: list[str]) -> int:
         print(f"recommendation: none — {why}")
         return 1
     print(f"recommendation: {best.knobs} (dp={best.dims.dp}): {why}")
+    if bucketed.data.buckets:
+        from launch.bucket_plan import bucket_report
+
+        try:
+            dims = ParallelDims.from_config(bucketed.parallel, world)
+        except TopologyError:
+            dims = best.dims
+        print()
+        print(bucket_report(bucketed, dims, int(budget), args.margin))
     return 0

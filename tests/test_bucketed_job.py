@@ -6,7 +6,6 @@
 import pytest
 from job_helpers import launch, losses, metrics
 
-pytestmark = pytest.mark.slow  # five short jobs
 
 BUCKETS = ["data.buckets=[[9,16,24],[17,16,16],[5,16,16]]", "data.token_budget=2300", "data.num_samples=48"]
 COMMON = [*BUCKETS, "train.steps=6", "train.log_every=1", "sample.at_end=false", "train.export=false"]
@@ -34,6 +33,7 @@ def _steps(run_dir):
     return {r["step"]: r for r in metrics(run_dir) if "loss" in r and "event" not in r}
 
 
+@pytest.mark.slow  # five short jobs
 def test_every_layout_and_cp_degree_takes_the_same_steps(runs):
     ref = _steps(runs / "dp2")
     assert sorted(ref) == list(range(1, 7))
@@ -45,6 +45,7 @@ def test_every_layout_and_cp_degree_takes_the_same_steps(runs):
             assert got[step]["bucket"] == row["bucket"] and got[step]["micro_batch"] == row["micro_batch"]
 
 
+@pytest.mark.slow
 def test_metrics_name_each_steps_bucket_and_cp_degree(runs):
     by_bucket = {"9x16x24": 2, "17x16x16": 1, "5x16x16": 1}  # the pinned degrees
     for step in _steps(runs / "pinned").values():
@@ -59,3 +60,62 @@ def test_metrics_name_each_steps_bucket_and_cp_degree(runs):
     for step in _steps(runs / "planned").values():  # the planner's degree of each bucket is the one it ran at
         assert step["cp"] == rows[step["bucket"]]["cp"]
     assert losses(runs / "planned")[0]
+
+
+def _loss_run():
+    """What launch/job/loss.py micro_batch_loss reads of a run: one process, the pixel stage, a float64 tiny model."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cpdit import CogVideoXConfig, CogVideoXDiT
+    from cpdit.diffusion import Schedule
+    from cpdit.first_stage import PixelStage
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import Parallelized
+
+    model = CogVideoXDiT(CogVideoXConfig.preset("tiny", in_channels=3, out_channels=3, text_embed_dim=8)).double()
+    dims = ParallelDims(1)
+    text = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return SimpleNamespace(
+        cfg=SimpleNamespace(train=SimpleNamespace(seed=3, ucg_rate=0.0)),
+        device=torch.device("cpu"),
+        dims=dims,
+        env=SimpleNamespace(rank=0),
+        first_stage=PixelStage(),
+        cache=None,
+        image_conditioned=False,
+        modules=SimpleNamespace(dit=model, encode=lambda captions: text.expand(len(captions), -1, -1)),
+        schedule=Schedule.zero_snr(1000, 1.0),
+        frame_causal=False,
+        autocast=torch.autocast("cpu", enabled=False),
+        parallel=Parallelized(dims, None, model, None),
+    )
+
+
+def test_the_loss_is_the_mean_over_the_steps_clips_of_each_clips_own_mean():
+    """A step of two micro-batches of different shapes (2 clips of 5 frames of 8x12, 1 of 9 frames of 8x8): the sum
+    of launch/job/loss.py's shares is the mean of the three clips' own mean losses, each clip computed alone with
+    its own draws (its index in the step) — not a mean over tokens, which would weigh the longer clip more."""
+    import torch
+
+    from launch.job.data import MicroBatch
+    from launch.job.loss import micro_batch_loss
+
+    run = _loss_run()
+    g = torch.Generator().manual_seed(0)
+    short = torch.rand(2, 5, 3, 8, 12, generator=g, dtype=torch.float64) * 2 - 1
+    long = torch.rand(1, 9, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+
+    def share(video, first, samples, micro):
+        ids = list(range(first, first + len(video)))
+        batch = MicroBatch(video, ["c"] * len(video), ids, first, samples, 0)
+        return micro_batch_loss(run, 0, micro, batch).item()
+
+    step = share(short, 0, 3, 0) + share(long, 2, 3, 1)
+    alone = [share(short[:1], 0, 1, 0), share(short[1:], 1, 1, 0), share(long, 2, 1, 1)]
+    assert step == pytest.approx(sum(alone) / 3, rel=1e-6)  # the job computes the loss in fp32
+    by_tokens = (alone[0] * short[0].numel() + alone[1] * short[1].numel() + alone[2] * long[0].numel()) / (
+        2 * short[0].numel() + long[0].numel()
+    )
+    assert abs(step - by_tokens) > 1e-3 * step  # the two weightings differ on this step
