@@ -67,3 +67,28 @@ def test_plan_reports_each_bucket_and_the_budget(capsys):
     assert code == 0
     assert "| 17x16x16 | 1104 | 3 |" in out and "| 5x16x16 | 336 | 10 | 1 |" in out
     assert "recommended data.token_budget=" in out and "parallel.dynamic_cp: the smallest degree that fits" in out
+
+
+def test_the_bench_readme_table_is_the_committed_results():
+    """bench/README.md's bench/buckets.py numbers are what bench/results/buckets.json holds (the report rebuilt
+    from it): each run's useful tokens/s and ratios, and every bucket's predicted and measured memory."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "bench"))
+    from buckets import report
+
+    raw = json.loads((root / "bench/results/buckets.json").read_text())
+    text = report({k: raw[k] for k in ("padded", "buckets", "dynamic")})
+    readme = (root / "bench/README.md").read_text()
+    for line in text.splitlines():
+        if line.startswith(("| padded |", "| buckets |", "| dynamic |")) and "x [" in line:
+            cells = line.split(" | ")
+            if len(cells) == 8:  # the runs' table: from the useful tokens on
+                assert " | ".join(cells[2:]) in readme, line
+    for b in raw["dynamic"]["buckets"]:
+        p, m = b["predicted"], b["measured"]
+        row = f"| {p / 2**20:.1f} | {m / 2**20:.1f} | {p / m - 1:+.1%} |"
+        assert row in readme, row

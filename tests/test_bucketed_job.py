@@ -6,7 +6,6 @@
 import pytest
 from job_helpers import launch, losses, metrics
 
-
 BUCKETS = ["data.buckets=[[9,16,24],[17,16,16],[5,16,16]]", "data.token_budget=2300", "data.num_samples=48"]
 COMMON = [*BUCKETS, "train.steps=6", "train.log_every=1", "sample.at_end=false", "train.export=false"]
 RUNS = {  # name: (processes, overrides)
@@ -74,6 +73,7 @@ def _loss_run():
     from parallel.dims import ParallelDims
     from parallel.parallelize import Parallelized
 
+    torch.manual_seed(0)
     model = CogVideoXDiT(CogVideoXConfig.preset("tiny", in_channels=3, out_channels=3, text_embed_dim=8)).double()
     dims = ParallelDims(1)
     text = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -105,7 +105,7 @@ def test_the_loss_is_the_mean_over_the_steps_clips_of_each_clips_own_mean():
     run = _loss_run()
     g = torch.Generator().manual_seed(0)
     short = torch.rand(2, 5, 3, 8, 12, generator=g, dtype=torch.float64) * 2 - 1
-    long = torch.rand(1, 9, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    long = (torch.rand(1, 9, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1) * 4  # a clip of another loss
 
     def share(video, first, samples, micro):
         ids = list(range(first, first + len(video)))
@@ -118,4 +118,4 @@ def test_the_loss_is_the_mean_over_the_steps_clips_of_each_clips_own_mean():
     by_tokens = (alone[0] * short[0].numel() + alone[1] * short[1].numel() + alone[2] * long[0].numel()) / (
         2 * short[0].numel() + long[0].numel()
     )
-    assert abs(step - by_tokens) > 1e-3 * step  # the two weightings differ on this step
+    assert abs(step - by_tokens) > 0.05 * step  # the two weightings differ on this step (by 8%)

@@ -9,6 +9,7 @@
 import pytest
 import torch
 from distributed_helpers import run_ranks
+from test_parallelize import _max_err, _report
 
 from cpdit import CogVideoXConfig, CogVideoXDiT
 from cpdit.models.phenaki.model import PhenakiDiT, PhenakiDiTConfig
@@ -109,6 +110,7 @@ def check_dynamic(
     par = Parallelized(dims, mesh, model, None)
     d = dims.dp_rank(rank)
     what = f"{family} rank {rank} cp={cp} tp={tp} ulysses={ulysses} {strategy} {layout} fsdp={fsdp}"
+    out_err = 0.0
     for m, step in enumerate(micro):
         c, n = step[d][:2]
         inputs, w = batches[m][d]
@@ -116,9 +118,9 @@ def check_dynamic(
         rows = slice(k * n // groups, (k + 1) * n // groups)  # this sub-group's share of the replica's clips
         with seam.use(c):
             out = _call(model, _take(inputs, rows), return_local=True)
-            torch.testing.assert_close(
-                out, par.local_frames(refs[m][d][rows]), **F64, msg=lambda e, m=m, c=c: f"{what} micro {m} c={c}: {e}"
-            )
+            want = par.local_frames(refs[m][d][rows])
+            torch.testing.assert_close(out, want, **F64, msg=lambda e, m=m, c=c: f"{what} micro {m} c={c}: {e}")
+            out_err = max(out_err, _max_err(out.detach(), want))
             share = (out * par.local_frames(w[rows])).flatten(1).sum(1) / refs[m][d][0].numel()
             (share.sum() * dims.dp / N).backward()  # summed over cp, averaged over dp: the step's mean
     reduce_gradients(model)
@@ -133,6 +135,14 @@ def check_dynamic(
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(full_tensor(p.detach()), ref_params[name].detach(), **F64, msg=name)
+    _report(
+        f"dynamic cp: {what} micro-batches {micro}",
+        output=out_err,
+        grads=max(_max_err(full_tensor(p.grad), ref_grads[n]) for n, p in model.named_parameters()),
+        params_after_step=max(
+            _max_err(full_tensor(p.detach()), ref_params[n].detach()) for n, p in model.named_parameters()
+        ),
+    )
     del model, mesh, seam, opt
 
 
