@@ -119,3 +119,35 @@ def test_the_loss_is_the_mean_over_the_steps_clips_of_each_clips_own_mean():
         2 * short[0].numel() + long[0].numel()
     )
     assert abs(step - by_tokens) > 0.05 * step  # the two weightings differ on this step (by 8%)
+
+
+I2V_VAE = [  # an image-to-video model on the CogVideoX VAE (tiny): the first stage encodes a micro-batch over the
+    # whole cp group, each sub-group takes its clips' latents, and the rank of a sub-group holding latent frame 0
+    # encodes their noised first frames
+    "first_stage.kind=vae",
+    "first_stage.preset=tiny",
+    "data.num_frames=9",
+    "model.in_channels=8",
+    "model.out_channels=4",
+    "model.pos_embedding=rope",
+    "data.buckets=[[9,16,16],[17,16,24]]",
+    "data.batch_size=2",
+    "data.num_samples=16",
+    "train.steps=4",
+    "train.log_every=1",
+    "sample.at_end=false",
+    "train.export=false",
+    "parallel.model_parallel_size=1",
+]
+
+
+@pytest.mark.slow
+def test_image_to_video_on_the_vae_takes_the_same_steps_at_any_degree(tmp_path):
+    launch(tmp_path, "fixed", *I2V_VAE, "parallel.cp_size=2", nproc=4)
+    dyn = ["parallel.cp_size=2", "parallel.dynamic_cp=true", "parallel.cp_per_bucket=[1,2]"]
+    launch(tmp_path, "dynamic", *I2V_VAE, *dyn, nproc=4)
+    fixed, dynamic = _steps(tmp_path / "fixed"), _steps(tmp_path / "dynamic")
+    assert sorted(fixed) == [1, 2, 3, 4] and {s["cp"] for s in dynamic.values()} == {1, 2}
+    for step, row in fixed.items():
+        for key in ("loss", "grad_norm"):
+            assert dynamic[step][key] == pytest.approx(row[key], rel=RTOL), (step, key)
