@@ -16,6 +16,7 @@ from cpdit.first_stage import latent_frames
 from cpdit.models.patch import patch_frame_padding
 from launch.config import ConfigError, JobConfig
 from launch.job.buckets import Bucket, micro_batch, parse_buckets
+from launch.preflight import checked_first_stage, job_model
 from parallel.dims import ParallelDims
 from parallel.dynamic_cp import cp_degrees, sub_shape
 from parallel.memory_model import Workload
@@ -68,18 +69,6 @@ def device_memory(cfg: JobConfig, local_ranks: int) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
 
 
-def checked_model_config(cfg: JobConfig):
-    from launch.preflight import checked_model_config as checked
-
-    return checked(cfg)
-
-
-def checked_first_stage(cfg: JobConfig, dims: ParallelDims):
-    from launch.preflight import checked_first_stage as checked
-
-    return checked(cfg, dims)
-
-
 def plan_buckets(
     cfg: JobConfig,
     dims: ParallelDims,
@@ -96,7 +85,7 @@ def plan_buckets(
     p = cfg.parallel
     auto = p.dynamic_cp and p.cp_per_bucket is None
     predict = auto if predict is None else predict
-    m = checked_model_config(cfg)
+    m = _model(cfg)
     family_planned = _planned(m)
     if auto and not family_planned:
         raise ConfigError(
@@ -110,10 +99,8 @@ def plan_buckets(
     out = []
     for i, bucket in enumerate(buckets_of(cfg)):
         bcfg = bucket_config(cfg, bucket)
-        work = _work(bcfg, m)
-        tpf = (work.height // m.patch_size) * (work.width // m.patch_size)
-        patch_frames = work.token_frames
-        tokens = cfg.train.text_max_length + patch_frames * tpf
+        work = clip_work(cfg, dims, m, bucket)
+        patch_frames, tokens = work.token_frames, clip_tokens(work, m)
         n = micro_batch(tokens, cfg.data.token_budget) if cfg.data.token_budget else cfg.data.batch_size
         usable = [c for c in cp_degrees(dims) if dims.cp // c <= n and c <= patch_frames]
         if not p.dynamic_cp:
@@ -143,14 +130,27 @@ def plan_buckets(
     return out
 
 
-def _work(bcfg: JobConfig, m) -> Workload:
-    """One clip of the bucket job `bcfg` as the planner takes it (any family)."""
-    _, tf, sf = checked_first_stage(bcfg, ParallelDims(1))
-    d = bcfg.data
-    frames = latent_frames(d.num_frames, tf)
+def _model(cfg: JobConfig):
+    """The job's DiT config: its preset's, or model.pretrained's."""
+    m = job_model(cfg)
+    if m is None:
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no readable config.json and weights")
+    return m
+
+
+def clip_work(cfg: JobConfig, dims: ParallelDims, m, bucket: Bucket) -> Workload:
+    """One clip of `bucket`'s shape as the model takes it: latent frames (with CogVideoX 1.5's leading copies of
+    frame 0), the latent grid and the text length (any family)."""
+    _, tf, sf = checked_first_stage(cfg, dims)
+    frames = latent_frames(bucket.frames, tf)
     per_patch = getattr(m, "frames_per_patch", 1)
-    frames += patch_frame_padding(frames, per_patch)  # CogVideoX 1.5: leading copies of frame 0
-    return Workload(frames, d.height // sf, d.width // sf, bcfg.train.text_max_length, 1, per_patch)
+    frames += patch_frame_padding(frames, per_patch)
+    return Workload(frames, bucket.height // sf, bucket.width // sf, cfg.train.text_max_length, 1, per_patch)
+
+
+def clip_tokens(work: Workload, m) -> int:
+    """Tokens of one clip: text + patch-frames x patches per frame."""
+    return work.text_len + work.token_frames * (work.height // m.patch_size) * (work.width // m.patch_size)
 
 
 def _planned(m) -> bool:
@@ -201,17 +201,15 @@ def budget_for(
     from launch.plan import margin_for
 
     margin = margin_for(cfg) if margin is None else margin
-    m = checked_model_config(cfg)
+    m = _model(cfg)
     if not _planned(m):
         raise ConfigError(f"cpdit-launch plan does not model model.preset={cfg.model.preset}")
     limit = cap_bytes / (1 + margin)
     fitting = []  # (tokens of a clip, most clips that fit)
     for bucket in buckets_of(cfg):
         bcfg = bucket_config(cfg, bucket)
-        work = _work(bcfg, m)
-        tokens = cfg.train.text_max_length + work.token_frames * (work.height // m.patch_size) * (
-            work.width // m.patch_size
-        )
+        work = clip_work(cfg, dims, m, bucket)
+        tokens = clip_tokens(work, m)
         one, two = (_predict(bcfg, m, work, dims, dims.cp, k) for k in (1, 2))
         fitting.append((tokens, 0 if one > limit else 1 + int((limit - one) // max(two - one, 1))))
     budget = min(n * tokens for tokens, n in fitting)
@@ -221,7 +219,7 @@ def budget_for(
 def largest_bucket_config(cfg: JobConfig, world: int) -> JobConfig:
     """The job as if every clip were of the bucket whose micro-batch holds the most tokens (at its micro-batch):
     the one the layout must fit."""
-    dims = ParallelDims(world)  # the micro-batches do not depend on the layout
+    dims = ParallelDims.from_config(cfg.parallel, world)  # the micro-batches do not depend on the layout
     plans = plan_buckets(replace(cfg, parallel=replace(cfg.parallel, dynamic_cp=False, cp_per_bucket=None)), dims)
     big = max(plans, key=lambda p: p.micro * p.tokens)
     bcfg = bucket_config(cfg, big.bucket)

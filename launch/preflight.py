@@ -56,7 +56,7 @@ def checked_first_stage(cfg: JobConfig, dims: ParallelDims) -> tuple[int, int, i
     return c.latent_channels, r, c.spatial_factor
 
 
-def _job_model(cfg: JobConfig):
+def job_model(cfg: JobConfig):
     """The DiT config of the job: its preset's, or the config.json of model.pretrained (None where that directory
     cannot be read: _check_files names it)."""
     if not cfg.model.pretrained:
@@ -92,7 +92,7 @@ def _check_buckets(cfg: JobConfig, dims: ParallelDims, command: str) -> None:
 
 def _check_shapes(cfg: JobConfig, dims: ParallelDims, command: str, cp_frames: bool = True) -> None:
     channels, tf, sf = checked_first_stage(cfg, dims)
-    m = _job_model(cfg)
+    m = job_model(cfg)
     d, p = cfg.data, cfg.parallel
     what = f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else f"model.preset={cfg.model.preset}"
     latents = latent_frames(d.num_frames, tf)
@@ -320,7 +320,7 @@ def _check_precomputed(cfg: JobConfig, dims: ParallelDims, command: str) -> None
     """`cpdit-launch precompute`'s knobs; training from a precomputed directory: the directory, made for this job."""
     from launch.job.precomputed import INDEX, PrecomputedError, check_for_training, read_index, source_of
 
-    m = _job_model(cfg)
+    m = job_model(cfg)
     image = isinstance(m, CogVideoXConfig) and m.image_conditioned
     try:
         if command == "train" and cfg.data.dataset == "precomputed":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cpdit.seeding import generator
+from launch.job.data import DataPosition, MicroBatch, stack_clips
 
 
 @dataclass(frozen=True)
@@ -112,25 +113,20 @@ class BucketedBatches:
     """The job's data stream with data.buckets: each micro-step a micro-batch of one bucket (launch/bucket_plan.py
     sets its size and cp degree), with the step's sample and token counts every rank knows from the order."""
 
-    def __init__(self, dataset, plans, seed: int, dp_rank: int, dp: int, grad_accum: int, position):
-        from launch.job.data import DataPosition
-
+    def __init__(self, dataset, plans, seed: int, dp_rank: int, dp: int, grad_accum: int, position: DataPosition):
         self.ds, self.plans = dataset, plans
         sizes = {i: p.micro for i, p in enumerate(plans)}
         self.order = BucketedOrder(
             dataset.bucket_of, sizes, seed, dp_rank, dp, (position.epoch, position.batches), grad_accum
         )
-        self._position = DataPosition
         self._queue: list = []
 
     @property
-    def pos(self):
+    def pos(self) -> DataPosition:
         epoch, taken = self.order.position
-        return self._position(epoch, 0, taken)
+        return DataPosition(epoch, 0, taken)
 
-    def next(self):
-        from launch.job.data import MicroBatch, stack_clips
-
+    def next(self) -> MicroBatch:
         if not self._queue:
             mine, every = self.order.step()
             samples = sum(len(ids) for _, ids in every)

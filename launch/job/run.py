@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import Dataset
 
 from cpdit.diffusion import Schedule
-from cpdit.first_stage import FirstStage, latent_frames
+from cpdit.first_stage import FirstStage
 from cpdit.models.cogvideox.config import CogVideoXConfig
 from cpdit.models.registry import family_of
-from launch.bucket_plan import BucketPlan, buckets_of, plan_buckets
+from launch.bucket_plan import BucketPlan, buckets_of, clip_tokens, clip_work, plan_buckets
 from launch.config import JobConfig, to_yaml
 from launch.env import DistEnv
 from launch.job import checkpoint
@@ -101,8 +101,8 @@ def open_data(cfg: JobConfig, env: DistEnv, dims: ParallelDims, state: TrainStat
     seed, dp_rank = cfg.train.seed, dims.dp_rank(env.rank)
     if not cfg.data.buckets:
         dataset = build_dataset(cfg, seed)
-        bucket = Bucket(cfg.data.num_frames, cfg.data.height, cfg.data.width)
-        tokens = clip_tokens(cfg, modules.dit, par.first_stage, bucket)
+        m = modules.dit.config
+        tokens = clip_tokens(clip_work(cfg, dims, m, Bucket(cfg.data.num_frames, cfg.data.height, cfg.data.width)), m)
         batches = DistributedBatches(
             dataset, cfg.data.batch_size, dp_rank, dims.dp, seed, state.position, cfg.train.grad_accum, tokens
         )
@@ -121,13 +121,6 @@ def plan_row(plan: BucketPlan, clips: int) -> dict:
     if plan.predicted is not None:
         row["predicted_mib"] = round(plan.predicted / 2**20, 1)
     return row
-
-
-def clip_tokens(cfg: JobConfig, dit, stage, bucket: Bucket) -> int:
-    """Tokens of one clip of `bucket`'s shape: text + latent patch-frames x patches per frame."""
-    sf, frames = stage.spatial_factor, latent_frames(bucket.frames, stage.temporal_factor)
-    frames, p = -(-frames // dit.frames_per_patch), dit.config.patch_size
-    return cfg.train.text_max_length + frames * (bucket.height // sf // p) * (bucket.width // sf // p)
 
 
 def start_run(cfg: JobConfig, env: DistEnv, dims: ParallelDims, mesh, device: torch.device, stop: StopRequest) -> Run:
