@@ -52,8 +52,8 @@ def buckets_of(cfg: JobConfig) -> list[Bucket]:
 
 def bucket_config(cfg: JobConfig, bucket: Bucket) -> JobConfig:
     """The job as if every clip had the bucket's shape (the per-bucket checks and predictions)."""
-    d = replace(cfg.data, num_frames=bucket.frames, height=bucket.height, width=bucket.width, buckets=None)
-    d = replace(d, bucket_weights=None, token_budget=0)
+    d = replace(cfg.data, num_frames=bucket.frames, height=bucket.height, width=bucket.width)
+    d = replace(d, buckets=None, bucket_weights=None, token_budget=0)
     p = replace(cfg.parallel, dynamic_cp=False, cp_per_bucket=None)
     return replace(cfg, data=d, parallel=p)
 

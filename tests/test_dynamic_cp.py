@@ -78,10 +78,23 @@ def _take(inputs, rows):
 
 
 def check_dynamic(
-    rank, world, family, cp, micro, *, tp=1, ulysses=1, strategy="auto", layout="contiguous", fsdp=True, seed=0
+    rank,
+    world,
+    family,
+    cp,
+    micro,
+    *,
+    tp=1,
+    ulysses=1,
+    strategy="auto",
+    layout="contiguous",
+    fsdp=True,
+    seed=0,
+    head_chunks=None,
 ):
     """`micro`: the step's micro-batches, each a list over dp groups of (c, n, T, H, W): dp group d runs n clips of
-    T latent frames of H x W at cp degree c."""
+    T latent frames of H x W at cp degree c. `head_chunks`: ring passes over chunks of heads (the default switches
+    them on only for K/V blocks of 4 MiB or more, production sizes; forced here on small ones)."""
     dims = ParallelDims(world, cp_size=cp, model_parallel_size=tp, ulysses_size=ulysses)
     mesh = dims.build_mesh("cpu")
     cls, cfg = _cogvideox() if family == "cogvideox" else _phenaki()
@@ -106,13 +119,17 @@ def check_dynamic(
 
     with torch.device("meta"):
         model = cls(cfg).to(torch.float64)
-    parallelize(model, dims, mesh, attention=strategy, layout=layout, reduce_dtype=None, fsdp=fsdp)
+    parallelize(
+        model, dims, mesh, attention=strategy, layout=layout, reduce_dtype=None, fsdp=fsdp, head_chunks=head_chunks
+    )
     materialize(model, "cpu")
     load_full_state_dict(model, sd)
     seam = enable_dynamic_cp(model, dims, sorted({c for step in micro for c, *_ in step}))
     par = Parallelized(dims, mesh, model, None)
     d = dims.dp_rank(rank)
-    what = f"{family} rank {rank} cp={cp} tp={tp} ulysses={ulysses} {strategy} {layout} fsdp={fsdp}"
+    what = (
+        f"{family} rank {rank} cp={cp} tp={tp} ulysses={ulysses} {strategy} {layout} fsdp={fsdp} chunks={head_chunks}"
+    )
     out_err = 0.0
     for m, step in enumerate(micro):
         c, n = step[d][:2]
@@ -156,6 +173,7 @@ LONG, SHORT, WIDE = (13, 6, 10), (5, 6, 10), (3, 10, 6)
 def _four(rank, world):
     three = [[(4, 1, *LONG)], [(2, 2, *SHORT)], [(1, 4, *WIDE)]]  # cp 4, then two sub-groups of 2, then 4 alone
     check_dynamic(rank, world, "cogvideox", 4, three, strategy="ring")
+    check_dynamic(rank, world, "cogvideox", 4, three, strategy="ring", head_chunks=2)  # the chunked ring, every degree
     check_dynamic(rank, world, "cogvideox", 4, three, ulysses=4, strategy="ulysses", layout="zigzag")
     check_dynamic(rank, world, "cogvideox", 4, [[(4, 1, *LONG)], [(2, 2, *WIDE)]], ulysses=2, strategy="usp")
     check_dynamic(rank, world, "cogvideox", 4, [[(2, 2, *SHORT)], [(1, 4, *SHORT)]], strategy="allgather")
